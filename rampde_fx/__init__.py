@@ -1,0 +1,18 @@
+"""rampde_fx: mixed-precision neural ODEs for PyTorch.
+
+The velocity of an ODE solve is captured as a torch.fx graph and evaluated in low precision
+under an explicit :class:`PrecisionPolicy`; the solution and all gradients are accumulated in
+float32, and the backward pass is a discrete adjoint over low-precision checkpoints with dynamic
+adjoint scaling for float16.
+"""
+from .capture import CaptureWarning
+from .odeint import odeint
+from .policy import DEFAULT_POLICY, Precision, PrecisionPolicy
+from .stats import SolveStats, collect_stats
+from .tableaus import FIXED_GRID_TABLEAUS, ButcherTableau
+
+__all__ = [
+    "ButcherTableau", "CaptureWarning", "DEFAULT_POLICY", "FIXED_GRID_TABLEAUS", "Precision",
+    "PrecisionPolicy", "SolveStats", "collect_stats", "odeint",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,210 @@
+"""The forward solve with low-precision checkpoints, and its discrete adjoint.
+
+Forward: march the grid in the high precision and keep the state of every step start, cast to
+the low dtype (``steps x |y0| x 2`` bytes for bf16/fp16): no stage activations are saved.
+
+Backward ("discretize, then optimize"): walk the steps backwards; for step ``n`` rebuild the
+state from its checkpoint, recompute the step (and the outputs interpolated inside it) under
+autograd, and take one vector-Jacobian product of that step map with the current adjoint and
+the outputs' cotangents. The adjoint, the parameter gradients and the time gradients are
+accumulated in float32 (the state's dtype). With a float32 velocity the checkpoints are exact
+and so is the gradient of the discrete solve.
+
+For float16 each product runs on a cotangent scaled by a power of two (see ``scaling``); an
+overflow retries the first step at once and any later one by re-running the sweep with a lower
+target, so the number of host synchronisations per backward pass does not grow with the steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Sequence
+
+import torch
+
+from .scaling import AdjointScaler
+from .solver import State, Stepper
+from .stats import SolveStats
+
+MAX_SWEEP_RETRIES = 4
+MAX_FIRST_STEP_RETRIES = 8
+
+
+@dataclasses.dataclass
+class SolvePlan:
+    """The host-side description of one solve (everything that is not a tensor input)."""
+
+    stepper: Stepper
+    n_components: int
+    checkpoint_dtypes: tuple[torch.dtype, ...]
+    grid_values: list[float]
+    time_values: list[float]
+    outputs_per_step: list[list[int]]
+    scaling: bool
+    stats: SolveStats
+
+    @property
+    def steps(self) -> int:
+        return len(self.grid_values) - 1
+
+    def outputs_of(self, step: int, times: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+        return [(times[j], self.time_values[j]) for j in self.outputs_per_step[step]]
+
+
+def solve_forward(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tensor,
+                  keep_checkpoints: bool) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+    """March the grid; returns the solution at every output time and the step checkpoints."""
+    n_times = len(plan.time_values)
+    solution = tuple(torch.empty((n_times, *c.shape), dtype=c.dtype, device=c.device) for c in y0)
+    checkpoints = [torch.empty((plan.steps, *c.shape), dtype=d, device=c.device)
+                   for c, d in zip(y0, plan.checkpoint_dtypes)] if keep_checkpoints else []
+    for out, c in zip(solution, y0):
+        out[0] = c
+    y = y0
+    for n in range(plan.steps):
+        for store, c in zip(checkpoints, y):
+            store[n] = c
+        y, outputs = plan.stepper.advance(grid[n], grid[n + 1], y, plan.outputs_of(n, times),
+                                          plan.grid_values[n], plan.grid_values[n + 1])
+        for j, value in zip(plan.outputs_per_step[n], outputs):
+            for out, c in zip(solution, value):
+                out[j] = c
+    plan.stats.steps = plan.steps
+    plan.stats.nfe_forward = plan.stepper.evaluations
+    return solution, checkpoints
+
+
+class MixedPrecisionSolve(torch.autograd.Function):
+    """``(plan, *y0, grid, times, *velocity_tensors) -> solution components``."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: SolvePlan, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y0 = inputs[:plan.n_components]
+        grid, times = inputs[plan.n_components:plan.n_components + 2]
+        with torch.autocast(grid.device.type, enabled=False):
+            solution, checkpoints = solve_forward(plan, y0, grid, times, keep_checkpoints=True)
+        ctx.plan = plan
+        ctx.save_for_backward(grid, times, *checkpoints)
+        ctx.velocity_tensors = inputs[plan.n_components + 2:]
+        ctx.state_dtypes = tuple(c.dtype for c in y0)
+        return solution
+
+    @staticmethod
+    def backward(ctx: Any, *solution_grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        plan: SolvePlan = ctx.plan
+        grid, times, *checkpoints = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]
+        n = plan.n_components
+        wants = _Wants(state=any(needs[:n]), grid=needs[n], times=needs[n + 1],
+                       tensors=[i for i, need in enumerate(needs[n + 2:]) if need])
+        with torch.autocast(grid.device.type, enabled=False):
+            grads = _backward_with_retries(plan, ctx.state_dtypes, grid, times, checkpoints,
+                                           ctx.velocity_tensors, solution_grads, wants)
+        return (None, *grads)
+
+
+@dataclasses.dataclass
+class _Wants:
+    state: bool
+    grid: bool
+    times: bool
+    tensors: list[int]
+
+
+def _backward_with_retries(plan: SolvePlan, state_dtypes, grid, times, checkpoints,
+                           velocity_tensors, solution_grads, wants: _Wants):
+    target = None
+    for sweep in range(MAX_SWEEP_RETRIES + 1):
+        scaler = AdjointScaler(grid.device) if plan.scaling else None
+        if scaler is not None and target is not None:
+            scaler.target_log2 = target
+        grads = _sweep(plan, state_dtypes, grid, times, checkpoints, velocity_tensors,
+                       solution_grads, wants, scaler)
+        plan.stats.backward_sweeps += 1
+        if scaler is None:
+            return grads
+        plan.stats.scale_log2 = torch.stack(scaler.exponents[::-1]) if scaler.exponents else None
+        if not bool(scaler.overflow):  # one host synchronisation per sweep
+            return grads
+        if not all(bool(torch.isfinite(g).all()) for g in solution_grads):
+            return grads  # the incoming cotangent itself is not finite: nothing to rescale
+        target = scaler.target_log2 - 4.0
+        plan.stats.scale_retries += 1
+    warnings.warn(f"rampde_fx: the {plan.stats.dtype} adjoint overflowed in every one of "
+                  f"{MAX_SWEEP_RETRIES + 1} sweeps with lowered scales; returning non-finite "
+                  "gradients (torch.amp.GradScaler skips such steps). Consider dtype=torch.bfloat16.",
+                  RuntimeWarning, stacklevel=3)
+    return grads
+
+
+def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Tensor,
+           times: torch.Tensor, checkpoints: list[torch.Tensor],
+           velocity_tensors: Sequence[torch.Tensor], solution_grads: Sequence[torch.Tensor],
+           wants: _Wants, scaler: AdjointScaler | None) -> list[torch.Tensor | None]:
+    """One backward pass over all steps; returns the gradients of the Function's inputs."""
+    n = plan.n_components
+    stepper = plan.stepper
+    adjoint = [torch.zeros(g.shape[1:], dtype=d, device=g.device)
+               for g, d in zip(solution_grads, state_dtypes)]
+    tensor_grads: list[torch.Tensor | None] = [None] * len(velocity_tensors)
+    grid_grad = torch.zeros_like(grid) if wants.grid else None
+    times_grad = torch.zeros_like(times) if wants.times else None
+    wanted_tensors = [velocity_tensors[i] for i in wants.tensors]
+    evaluations_before = stepper.evaluations
+
+    for step in reversed(range(plan.steps)):
+        indices = plan.outputs_per_step[step]
+        cotangents = list(adjoint) + [solution_grads[c][j] for j in indices for c in range(n)]
+        for attempt in range(MAX_FIRST_STEP_RETRIES + 1):
+            scale = scaler.scale_for(cotangents) if scaler is not None else None
+            with torch.enable_grad():
+                y_start = tuple(store[step].to(d).detach().requires_grad_()
+                                for store, d in zip(checkpoints, state_dtypes))
+                t0 = grid[step].detach().requires_grad_(wants.grid)
+                t1 = grid[step + 1].detach().requires_grad_(wants.grid)
+                output_times = [(times[j].detach().requires_grad_(wants.times),
+                                 plan.time_values[j]) for j in indices]
+                y_end, outputs = stepper.advance(t0, t1, y_start, output_times,
+                                                 plan.grid_values[step], plan.grid_values[step + 1])
+                produced = list(y_end) + [c for value in outputs for c in value]
+                inputs = [*y_start, *wanted_tensors]
+                inputs += [t0, t1] if wants.grid else []
+                inputs += [t for t, _ in output_times] if wants.times else []
+                seeds = cotangents if scale is None else [g * scale for g in cotangents]
+                live = [(out, seed) for out, seed in zip(produced, seeds) if out.requires_grad]
+                results = list(torch.autograd.grad([o for o, _ in live], inputs,
+                                                   [s for _, s in live], allow_unused=True))
+            if scaler is None:
+                break
+            overflowed = scaler.observe(results)
+            # The first step has no observed gain yet: check it at once (a bounded number of
+            # synchronisations per sweep); later overflows are caught at the sweep's end.
+            if step != plan.steps - 1 or attempt == MAX_FIRST_STEP_RETRIES or not bool(overflowed):
+                break
+            scaler.overflow.zero_()
+            scaler.retry_lower()
+            plan.stats.scale_retries += 1
+        if scale is not None:
+            results = [None if r is None else r / scale for r in results]
+        adjoint = [torch.zeros_like(y) if r is None else r for r, y in zip(results[:n], y_start)]
+        adjoint = [a.detach() for a in adjoint]
+        rest = results[n:]
+        for i, r in zip(wants.tensors, rest[:len(wanted_tensors)]):
+            if r is not None:
+                tensor_grads[i] = r if tensor_grads[i] is None else tensor_grads[i] + r
+        rest = rest[len(wanted_tensors):]
+        if wants.grid:
+            for index, r in zip((step, step + 1), rest[:2]):
+                if r is not None:
+                    grid_grad[index] += r
+            rest = rest[2:]
+        if wants.times:
+            for j, r in zip(indices, rest):
+                if r is not None:
+                    times_grad[j] += r
+
+    plan.stats.nfe_backward += stepper.evaluations - evaluations_before
+    state_grads = [(a + g[0]) if wants.state else None for a, g in zip(adjoint, solution_grads)]
+    return [*state_grads, grid_grad, times_grad,
+            *[tensor_grads[i] if i in wants.tensors else None
+              for i in range(len(velocity_tensors))]]

@@ -1,0 +1,197 @@
+"""``rampde_fx.odeint``: torchdiffeq's ``odeint`` with a low-precision velocity."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from .adjoint import MixedPrecisionSolve, SolvePlan, solve_forward
+from .capture import capture_velocity
+from .grid import check_grid, make_grid, place_outputs
+from .policy import DEFAULT_POLICY, PrecisionPolicy
+from .solver import Stepper
+from .stats import SolveStats, record
+from .tableaus import ADAPTIVE_METHODS, FIXED_GRID_TABLEAUS, UNSUPPORTED_METHODS
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+SCALING_MODES = ("auto", "dynamic", "none")
+FIXED_GRID_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb")
+
+TensorOrTuple = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def odeint(
+    func: Callable[[torch.Tensor, Any], Any],
+    y0: TensorOrTuple,
+    t: torch.Tensor,
+    *,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    method: str | None = None,
+    options: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    scaling: str = "auto",
+    policy: PrecisionPolicy | None = None,
+    event_fn: Callable[..., Any] | None = None,
+) -> TensorOrTuple:
+    """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` with the velocity in low precision.
+
+    The calling convention is torchdiffeq's ``odeint``. The velocity is captured as a graph and
+    evaluated in ``dtype`` under ``policy``; stage states and the solution are accumulated in
+    ``y0``'s dtype; the per-step states are kept in ``dtype`` for a discrete-adjoint backward
+    pass whose gradients are accumulated in ``y0``'s dtype.
+
+    Args:
+        func: ``func(t, y)``, an ``nn.Module`` or any callable; receives ``t`` as a 0-dim tensor
+            of the state's dtype and ``y`` in the structure of ``y0``.
+        y0: initial state: a floating tensor, or a tuple of them (each keeps its own dtype).
+        t: 1-D tensor of output times, strictly increasing or decreasing; ``t[0]`` is the start.
+        rtol, atol: accepted for torchdiffeq compatibility; fixed-grid methods do not use them.
+        method: a fixed-grid method: 'euler', 'midpoint', 'heun2', 'heun3', 'ralston', 'rk4'
+            (torchdiffeq's 3/8 rule) or 'rk4_classic'. ``None`` means 'dopri5', as in
+            torchdiffeq, which is not available yet.
+        options: 'step_size' (or 'grid_constructor(func, y0, t) -> grid'), 'interp' ('linear'
+            or 'cubic') and 'perturb', as in torchdiffeq. Without a step size the grid is ``t``.
+        dtype: the velocity's precision: torch.bfloat16 (default), torch.float16, or
+            torch.float32 / torch.float64 for no low precision at all.
+        scaling: adjoint scaling: 'auto' (dynamic for float16, none otherwise), 'dynamic' or
+            'none'.
+        policy: which ops run in ``dtype`` and which in float32; default
+            :data:`rampde_fx.DEFAULT_POLICY`.
+        event_fn: not supported yet; raises NotImplementedError.
+
+    Returns:
+        The solution at ``t``, shape ``(len(t), *y0.shape)`` in ``y0``'s dtype (a tuple of such
+        for a tuple ``y0``).
+
+    Solve statistics are available through :func:`rampde_fx.collect_stats`.
+    """
+    tableau = _check_method(method, event_fn)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got {dtype}")
+    if scaling not in SCALING_MODES:
+        raise ValueError(f"scaling must be one of {SCALING_MODES}, got {scaling!r}")
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    is_tuple, state = _check_state(y0)
+    times = _check_times(t, state[0].device)
+    opts = _check_options(method, options)
+    policy = DEFAULT_POLICY if policy is None else policy
+
+    time_values = times.detach().tolist()
+    reverse = len(time_values) > 1 and time_values[0] > time_values[1]
+    internal = -times if reverse else times
+    constructor = opts.get("grid_constructor")
+    if reverse and constructor is not None:
+        constructor = lambda f, y, tt, _gc=constructor: -_gc(f, y, -tt)  # noqa: E731
+    with torch.autocast(state[0].device.type, enabled=False):
+        grid = make_grid(internal, opts.get("step_size"), constructor, func, y0)
+        grid_values = grid.detach().tolist()
+        internal_values = [-v for v in time_values] if reverse else time_values
+        check_grid(grid_values, internal_values)
+
+        t_start = internal[0].detach().to(state[0].dtype)
+        velocity = capture_velocity(func, -t_start if reverse else t_start, state, is_tuple,
+                                    dtype, policy)
+    use_scaling = scaling == "dynamic" or (scaling == "auto" and dtype == torch.float16)
+    stats = SolveStats(method=tableau.name, dtype=dtype, scaling=use_scaling,
+                       velocity="graph" if velocity.fallback_reason is None
+                       else f"eager: {velocity.fallback_reason}")
+    record(stats)
+    plan = SolvePlan(
+        stepper=Stepper(velocity, tableau, perturb=bool(opts.get("perturb", False)),
+                        time_sign=-1.0 if reverse else 1.0, interp=opts.get("interp", "linear")),
+        n_components=len(state),
+        checkpoint_dtypes=tuple(dtype if dtype.itemsize < c.dtype.itemsize else c.dtype
+                                for c in state),
+        grid_values=grid_values,
+        time_values=internal_values,
+        outputs_per_step=place_outputs(grid_values, internal_values),
+        scaling=use_scaling,
+        stats=stats,
+    )
+    tensors = velocity.tensors_requiring_grad()
+    inputs = (*state, grid, internal, *tensors)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        solution = MixedPrecisionSolve.apply(plan, *inputs)
+    else:  # inference: no checkpoints
+        with torch.no_grad(), torch.autocast(state[0].device.type, enabled=False):
+            solution, _ = solve_forward(plan, state, grid, internal, keep_checkpoints=False)
+    return tuple(solution) if is_tuple else solution[0]
+
+
+def _check_method(method: str | None, event_fn: Any) -> Any:
+    if event_fn is not None:
+        raise NotImplementedError("rampde_fx.odeint does not support event_fn yet; solve to a "
+                                  "fixed end time, or use torchdiffeq.odeint for event handling")
+    fixed = ", ".join(repr(m) for m in FIXED_GRID_TABLEAUS)
+    if method is None or method in ADAPTIVE_METHODS:
+        shown = "method=None (torchdiffeq's default, 'dopri5')" if method is None else repr(method)
+        raise NotImplementedError(
+            f"{shown}: adaptive-step methods are not available in rampde_fx yet. Use a "
+            f"fixed-grid method ({fixed}) with options={{'step_size': ...}}.")
+    if method in UNSUPPORTED_METHODS:
+        raise NotImplementedError(f"method {method!r} is not supported by rampde_fx; use one of "
+                                  f"{fixed}")
+    if method not in FIXED_GRID_TABLEAUS:
+        raise ValueError(f"unknown method {method!r}; rampde_fx solves with {fixed}")
+    return FIXED_GRID_TABLEAUS[method]
+
+
+def _check_state(y0: Any) -> tuple[bool, tuple[torch.Tensor, ...]]:
+    is_tuple = isinstance(y0, tuple)
+    state = y0 if is_tuple else (y0,)
+    if not state or not all(isinstance(c, torch.Tensor) for c in state):
+        raise TypeError(f"y0 must be a tensor or a non-empty tuple of tensors, got "
+                        f"{type(y0).__name__}")
+    for i, c in enumerate(state):
+        name = f"y0[{i}]" if is_tuple else "y0"
+        if not c.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor (the high precision of the "
+                             f"solve), got {c.dtype}; convert it with .float()")
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError(f"{name} contains inf or nan")
+        if c.device != state[0].device:
+            raise ValueError(f"all components of y0 must be on one device, got {c.device} and "
+                             f"{state[0].device}")
+    return is_tuple, state
+
+
+def _check_times(t: Any, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dim() != 1:
+        raise ValueError(f"t must be a 1-D tensor of output times, got "
+                         f"{type(t).__name__ if not isinstance(t, torch.Tensor) else f'a {t.dim()}-D tensor'}")
+    if not t.is_floating_point():
+        raise ValueError(f"t must be a floating point tensor, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError("t is empty; give at least the start time t[0]")
+    values = t.detach().tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("t contains inf or nan")
+    steps = [b - a for a, b in zip(values, values[1:])]
+    if not (all(s > 0 for s in steps) or all(s < 0 for s in steps)):
+        raise ValueError("t must be strictly increasing or strictly decreasing")
+    if t.device != device:
+        warnings.warn(f"t is on {t.device} and y0 on {device}; moving t to {device}", stacklevel=3)
+        t = t.to(device)
+    return t
+
+
+def _check_options(method: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(FIXED_GRID_OPTIONS))
+    if unknown:
+        raise ValueError(f"method {method!r} does not take options {unknown}; fixed-grid methods "
+                         f"take {list(FIXED_GRID_OPTIONS)}")
+    if opts.get("step_size") is not None and opts.get("grid_constructor") is not None:
+        raise ValueError("options step_size and grid_constructor are mutually exclusive")
+    step = opts.get("step_size")
+    if step is not None:
+        value = float(step)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"options['step_size'] must be a positive finite number, got {step}")
+    if opts.get("interp", "linear") not in ("linear", "cubic"):
+        raise ValueError(f"options['interp'] must be 'linear' or 'cubic', got {opts['interp']!r}")
+    return opts

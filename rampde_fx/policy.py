@@ -1,0 +1,106 @@
+"""The precision policy: which velocity operations run in the low precision and which in float32.
+
+A policy is plain data. Every operation of a captured velocity graph is looked up by a canonical
+name (``linear``, ``conv2d``, ``matmul``, ``sum``, ``group_norm``...) and falls in one of three
+classes:
+
+* ``LOW``: matmul-class work, run in the solve's low dtype (its inputs, weights included, are cast);
+* ``FULL``: precision-sensitive work (normalisations, softmax, reductions, exp/log), run in float32;
+* ``FOLLOW``: everything else (elementwise ops, reshapes, concatenation): it runs in the low dtype
+  as soon as one of its floating inputs is low precision, otherwise as it was. This keeps the time
+  input in float32 until it meets the state, and casts a weight only where it meets an activation.
+
+Override it with :func:`dataclasses.replace`, e.g. to keep ``tanh`` in float32::
+
+    policy = dataclasses.replace(DEFAULT_POLICY, full_ops=DEFAULT_POLICY.full_ops | {"tanh"})
+"""
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import enum
+import operator
+from typing import Any, Callable
+
+import torch
+
+
+class Precision(enum.Enum):
+    """How an operation of the velocity is evaluated."""
+
+    LOW = "low"
+    FULL = "full"
+    FOLLOW = "follow"
+
+
+_LOW_OPS = frozenset({
+    "linear", "bilinear", "matmul", "mm", "bmm", "addmm", "addbmm", "baddbmm", "addmv", "mv",
+    "einsum", "tensordot", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d",
+})
+
+_FULL_OPS = frozenset({
+    "group_norm", "layer_norm", "batch_norm", "instance_norm", "local_response_norm", "normalize",
+    "rms_norm", "softmax", "log_softmax", "softmin", "logsumexp", "sum", "mean", "var", "std",
+    "var_mean", "std_mean", "norm", "prod", "cumsum", "cumprod", "exp", "expm1", "log", "log1p",
+    "log2", "log10", "pow", "softplus", "cross_entropy", "nll_loss", "mse_loss", "kl_div",
+    "dist", "cdist",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionPolicy:
+    """Which operations of a velocity run in the low dtype (``low_ops``) and which in float32
+    (``full_ops``); all others follow their inputs.
+
+    Attributes:
+        low_ops: canonical op names evaluated in the solve's low dtype.
+        full_ops: canonical op names evaluated in float32 (or the state's dtype if wider).
+        override: optional ``fn(op_name, node) -> Precision | None``, consulted first for every
+            operation of the graph; ``None`` falls back to the sets. ``node`` is the torch.fx node.
+    """
+
+    low_ops: frozenset[str] = _LOW_OPS
+    full_ops: frozenset[str] = _FULL_OPS
+    override: Callable[[str, torch.fx.Node], Precision | None] | None = None
+
+    def __post_init__(self) -> None:
+        both = set(self.low_ops) & set(self.full_ops)
+        if both:
+            raise ValueError(f"PrecisionPolicy: ops {sorted(both)} are in both low_ops and full_ops")
+
+    def classify(self, node: torch.fx.Node) -> tuple[Precision, str]:
+        """The precision class of a call node and the reason, as shown by diagnostics."""
+        name = op_name(node)
+        if self.override is not None:
+            chosen = self.override(name, node)
+            if chosen is not None:
+                return chosen, f"policy override for '{name}'"
+        if name in self.low_ops:
+            return Precision.LOW, f"'{name}' is matmul-class"
+        if name in self.full_ops:
+            return Precision.FULL, f"'{name}' is precision-sensitive"
+        return Precision.FOLLOW, f"'{name}' follows its inputs"
+
+
+DEFAULT_POLICY = PrecisionPolicy()
+
+# Python operators appear as call_function targets; give them the names of their torch twins.
+_OPERATOR_NAMES: dict[Any, str] = {
+    operator.matmul: "matmul", operator.add: "add", operator.sub: "sub", operator.mul: "mul",
+    operator.truediv: "div", operator.floordiv: "floor_divide", operator.pow: "pow",
+    operator.neg: "neg", operator.getitem: "getitem", builtins.getattr: "getattr",
+}
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """Canonical name of a call node: ``F.linear``, ``torch.nn.functional.linear`` and
+    ``torch._C._nn.linear`` are all ``linear``; ``x.sum()`` and ``torch.sum(x)`` are ``sum``."""
+    if node.op == "call_method":
+        return str(node.target).rstrip("_") if node.target not in ("__getitem__",) else "getitem"
+    if node.op == "call_function":
+        target = node.target
+        if target in _OPERATOR_NAMES:
+            return _OPERATOR_NAMES[target]
+        return getattr(target, "__name__", str(target)).rstrip("_")
+    return str(node.target)

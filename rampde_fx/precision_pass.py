@@ -1,0 +1,162 @@
+"""Rewrite a captured velocity graph so that it runs under a :class:`PrecisionPolicy`.
+
+The pass walks the traced graph once, in order, and builds a new graph. Each node is evaluated on
+fake tensors as it is emitted, so every decision is made on the dtype that the node *will* have in
+the rewritten graph (user casts such as ``x.float()`` or ``t.type_as(y)`` are respected as
+written). Casts are ``.to(dtype)`` nodes, named after what they cast (``y_bf16``), and each
+emitted node records why it runs in its precision in ``node.meta["rampde_precision"]``.
+
+Rules (``L`` is the low dtype, ``F`` the full dtype: float32, or wider if ``L`` is wider):
+
+* the state enters in ``L`` (the scheme evaluates ``f(t, Y)`` on ``Y`` cast to ``L``);
+* the time input is left as it is;
+* ``LOW`` ops get every floating input cast to ``L`` (weights included: the cast is a node in
+  the graph, so autograd delivers float32 gradients to the user's own Parameters);
+* ``FULL`` ops get their 16-bit floating inputs cast to ``F``;
+* ``FOLLOW`` ops: when a floating input is in ``L``, the other floating inputs with dimensions are
+  cast to ``L``; zero-dim inputs (the time, Python-like scalars) are left to type promotion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+
+from .policy import Precision, PrecisionPolicy
+
+_SHORT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                torch.float64: "fp64"}
+
+
+@dataclasses.dataclass(frozen=True)
+class NodePrecision:
+    """Why a node of the rewritten graph runs in the dtype it has."""
+
+    precision: Precision | None  # None for casts, inputs and non-compute nodes
+    reason: str
+
+
+def full_dtype_for(low_dtype: torch.dtype) -> torch.dtype:
+    """The dtype that precision-sensitive ops use next to ``low_dtype``."""
+    return torch.promote_types(low_dtype, torch.float32)
+
+
+def _is_float_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def rewrite_for_precision(
+    graph_module: fx.GraphModule,
+    example_inputs: tuple[Any, ...],
+    low_dtype: torch.dtype,
+    policy: PrecisionPolicy,
+    state_placeholder: str,
+) -> fx.Graph:
+    """Return a new graph of ``graph_module`` with the casts that ``policy`` asks for.
+
+    Args:
+        graph_module: the traced velocity; placeholders ``(t, y)``.
+        example_inputs: real tensors (or tuples of them) for the placeholders; only their
+            metadata is used.
+        low_dtype: the dtype of ``LOW`` ops and of the state inside the velocity.
+        policy: classifies each call node.
+        state_placeholder: name of the placeholder holding the state (a tensor, or a tuple of
+            tensors whose ``getitem`` nodes are the state components).
+    """
+    full_dtype = full_dtype_for(low_dtype)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    new_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    fake: dict[fx.Node, Any] = {}
+    casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
+    inputs = dict(zip((n.target for n in graph_module.graph.find_nodes(op="placeholder")),
+                      example_inputs))
+
+    def record(node: fx.Node, value: Any, precision: Precision | None, reason: str) -> fx.Node:
+        fake[node] = value
+        node.meta["val"] = value
+        node.meta["rampde_precision"] = NodePrecision(precision, reason)
+        return node
+
+    def cast(node: fx.Node, dtype: torch.dtype, reason: str) -> fx.Node:
+        value = fake[node]
+        if not _is_float_tensor(value) or value.dtype == dtype:
+            return node
+        if (node, dtype) not in casts:
+            name = f"{node.name}_{_SHORT_NAMES.get(dtype, str(dtype).split('.')[-1])}"
+            cast_node = new_graph.create_node("call_method", "to", (node, dtype), name=name)
+            with mode:
+                casts[node, dtype] = record(cast_node, value.to(dtype), None, reason)
+        return casts[node, dtype]
+
+    def inputs_of(node: fx.Node) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), found.append)
+        return [env[n] for n in found]
+
+    def is_state_entry(node: fx.Node) -> bool:
+        if node.op == "placeholder":
+            return node.target == state_placeholder and isinstance(inputs[node.target], torch.Tensor)
+        return (node.op == "call_function" and node.target is operator.getitem
+                and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"
+                and node.args[0].target == state_placeholder)
+
+    for node in graph_module.graph.nodes:
+        if node.op == "output":
+            new_graph.output(fx.node.map_arg(node.args[0], env.__getitem__))
+            continue
+        if node.op in ("placeholder", "get_attr"):
+            new_node = new_graph.node_copy(node, env.__getitem__)
+            if node.op == "placeholder":
+                value = pytree.tree_map_only(torch.Tensor, mode.from_tensor, inputs[node.target])
+                why = "solver input"
+            else:
+                value = _fetch_attr(graph_module, node.target)
+                value = mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+                why = "attribute of the velocity"
+            record(new_node, value, None, why)
+        else:
+            precision, reason = policy.classify(node)
+            floats = [n for n in inputs_of(node) if _is_float_tensor(fake[n])]
+            replace: dict[fx.Node, fx.Node] = {}
+            if precision is Precision.LOW:
+                replace = {n: cast(n, low_dtype, f"input of {reason} op") for n in floats}
+            elif precision is Precision.FULL:
+                replace = {n: cast(n, full_dtype, f"input of {reason} op")
+                           for n in floats if fake[n].dtype.itemsize < full_dtype.itemsize}
+            elif any(fake[n].dtype == low_dtype for n in floats):
+                replace = {n: cast(n, low_dtype, f"meets a {low_dtype} input")
+                           for n in floats if fake[n].dim() > 0}
+            new_node = new_graph.node_copy(node, lambda n: replace.get(env[n], env[n]))
+            with mode:
+                value = _run_on_fake(graph_module, new_node, fake)
+            record(new_node, value, precision, reason)
+        env[node] = new_node
+        if is_state_entry(node):
+            env[node] = cast(new_node, low_dtype, "the state enters the velocity in low precision")
+    new_graph.lint()
+    return new_graph
+
+
+def _fetch_attr(module: torch.nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _run_on_fake(root: torch.nn.Module, node: fx.Node, fake: dict[fx.Node, Any]) -> Any:
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake.__getitem__)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        self_value, *rest = args
+        return getattr(self_value, node.target)(*rest, **kwargs)
+    if node.op == "call_module":
+        return root.get_submodule(node.target)(*args, **kwargs)
+    raise AssertionError(f"unexpected node kind {node.op}")

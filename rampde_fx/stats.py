@@ -1,0 +1,66 @@
+"""Per-solve counters: steps, function evaluations, adjoint scaling."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Iterator
+
+import torch
+
+
+@dataclasses.dataclass
+class SolveStats:
+    """What one call of :func:`rampde_fx.odeint` did. The backward counters are filled in when
+    the backward pass runs.
+
+    Attributes:
+        method: the Runge-Kutta method.
+        dtype: the velocity's precision.
+        velocity: ``"graph"``, or ``"eager: <reason>"`` when capture fell back.
+        scaling: whether dynamic adjoint scaling is on.
+        steps: time steps taken.
+        nfe_forward: velocity evaluations in the forward solve.
+        nfe_backward: velocity evaluations in backward passes (recomputation), retries included.
+        backward_sweeps: backward sweeps run, retries included.
+        scale_retries: steps or sweeps recomputed with a smaller scale after an overflow.
+        scale_log2: log2 of the scale used at each step of the last sweep (step order), on the
+            device; ``None`` without scaling.
+    """
+
+    method: str
+    dtype: torch.dtype
+    velocity: str
+    scaling: bool
+    steps: int = 0
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+    backward_sweeps: int = 0
+    scale_retries: int = 0
+    scale_log2: torch.Tensor | None = None
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def collect_stats() -> Iterator[list[SolveStats]]:
+    """Collect a :class:`SolveStats` for every solve started inside the block::
+
+        with rampde_fx.collect_stats() as solves:
+            loss = rampde_fx.odeint(f, y0, t, method="rk4").sum()
+            loss.backward()
+        print(solves[0].steps, solves[0].nfe_backward)
+    """
+    collected: list[SolveStats] = []
+    stack = _local.__dict__.setdefault("collectors", [])
+    stack.append(collected)
+    try:
+        yield collected
+    finally:
+        stack.remove(collected)
+
+
+def record(stats: SolveStats) -> None:
+    for collected in getattr(_local, "collectors", ()):
+        collected.append(stats)
