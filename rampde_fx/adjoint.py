@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .scaling import AdjointScaler
+from .scaling import RETRY_STEP_LOG2, AdjointScaler
 from .solver import State, Stepper
 from .stats import SolveStats
 
@@ -128,7 +128,7 @@ def _backward_with_retries(plan: SolvePlan, state_dtypes, grid, times, checkpoin
             return grads
         if not all(bool(torch.isfinite(g).all()) for g in solution_grads):
             return grads  # the incoming cotangent itself is not finite: nothing to rescale
-        target = scaler.target_log2 - 4.0
+        target = scaler.target_log2 - RETRY_STEP_LOG2  # growth exceeded the headroom
         plan.stats.scale_retries += 1
     warnings.warn(f"rampde_fx: the {plan.stats.dtype} adjoint overflowed in every one of "
                   f"{MAX_SWEEP_RETRIES + 1} sweeps with lowered scales; returning non-finite "
@@ -181,8 +181,7 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
             # synchronisations per sweep); later overflows are caught at the sweep's end.
             if step != plan.steps - 1 or attempt == MAX_FIRST_STEP_RETRIES or not bool(overflowed):
                 break
-            scaler.overflow.zero_()
-            scaler.retry_lower()
+            scaler.assume_more_gain()
             plan.stats.scale_retries += 1
         if scale is not None:
             results = [None if r is None else r / scale for r in results]

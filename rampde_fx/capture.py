@@ -61,10 +61,24 @@ class _VelocityRoot(torch.nn.Module):
 
 
 class _ThroughModulesTracer(fx.Tracer):
-    """Traces into every module, so parameters become ``get_attr`` nodes next to functional ops."""
+    """Traces into every module, so parameters become ``get_attr`` nodes next to functional ops.
+
+    A module the velocity reaches outside its attributes (``lambda t, y: model(y)``) is adopted
+    as a submodule of the root when it is called, so its parameters are ``get_attr`` nodes too.
+    """
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return False
+
+    def path_of_module(self, mod: torch.nn.Module) -> str:
+        try:
+            return super().path_of_module(mod)
+        except NameError:
+            name = f"closure_module_{sum(n.startswith('closure_module_') for n, _ in self.root.named_children())}"
+            self.root.add_module(name, mod)
+            self.submodule_paths.update(
+                {m: f"{name}.{q}" if q else name for q, m in mod.named_modules()})
+            return name
 
 
 class GraphVelocity:
@@ -129,10 +143,10 @@ def _as_state(out: Any, n_components: int, func: Any) -> State:
         return (out,)
     if isinstance(out, (tuple, list)) and len(out) == n_components and n_components > 1:
         return tuple(out)
-    raise TypeError(f"{describe(func)} returned {type(out).__name__} "
-                    f"{'of length ' + str(len(out)) if isinstance(out, (tuple, list)) else ''}"
-                    f"for a state of {n_components} tensor(s); it must return one tensor per "
-                    "state component, in the same structure as y")
+    got = f"{type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list)) \
+        else type(out).__name__
+    raise TypeError(f"{describe(func)} returned {got} for a state of {n_components} tensor(s); "
+                    "it must return one tensor per state component, in the structure of y")
 
 
 class _TensorReadRecorder(TorchFunctionMode):
@@ -194,12 +208,15 @@ def _trace(func: Any, example: tuple[torch.Tensor, Any], low_dtype: torch.dtype,
     with _restore_attributes(func, changed):
         graph = _ThroughModulesTracer().trace(root)
     original = fx.GraphModule(root, graph, class_name="Velocity")
-    new_graph = rewrite_for_precision(original, example, low_dtype, policy, state_placeholder="y")
+    with torch.no_grad():
+        new_graph = rewrite_for_precision(original, example, low_dtype, policy,
+                                          state_placeholder="y")
     rewritten = fx.GraphModule(root, new_graph, class_name="LowPrecisionVelocity")
-    if isinstance(func, torch.nn.Module):
-        # GraphModule copied the attributes it reads into a parallel hierarchy; read the live
-        # module instead so parameters are shared and re-assigned attributes are seen.
-        original.velocity = rewritten.velocity = func
+    # GraphModule copied the attributes it reads into a parallel hierarchy; read the live
+    # modules instead so parameters are shared and re-assigned attributes are seen.
+    for name, module in root.named_children():
+        setattr(original, name, module)
+        setattr(rewritten, name, module)
     if changed:
         warnings.warn(
             f"rampde_fx: {describe(func)} assigns {sorted(set(changed))} in forward. The captured "

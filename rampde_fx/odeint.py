@@ -151,7 +151,9 @@ def _check_state(y0: Any) -> tuple[bool, tuple[torch.Tensor, ...]]:
         if not c.is_floating_point():
             raise ValueError(f"{name} must be a floating point tensor (the high precision of the "
                              f"solve), got {c.dtype}; convert it with .float()")
-        if not bool(torch.isfinite(c).all()):
+        with torch.no_grad():
+            finite = bool(torch.isfinite(c).all())
+        if not finite:
             raise ValueError(f"{name} contains inf or nan")
         if c.device != state[0].device:
             raise ValueError(f"all components of y0 must be on one device, got {c.device} and "

@@ -70,17 +70,18 @@ class PrecisionPolicy:
             raise ValueError(f"PrecisionPolicy: ops {sorted(both)} are in both low_ops and full_ops")
 
     def classify(self, node: torch.fx.Node) -> tuple[Precision, str]:
-        """The precision class of a call node and the reason, as shown by diagnostics."""
+        """The precision class of a call node, and what it is (``"'linear', a matmul-class
+        op"``), as diagnostics show it."""
         name = op_name(node)
         if self.override is not None:
             chosen = self.override(name, node)
             if chosen is not None:
-                return chosen, f"policy override for '{name}'"
+                return chosen, f"'{name}', by policy override"
         if name in self.low_ops:
-            return Precision.LOW, f"'{name}' is matmul-class"
+            return Precision.LOW, f"'{name}', a matmul-class op"
         if name in self.full_ops:
-            return Precision.FULL, f"'{name}' is precision-sensitive"
-        return Precision.FOLLOW, f"'{name}' follows its inputs"
+            return Precision.FULL, f"'{name}', a precision-sensitive op"
+        return Precision.FOLLOW, f"'{name}', which follows its inputs"
 
 
 DEFAULT_POLICY = PrecisionPolicy()

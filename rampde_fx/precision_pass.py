@@ -121,21 +121,22 @@ def rewrite_for_precision(
                 why = "attribute of the velocity"
             record(new_node, value, None, why)
         else:
-            precision, reason = policy.classify(node)
+            precision, what = policy.classify(node)
             floats = [n for n in inputs_of(node) if _is_float_tensor(fake[n])]
             replace: dict[fx.Node, fx.Node] = {}
             if precision is Precision.LOW:
-                replace = {n: cast(n, low_dtype, f"input of {reason} op") for n in floats}
+                replace = {n: cast(n, low_dtype, f"input of {what}") for n in floats}
             elif precision is Precision.FULL:
-                replace = {n: cast(n, full_dtype, f"input of {reason} op")
+                replace = {n: cast(n, full_dtype, f"input of {what}")
                            for n in floats if fake[n].dtype.itemsize < full_dtype.itemsize}
             elif any(fake[n].dtype == low_dtype for n in floats):
-                replace = {n: cast(n, low_dtype, f"meets a {low_dtype} input")
+                low_name = str(low_dtype).replace("torch.", "")
+                replace = {n: cast(n, low_dtype, f"input of {what}, next to a {low_name} input")
                            for n in floats if fake[n].dim() > 0}
             new_node = new_graph.node_copy(node, lambda n: replace.get(env[n], env[n]))
             with mode:
                 value = _run_on_fake(graph_module, new_node, fake)
-            record(new_node, value, precision, reason)
+            record(new_node, value, precision, what)
         env[node] = new_node
         if is_state_entry(node):
             env[node] = cast(new_node, low_dtype, "the state enters the velocity in low precision")

@@ -62,7 +62,10 @@ class AdjointScaler:
         self.overflow = self.overflow | ~finite
         return ~finite
 
-    def retry_lower(self) -> None:
-        """Lower the target after an overflow, dropping the failed step's exponent."""
-        self.target_log2 -= RETRY_STEP_LOG2
+    def assume_more_gain(self) -> None:
+        """Before the gain has been observed, an overflow means it was underestimated: raise the
+        estimate (the measured gain replaces it at the next finite step) and drop the failed
+        step's exponent. The target stays, so later steps are not scaled too small."""
+        self.gain_log2 = self.gain_log2 + RETRY_STEP_LOG2
+        self.overflow.zero_()
         self.exponents.pop()

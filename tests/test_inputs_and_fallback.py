@@ -1,0 +1,155 @@
+"""Clear errors for bad input; the warned eager fallback; capture side effects."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchdiffeq
+from torch import nn
+
+import rampde_fx
+from models import TimeMLP, rel_err
+
+Y0 = torch.randn(2, 3)
+T = torch.linspace(0, 1, 3)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"method": None}, NotImplementedError, r"method=None .*'dopri5'.*fixed-grid method"),
+    ({"method": "dopri5"}, NotImplementedError, r"'dopri5': adaptive-step .*'euler'.*'rk4'"),
+    ({"method": "implicit_adams"}, NotImplementedError, r"'implicit_adams' is not supported"),
+    ({"method": "rk45"}, ValueError, r"unknown method 'rk45'"),
+    ({"method": "rk4", "event_fn": lambda t, y: y}, NotImplementedError, r"event_fn"),
+    ({"method": "rk4", "options": {"atol": 1.0}}, ValueError,
+     r"does not take options \['atol'\]"),
+    ({"method": "rk4", "options": {"step_size": 0.1, "grid_constructor": lambda f, y, t: t}},
+     ValueError, r"mutually exclusive"),
+    ({"method": "rk4", "options": {"step_size": -0.1}}, ValueError, r"positive finite"),
+    ({"method": "rk4", "options": {"interp": "quadratic"}}, ValueError, r"'linear' or 'cubic'"),
+    ({"method": "rk4", "options": {"grid_constructor": lambda f, y, t: t[:-1]}}, ValueError,
+     r"must start at t\[0\] and end at t\[-1\]"),
+    ({"method": "rk4", "dtype": torch.int8}, ValueError, r"dtype must be one of"),
+    ({"method": "rk4", "scaling": "static"}, ValueError, r"scaling must be one of"),
+])
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        rampde_fx.odeint(TimeMLP(), Y0, T, **kwargs)
+
+
+@pytest.mark.parametrize("y0, t, error, match", [
+    (torch.ones(2, 3, dtype=torch.int64), T, ValueError, r"y0 must be a floating point .*int64"),
+    (torch.tensor([1.0, float("nan")]), T, ValueError, r"y0 contains inf or nan"),
+    ((torch.ones(2), torch.tensor([float("inf")])), T, ValueError, r"y0\[1\] contains inf"),
+    ([torch.ones(2)], T, TypeError, r"y0 must be a tensor or a non-empty tuple"),
+    (Y0, torch.tensor([]), ValueError, r"t is empty"),
+    (Y0, torch.tensor([0.0, 0.5, 0.2]), ValueError, r"strictly increasing or strictly decreasing"),
+    (Y0, torch.tensor([0.0, 0.0]), ValueError, r"strictly increasing"),
+    (Y0, torch.tensor([[0.0, 1.0]]), ValueError, r"t must be a 1-D tensor"),
+    (Y0, torch.tensor([0, 1]), ValueError, r"t must be a floating point tensor"),
+    (Y0, torch.tensor([0.0, float("inf")]), ValueError, r"t contains inf or nan"),
+])
+def test_bad_state_or_times(y0, t, error, match):
+    with pytest.raises(error, match=match):
+        rampde_fx.odeint(lambda t, y: y, y0, t, method="euler")
+
+
+def test_velocity_returning_the_wrong_structure():
+    with pytest.raises(TypeError, match=r"returned tuple of length 1 for a state of 2 tensor"):
+        rampde_fx.odeint(lambda t, y: (y[0],), (Y0, Y0), T, method="euler")
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor value: cannot be traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, t, y):
+        if y.sum() > 0:
+            return torch.tanh(self.lin(y))
+        return -torch.tanh(self.lin(y))
+
+
+def test_untraceable_velocity_falls_back_with_a_warning_and_stays_exact():
+    torch.manual_seed(0)
+    func = DataDependent()
+    y0 = torch.randn(4, 3, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], requires_grad=True)
+    options = {"step_size": 0.1}
+    with pytest.warns(rampde_fx.CaptureWarning,
+                      match=r"could not capture velocity module DataDependent as a graph "
+                            r"\(TraceError: .*control flow\)"):
+        with rampde_fx.collect_stats() as stats:
+            out = rampde_fx.odeint(func, y0, t, method="rk4", options=options,
+                                   dtype=torch.float32)
+    assert stats[0].velocity.startswith("eager: TraceError")
+    ref = torchdiffeq.odeint(func, y0, t, method="rk4", options=options)
+    inputs = [y0, t, *func.parameters()]
+    for got, want in zip((out, *torch.autograd.grad(out.sum(), inputs)),
+                         (ref, *torch.autograd.grad(ref.sum(), inputs))):
+        assert rel_err(got, want) < 2e-6
+
+
+def test_fallback_runs_in_low_precision_under_autocast():
+    torch.manual_seed(0)
+    func = DataDependent()
+    y0 = torch.randn(4, 3)
+    t = torch.tensor([0.0, 1.0])
+    ref = torchdiffeq.odeint(copy.deepcopy(func).double(), y0.double(), t.double(),
+                             method="rk4", options={"step_size": 0.1})
+    with pytest.warns(rampde_fx.CaptureWarning):
+        out = rampde_fx.odeint(func, y0, t, method="rk4", options={"step_size": 0.1})
+    assert out.dtype == torch.float32
+    assert 1e-5 < rel_err(out, ref) < 2 * 2.0 ** -8  # bf16 error, not fp32's
+
+
+class Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.nfe = 0
+
+    def forward(self, t, y):
+        self.nfe += 1
+        return self.lin(y)
+
+
+def test_attribute_assigned_in_forward_is_restored_and_warned():
+    func = Counting()
+    with pytest.warns(rampde_fx.CaptureWarning, match=r"Counting assigns \['nfe'\] in forward"):
+        rampde_fx.odeint(func, Y0, T, method="euler")
+    assert func.nfe == 0  # tracing left no trace on the user's module
+
+
+def test_reassigned_attribute_is_read_live():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.tensor(1.0)
+
+        def forward(self, t, y):
+            return y * self.scale
+
+    func = Scaled()
+    y0 = torch.ones(3)
+    first = rampde_fx.odeint(func, y0, T, method="euler", dtype=torch.float32)
+    func.scale = torch.tensor(0.0)  # a new tensor object, not an in-place change
+    second = rampde_fx.odeint(func, y0, T, method="euler", dtype=torch.float32)
+    assert first[-1, 0] > 1.5
+    assert torch.equal(second, torch.ones(3, 3))
+
+
+def test_ambient_autocast_does_not_reach_the_solve():
+    func = TimeMLP()
+    y0 = torch.randn(4, 3)
+    plain = rampde_fx.odeint(func, y0, T, method="rk4", dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = rampde_fx.odeint(func, y0, T, method="rk4", dtype=torch.float32)
+    assert torch.equal(plain, under_autocast)
+
+
+def test_policy_rejects_an_op_in_both_classes():
+    with pytest.raises(ValueError, match=r"\['tanh'\] are in both"):
+        rampde_fx.PrecisionPolicy(low_ops=frozenset({"tanh"}), full_ops=frozenset({"tanh"}))
