@@ -25,6 +25,7 @@ import torchdiffeq
 from torch import nn
 
 import rampde_fx
+from rampde_fx.diagnostics import saved_tensor_bytes
 
 
 @dataclasses.dataclass
@@ -55,19 +56,6 @@ def workloads(quick: bool) -> dict[str, Workload]:
     }
 
 
-def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return sum(storages.values())
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm()).item()
@@ -94,7 +82,7 @@ def measure(name, solve, model, y0, t, reference, repeats, device):
     row = {
         "variant": name,
         "median_ms": 1e3 * statistics.median(times),
-        "saved_MiB": saved_bytes(lambda: solve(model, y0, t)) / 2**20,
+        "saved_MiB": saved_tensor_bytes(lambda: solve(model, y0, t)) / 2**20,
         "output_err": rel_err(out[-1], reference[0]),
         "grad_err": max(rel_err(g, r) for g, r in zip(grads, reference[1])),
     }

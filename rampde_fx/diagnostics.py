@@ -1,6 +1,8 @@
 """Readable reports of what a rewritten velocity computes in which precision."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.fx as fx
 
@@ -31,3 +33,21 @@ def precision_table(graph: fx.Graph) -> str:
     dtype_width = max((len(dtype) for _, dtype, _ in rows), default=0)
     return "\n".join(f"{name:<{width}}  {dtype:<{dtype_width}}  {reason}"
                      for name, dtype, reason in rows)
+
+
+def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs.
+
+    Measured with ``torch.autograd.graph.saved_tensors_hooks``; a storage saved several times
+    (or through several views) counts once.
+    """
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())

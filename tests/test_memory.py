@@ -6,21 +6,7 @@ import torchdiffeq
 from torch import nn
 
 import rampde_fx
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages that autograd saves while ``fn`` runs."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = fn()
-    del out
-    return sum(storages.values())
+from rampde_fx.diagnostics import saved_tensor_bytes as saved_bytes
 
 
 def test_saved_bytes_are_one_bf16_state_per_step():
