@@ -6,13 +6,16 @@ float32, and the backward pass is a discrete adjoint over low-precision checkpoi
 adjoint scaling for float16.
 """
 from .capture import CaptureWarning
+from .convert import ConversionError, convert
+from .diagnostics import conversion_diff, explain, graph_diff
 from .odeint import odeint
 from .policy import DEFAULT_POLICY, Precision, PrecisionPolicy
 from .stats import SolveStats, collect_stats
 from .tableaus import FIXED_GRID_TABLEAUS, ButcherTableau
 
 __all__ = [
-    "ButcherTableau", "CaptureWarning", "DEFAULT_POLICY", "FIXED_GRID_TABLEAUS", "Precision",
-    "PrecisionPolicy", "SolveStats", "collect_stats", "odeint",
+    "ButcherTableau", "CaptureWarning", "ConversionError", "DEFAULT_POLICY",
+    "FIXED_GRID_TABLEAUS", "Precision", "PrecisionPolicy", "SolveStats", "collect_stats",
+    "conversion_diff", "convert", "explain", "graph_diff", "odeint",
 ]
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .policy import PrecisionPolicy
-from .precision_pass import rewrite_for_precision
+from .precision_pass import fetch_attr, rewrite_for_precision
 
 State = tuple[torch.Tensor, ...]
 
@@ -58,6 +58,35 @@ class _VelocityRoot(torch.nn.Module):
         if self.n_components is not None:
             y = tuple(y[i] for i in range(self.n_components))
         return self.velocity(t, y)
+
+
+# Factory functions that torch.fx cannot trace when a size is a proxy (``torch.zeros(x.shape[0],
+# 1)``): recorded as graph nodes while tracing.
+_FACTORIES = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "arange",
+              "linspace", "eye")
+
+
+@contextlib.contextmanager
+def recording_calls(tracer: fx.Tracer, functions: Sequence[tuple[Any, str]] = ()):
+    """While tracing, record calls of ``module.attribute`` (for each pair in ``functions``, and
+    torch's factory functions) as ``call_function`` nodes when an argument is a proxy."""
+    patched = [(torch, name, getattr(torch, name)) for name in _FACTORIES]
+    patched += [(module, name, getattr(module, name)) for module, name in functions]
+
+    def recording(function: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+                return tracer.create_proxy("call_function", function, args, kwargs)
+            return function(*args, **kwargs)
+        return call
+
+    for module, name, function in patched:
+        setattr(module, name, recording(function))
+    try:
+        yield
+    finally:
+        for module, name, function in patched:
+            setattr(module, name, function)
 
 
 class _ThroughModulesTracer(fx.Tracer):
@@ -100,9 +129,7 @@ class GraphVelocity:
         """The live tensors the velocity reads that require grad (parameters, closures...)."""
         found: dict[int, torch.Tensor] = {}
         for target in self._attr_targets:
-            value: Any = self.graph_module
-            for part in target.split("."):
-                value = getattr(value, part)
+            value = fetch_attr(self.graph_module, target)
             if isinstance(value, torch.Tensor) and value.requires_grad:
                 found.setdefault(id(value), value)
         return list(found.values())
@@ -171,42 +198,52 @@ class _TensorReadRecorder(TorchFunctionMode):
         return out
 
 
-def _mutable_attributes(func: Any) -> dict[tuple[int, str], tuple[torch.nn.Module, str, Any]]:
-    if not isinstance(func, torch.nn.Module):
-        return {}
+def _mutable_attributes(module: torch.nn.Module) -> dict[tuple[int, str], tuple[torch.nn.Module, str, Any]]:
     snapshot = {}
-    for qualname, module in func.named_modules():
-        for key, value in vars(module).items():
-            if not key.startswith("_"):
-                snapshot[id(module), key] = (module, f"{qualname}.{key}".lstrip("."), value)
+    for qualname, sub in module.named_modules():
+        for key, value in vars(sub).items():
+            snapshot[id(sub), key] = (sub, f"{qualname}.{key}".lstrip("."), value)
     return snapshot
 
 
 @contextlib.contextmanager
-def _restore_attributes(func: Any, changed: list[str]):
-    """Undo attribute assignments made while tracing (a counter, a tensor re-assigned in
-    forward), so tracing leaves no proxies on the user's module; report their names."""
-    before = _mutable_attributes(func)
+def restore_attributes(module: Any, counters: list[str]):
+    """Undo attribute assignments that tracing ``module`` makes (an ``nfe`` counter, a tensor
+    re-assigned in forward, the tracer's own tensor constants), so tracing leaves no proxies or
+    other traces on the user's modules.
+
+    Appends to ``counters`` the names of the non-tensor attributes that were assigned: a graph
+    recomputes tensor values on every call, but cannot repeat Python-side updates.
+    """
+    if not isinstance(module, torch.nn.Module):
+        yield
+        return
+    before = _mutable_attributes(module)
     try:
         yield
     finally:
-        after = _mutable_attributes(func)
-        for key, (module, name, value) in before.items():
+        after = _mutable_attributes(module)
+        for key, (sub, name, value) in before.items():
             if key not in after or after[key][2] is not value:
-                setattr(module, key[1], value)
-                changed.append(name)
-        for key, (module, name, _) in after.items():
+                setattr(sub, key[1], value)
+                if not isinstance(value, torch.Tensor):
+                    counters.append(name)
+        for key, (sub, name, value) in after.items():
             if key not in before:
-                delattr(module, key[1])
-                changed.append(name)
+                delattr(sub, key[1])
+                if not isinstance(value, (torch.Tensor, fx.Proxy)) and not key[1].startswith("_"):
+                    counters.append(name)
 
 
 def _trace(func: Any, example: tuple[torch.Tensor, Any], low_dtype: torch.dtype,
            policy: PrecisionPolicy, n_components: int | None) -> GraphVelocity:
     root = _VelocityRoot(func, n_components)
     changed: list[str] = []
-    with _restore_attributes(func, changed):
-        graph = _ThroughModulesTracer().trace(root)
+    tracer = _ThroughModulesTracer()
+    with restore_attributes(func, changed), recording_calls(tracer):
+        graph = tracer.trace(root)
+    if graph.find_nodes(op="call_function", target=torch.autograd.grad):
+        raise RuntimeError("it calls torch.autograd.grad, which a captured graph cannot replay")
     original = fx.GraphModule(root, graph, class_name="Velocity")
     with torch.no_grad():
         new_graph = rewrite_for_precision(original, example, low_dtype, policy,
@@ -267,7 +304,7 @@ def capture_velocity(func: Any, t: torch.Tensor, y: State, is_tuple: bool,
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             warnings.warn(
                 f"rampde_fx: could not capture {describe(func)} as a graph ({reason}). It will "
-                f"run eagerly with its state cast to {low_dtype} under autocast; accumulation "
+                f"run eagerly on its state cast to {low_dtype}, under autocast; accumulation "
                 "and the adjoint are unchanged, but the precision policy does not apply.",
                 CaptureWarning, stacklevel=3)
             per_owner[key] = _eager(func, example, low_dtype, n_components, reason)

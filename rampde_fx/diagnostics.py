@@ -1,11 +1,13 @@
 """Readable reports of what a rewritten velocity computes in which precision."""
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
+from .policy import DEFAULT_POLICY
 from .precision_pass import NodePrecision
 
 
@@ -51,3 +53,69 @@ def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         fn()
     return sum(storages.values())
+
+
+def graph_diff(before: str, after: str, context: int = 1) -> str:
+    """Unified diff between two printed graphs (``GraphModule.code``), without file headers."""
+    lines = difflib.unified_diff(before.strip().splitlines(), after.strip().splitlines(),
+                                 lineterm="", n=context)
+    return "\n".join(line for line in lines if not line.startswith(("---", "+++")))
+
+
+def conversion_diff(converted: torch.nn.Module) -> str:
+    """For every module that ``rampde_fx.convert`` traced, the diff of its graph."""
+    record = getattr(converted, "_rampde_conversion", None)
+    if record is None:
+        raise ValueError(f"{type(converted).__qualname__} was not made by rampde_fx.convert")
+    return "\n".join(f"# {name or '<root>'}\n{graph_diff(before, after)}"
+                     for name, before, after in record.traced)
+
+
+def explain(converted: torch.nn.Module) -> str:
+    """What ran in which precision, and why, for a module made by :func:`rampde_fx.convert`.
+
+    For each converted solve: where it is, the solver call it replaced, method and options,
+    precision and scaling, and, once it has run, its step counts and the velocity's graph with
+    the dtype and reason of every node. The text is stable: suitable for golden tests.
+    """
+    record = getattr(converted, "_rampde_conversion", None)
+    if record is None:
+        return (f"{type(converted).__qualname__} was not converted by rampde_fx.convert: "
+                "everything runs as written")
+    dtype = _short(record.dtype)
+    lines = [f"rampde_fx: {len(record.sites)} ODE solve(s) in {dtype}; everything outside them "
+             "runs as written (float32)"]
+    lines += [f"note: {note}" for note in record.notes]
+    for index, site in enumerate(record.sites):
+        lines.append("")
+        lines.append(f"solve {index}: {site.source} in {site.owner} at "
+                     f"'{site.qualname or '<root>'}'")
+        if site.source.endswith("odeint_adjoint"):
+            lines.append(f"  becomes the discrete adjoint, one {dtype} checkpoint per step")
+        if site.dropped:
+            lines.append(f"  dropped (no counterpart in the discrete adjoint): "
+                         f"{', '.join(site.dropped)}")
+        lines.append(f"  velocity: {site.velocity}")
+        lines.append(f"  dtype: {_short(site.dtype)}, scaling: {site.scaling}, "
+                     f"policy: {'default' if site.policy == DEFAULT_POLICY else 'custom'}")
+        stats = site.last_stats
+        if stats is None:
+            lines.append("  not run yet: call the module once to capture the velocity")
+            continue
+        arguments = ", ".join(f"{k}={v!r}" for k, v in sorted(site.call_arguments.items()))
+        lines.append(f"  arguments: {arguments}")
+        lines.append(f"  last solve: {stats.steps} steps, {stats.nfe_forward} evaluations forward, "
+                     f"{stats.nfe_backward} backward, adjoint scaling {'on' if stats.scaling else 'off'}")
+        if stats.graph is None:
+            lines.append(f"  velocity runs eagerly ({stats.velocity[len('eager: '):]}) under "
+                         f"autocast in {_short(site.dtype)}")
+        else:
+            lines.append("  velocity graph (node, dtype, why):")
+            lines += [f"    {row}" for row in precision_table(stats.graph.graph).splitlines()]
+    return "\n".join(lines)
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+

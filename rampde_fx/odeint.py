@@ -98,7 +98,8 @@ def odeint(
     use_scaling = scaling == "dynamic" or (scaling == "auto" and dtype == torch.float16)
     stats = SolveStats(method=tableau.name, dtype=dtype, scaling=use_scaling,
                        velocity="graph" if velocity.fallback_reason is None
-                       else f"eager: {velocity.fallback_reason}")
+                       else f"eager: {velocity.fallback_reason}",
+                       graph=getattr(velocity, "graph_module", None))
     record(stats)
     plan = SolvePlan(
         stepper=Stepper(velocity, tableau, perturb=bool(opts.get("perturb", False)),

@@ -116,7 +116,7 @@ def rewrite_for_precision(
                 value = pytree.tree_map_only(torch.Tensor, mode.from_tensor, inputs[node.target])
                 why = "solver input"
             else:
-                value = _fetch_attr(graph_module, node.target)
+                value = fetch_attr(graph_module, node.target)
                 value = mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
                 why = "attribute of the velocity"
             record(new_node, value, None, why)
@@ -144,7 +144,8 @@ def rewrite_for_precision(
     return new_graph
 
 
-def _fetch_attr(module: torch.nn.Module, target: str) -> Any:
+def fetch_attr(module: torch.nn.Module, target: str) -> Any:
+    """The object at a dotted ``get_attr``/``call_module`` target of ``module``."""
     value: Any = module
     for part in target.split("."):
         value = getattr(value, part)

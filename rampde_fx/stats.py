@@ -26,6 +26,7 @@ class SolveStats:
         scale_retries: steps or sweeps recomputed with a smaller scale after an overflow.
         scale_log2: log2 of the scale used at each step of the last sweep (step order), on the
             device; ``None`` without scaling.
+        graph: the velocity's rewritten graph; ``None`` when it runs eagerly.
     """
 
     method: str
@@ -38,6 +39,7 @@ class SolveStats:
     backward_sweeps: int = 0
     scale_retries: int = 0
     scale_log2: torch.Tensor | None = None
+    graph: torch.fx.GraphModule | None = None
 
 
 _local = threading.local()
