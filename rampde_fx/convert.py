@@ -14,13 +14,16 @@ the original ones. The original model is not modified.
 the number of steps (one low-precision state per step, instead of torchdiffeq's constant
 memory), and the gradient is the exact gradient of the discrete solve (torchdiffeq's continuous
 adjoint differs from it by the solver's discretisation error). Its ``adjoint_*`` arguments have
-no counterpart and are dropped; ``explain`` lists them.
+no counterpart and are dropped, as are the ``dtype``, ``scaling`` and ``policy`` of a
+``rampde_fx.odeint`` call (``convert``'s apply); ``explain`` lists what was dropped.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib
+import types
 import warnings
 from typing import Any, Callable
 
@@ -34,8 +37,11 @@ from .precision_pass import fetch_attr
 from .stats import SolveStats, collect_stats
 from .tableaus import FIXED_GRID_TABLEAUS
 
-_ADJOINT_ONLY_ARGUMENTS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options",
-                           "adjoint_params")
+# Arguments of the original call that the converted solve does not pass on: odeint_adjoint's
+# adjoint settings (no counterpart in the discrete adjoint), and rampde_fx.odeint's precision
+# settings (convert's own take their place).
+_DROPPED_ARGUMENTS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options",
+                      "adjoint_params", "dtype", "scaling", "policy")
 
 
 def solver_functions() -> dict[Callable[..., Any], str]:
@@ -102,10 +108,24 @@ class Conversion:
 
 
 class _SolveCallTracer(fx.Tracer):
-    """Records every call of an ODE solver function as one ``call_function`` node."""
+    """Records every call of an ODE solver function as one ``call_function`` node.
+
+    Functions and bound methods passed as arguments (``odeint(self.dynamics, ...)``, an
+    ``event_fn``) become attributes read by ``get_attr`` nodes, as tensor constants do.
+    """
 
     def __init__(self, solvers: dict[Callable[..., Any], str]) -> None:
         super().__init__(autowrap_functions=tuple(solvers))  # catches `from ... import odeint`
+        self._callables: dict[int, str] = {}
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, (types.FunctionType, types.MethodType, functools.partial)):
+            if id(a) not in self._callables:
+                name = f"_callable_{len(self._callables)}"
+                setattr(self.root, name, a)
+                self._callables[id(a)] = name
+            return self.create_node("get_attr", self._callables[id(a)], (), {})
+        return super().create_arg(a)
 
 
 
@@ -138,6 +158,9 @@ def convert(
         ConversionError: a module that calls a solver cannot be traced, or a solve uses a
             feature rampde_fx does not support (``event_fn``, an adaptive or implicit method).
     """
+    if any(isinstance(m, SolveSite) for m in model.modules()):
+        raise ConversionError(f"rampde_fx.convert: {type(model).__qualname__} was already "
+                              "converted; convert the original float32 model instead")
     policy = DEFAULT_POLICY if policy is None else policy
     config = dict(dtype=dtype, scaling=scaling, policy=policy, filter_fn=filter_fn)
     record = Conversion(dtype=dtype, sites=[], traced=[], notes=[])
@@ -199,11 +222,15 @@ def _trace_and_convert(module: torch.nn.Module, qualname: str, config: dict[str,
     counters: list[str] = []
     attribute_calls = [(importlib.import_module(public.rpartition(".")[0]), public.rpartition(".")[2])
                        for public in solvers.values()]  # ``torchdiffeq.odeint(...)`` style
+    before = set(vars(module))
     with restore_attributes(module, counters), recording_calls(tracer, attribute_calls):
         graph = tracer.trace(module)
-        # Read while the tracer's tensor constants are still on `module`.
-        targets = {node.target: fetch_attr(module, node.target) for node in graph.nodes
-                   if node.op in ("get_attr", "call_module")}
+        # What the tracer attached to `module` (tensor constants, callables) is removed with
+        # the rest of tracing's changes: take it now; read everything else once restored.
+        added = {k: v for k, v in vars(module).items() if k not in before}
+    targets = {node.target: added[node.target] if node.target in added
+               else fetch_attr(module, node.target)
+               for node in graph.nodes if node.op in ("get_attr", "call_module")}
     original_code = graph.python_code(root_module="self").src
     sites: dict[str, SolveSite] = {}
     for node in list(graph.nodes):
@@ -215,10 +242,10 @@ def _trace_and_convert(module: torch.nn.Module, qualname: str, config: dict[str,
         if config["filter_fn"] is not None and not config["filter_fn"](owner, site_owner):
             continue
         name = f"rampde_solve_{len(sites)}"
-        sites[name] = _make_site(node, solvers[node.target], site_owner, owner, config)
+        sites[name] = _make_site(node, solvers[node.target], site_owner, owner, config, targets)
         with graph.inserting_before(node):
             call = graph.call_module(name, node.args, {k: v for k, v in node.kwargs.items()
-                                                       if k not in _ADJOINT_ONLY_ARGUMENTS})
+                                                       if k not in _DROPPED_ARGUMENTS})
         node.replace_all_uses_with(call)
         graph.erase_node(node)
     if not sites:
@@ -246,7 +273,7 @@ def _trace_and_convert(module: torch.nn.Module, qualname: str, config: dict[str,
 
 
 def _make_site(node: fx.Node, source: str, site_owner: str, owner: torch.nn.Module,
-               config: dict[str, Any]) -> SolveSite:
+               config: dict[str, Any], targets: dict[str, Any]) -> SolveSite:
     where = f"{source} in {type(owner).__qualname__} at '{site_owner or '<root>'}'"
     kwargs = node.kwargs
     if kwargs.get("event_fn") is not None:
@@ -260,8 +287,11 @@ def _make_site(node: fx.Node, source: str, site_owner: str, owner: torch.nn.Modu
             f"methods {list(FIXED_GRID_TABLEAUS)} (adaptive methods are not available yet). "
             "Pass filter_fn to leave this solve as it is, or change its method.")
     func = node.args[0] if node.args else kwargs.get("func")
-    velocity = func.target if isinstance(func, fx.Node) and func.op == "get_attr" else str(func)
+    velocity = str(func)
+    if isinstance(func, fx.Node) and func.op == "get_attr":
+        value = targets[func.target]
+        velocity = func.target if isinstance(value, torch.nn.Module) else value.__qualname__
     return SolveSite(source=source, qualname=site_owner, owner=type(owner).__qualname__,
                      velocity=velocity, dtype=config["dtype"], scaling=config["scaling"],
                      policy=config["policy"],
-                     dropped=tuple(k for k in kwargs if k in _ADJOINT_ONLY_ARGUMENTS))
+                     dropped=tuple(k for k in kwargs if k in _DROPPED_ARGUMENTS))

@@ -93,7 +93,7 @@ def explain(converted: torch.nn.Module) -> str:
         if site.source.endswith("odeint_adjoint"):
             lines.append(f"  becomes the discrete adjoint, one {dtype} checkpoint per step")
         if site.dropped:
-            lines.append(f"  dropped (no counterpart in the discrete adjoint): "
+            lines.append(f"  arguments not passed on: "
                          f"{', '.join(site.dropped)}")
         lines.append(f"  velocity: {site.velocity}")
         lines.append(f"  dtype: {_short(site.dtype)}, scaling: {site.scaling}, "
