@@ -36,37 +36,38 @@ EAGER_VELOCITY = {"cnf_exact_trace"}
 
 def run_converted(name, converted, inputs):
     if name in EAGER_VELOCITY:
-        with pytest.warns(rampde_fx.CaptureWarning, match=r"could not capture velocity module ExactTraceCNF"):
+        with pytest.warns(rampde_fx.CaptureWarning,
+                          match=r"could not capture velocity module ExactTraceCNF"):
             return outputs_and_grads(converted, inputs)
     return outputs_and_grads(converted, inputs)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_float32_conversion_reproduces_the_model(name):
+def family(name):
+    """A model of the family, its inputs, and a copy whose gradient is the discrete one
+    (odeint_adjoint's continuous adjoint is replaced by its torchdiffeq.odeint twin)."""
     torch.manual_seed(0)
     make, inputs = FAMILIES[name]
     model = make()
-    x = inputs()
-    converted = rampde_fx.convert(model, dtype=torch.float32)
-    got = run_converted(name, converted, x)
-    # odeint_adjoint's gradient is the continuous adjoint: compare with the discrete twin.
-    reference = DiscreteTwin() if name == "mlp_odeint_adjoint" else model
-    if reference is not model:
-        reference.load_state_dict(model.state_dict())
-    want = outputs_and_grads(reference, x)
-    for g, w in zip(got, want):
+    reference = DiscreteTwin() if name == "mlp_odeint_adjoint" else copy.deepcopy(model)
+    reference.load_state_dict(model.state_dict())
+    return model, inputs(), reference
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_float32_conversion_reproduces_the_model(name):
+    model, x, reference = family(name)
+    got = run_converted(name, rampde_fx.convert(model, dtype=torch.float32), x)
+    for g, w in zip(got, outputs_and_grads(reference, x)):
         assert rel_err(g, w) < 2e-6
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_bfloat16_conversion_against_float64(name):
-    torch.manual_seed(0)
-    make, inputs = FAMILIES[name]
-    model = make()
-    x = inputs()
-    reference_model = DiscreteTwin() if name == "mlp_odeint_adjoint" else copy.deepcopy(model)
-    reference_model.load_state_dict(model.state_dict())
-    want = outputs_and_grads(reference_model.double(), [v.double() for v in x])
+    """Bound 4 unit roundoffs of bf16: the solve alone stays within 2 (test_low_precision); the
+    rest of the model (a head after the solve, the CNF's divergence through autocast) adds its
+    own amplification of the solve's error. Measured: at most 2.2 unit roundoffs."""
+    model, x, reference = family(name)
+    want = outputs_and_grads(reference.double(), [v.double() for v in x])
     converted = rampde_fx.convert(model)
     got = run_converted(name, converted, x)
     errors = [rel_err(g, w) for g, w in zip(got, want)]
