@@ -82,6 +82,9 @@ class SolveSite(torch.nn.Module):
         self.last_stats: SolveStats | None = None
 
     def forward(self, func, y0, t, **kwargs):
+        if torch.compiler.is_compiling():  # one opaque op; statistics come from collect_stats
+            return odeint(func, y0, t, dtype=self.dtype, scaling=self.scaling,
+                          policy=self.policy, **kwargs)
         self.call_arguments = kwargs
         with collect_stats() as solves:
             solution = odeint(func, y0, t, dtype=self.dtype, scaling=self.scaling,

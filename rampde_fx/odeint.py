@@ -1,6 +1,7 @@
 """``rampde_fx.odeint``: torchdiffeq's ``odeint`` with a low-precision velocity."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Callable
@@ -68,6 +69,61 @@ def odeint(
 
     Solve statistics are available through :func:`rampde_fx.collect_stats`.
     """
+    if torch.compiler.is_compiling():
+        from .compiled import solve_in_graph  # import cycle: compiled builds on this module
+
+        return solve_in_graph(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                              dtype=dtype, scaling=scaling, policy=policy, event_fn=event_fn)
+    prepared = prepare_solve(func, y0, t, method=method, options=options, dtype=dtype,
+                             scaling=scaling, policy=policy, event_fn=event_fn)
+    inputs = (*prepared.state, prepared.grid, prepared.times, *prepared.tensors)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        solution = MixedPrecisionSolve.apply(prepared.plan, *inputs)
+    else:  # inference: no checkpoints
+        with torch.no_grad(), torch.autocast(prepared.state[0].device.type, enabled=False):
+            solution, _ = solve_forward(prepared.plan, prepared.state, prepared.grid,
+                                        prepared.times, keep_checkpoints=False)
+    return tuple(solution) if prepared.is_tuple else solution[0]
+
+
+@dataclasses.dataclass
+class PreparedSolve:
+    """A validated solve, ready to run: the plan and its tensor inputs.
+
+    Attributes:
+        plan: everything host-side (stepper, grid values, output placement, stats).
+        state: the components of ``y0``.
+        grid: the time grid in internal (increasing) time, differentiable in ``t``.
+        times: the output times in internal time.
+        tensors: the tensors the velocity reads that require grad.
+        is_tuple: whether ``y0`` was a tuple.
+    """
+
+    plan: SolvePlan
+    state: tuple[torch.Tensor, ...]
+    grid: torch.Tensor
+    times: torch.Tensor
+    tensors: list[torch.Tensor]
+    is_tuple: bool
+
+
+def internal_time(t: torch.Tensor, options: dict[str, Any], func: Any,
+                  y0: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Output times and grid in internal time, which increases (``-t`` for decreasing ``t``,
+    as torchdiffeq does), both differentiable in ``t``; and whether time was reversed."""
+    reverse = len(t) > 1 and bool(t[0] > t[1])
+    internal = -t if reverse else t
+    constructor = options.get("grid_constructor")
+    if reverse and constructor is not None:
+        constructor = lambda f, y, tt, _gc=constructor: -_gc(f, y, -tt)  # noqa: E731
+    return internal, make_grid(internal, options.get("step_size"), constructor, func, y0), reverse
+
+
+def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t: torch.Tensor,
+                  *, method: str | None, options: dict[str, Any] | None, dtype: torch.dtype,
+                  scaling: str, policy: PrecisionPolicy | None,
+                  event_fn: Callable[..., Any] | None) -> PreparedSolve:
+    """Validate the arguments of :func:`odeint`, capture the velocity and plan the steps."""
     tableau = _check_method(method, event_fn)
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got {dtype}")
@@ -80,18 +136,11 @@ def odeint(
     opts = _check_options(method, options)
     policy = DEFAULT_POLICY if policy is None else policy
 
-    time_values = times.detach().tolist()
-    reverse = len(time_values) > 1 and time_values[0] > time_values[1]
-    internal = -times if reverse else times
-    constructor = opts.get("grid_constructor")
-    if reverse and constructor is not None:
-        constructor = lambda f, y, tt, _gc=constructor: -_gc(f, y, -tt)  # noqa: E731
     with torch.autocast(state[0].device.type, enabled=False):
-        grid = make_grid(internal, opts.get("step_size"), constructor, func, y0)
+        internal, grid, reverse = internal_time(times, opts, func, y0)
         grid_values = grid.detach().tolist()
-        internal_values = [-v for v in time_values] if reverse else time_values
+        internal_values = internal.detach().tolist()
         check_grid(grid_values, internal_values)
-
         t_start = internal[0].detach().to(state[0].dtype)
         velocity = capture_velocity(func, -t_start if reverse else t_start, state, is_tuple,
                                     dtype, policy)
@@ -113,14 +162,7 @@ def odeint(
         scaling=use_scaling,
         stats=stats,
     )
-    tensors = velocity.tensors_requiring_grad()
-    inputs = (*state, grid, internal, *tensors)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        solution = MixedPrecisionSolve.apply(plan, *inputs)
-    else:  # inference: no checkpoints
-        with torch.no_grad(), torch.autocast(state[0].device.type, enabled=False):
-            solution, _ = solve_forward(plan, state, grid, internal, keep_checkpoints=False)
-    return tuple(solution) if is_tuple else solution[0]
+    return PreparedSolve(plan, state, grid, internal, velocity.tensors_requiring_grad(), is_tuple)
 
 
 def _check_method(method: str | None, event_fn: Any) -> Any:

@@ -40,6 +40,7 @@ class Stepper:
             ``-tau`` and its result is negated (as torchdiffeq does).
         interp: 'linear' or 'cubic' interpolation of outputs inside a step.
         evaluations: counter of velocity evaluations.
+        compiled_step: a compiled twin of :meth:`step` to use instead (see ``compiled``).
     """
 
     velocity: Callable[[torch.Tensor, State], State]
@@ -48,10 +49,10 @@ class Stepper:
     time_sign: float
     interp: str
     evaluations: int = 0
+    compiled_step: Callable[[torch.Tensor, torch.Tensor, State], tuple[State, State]] | None = None
 
     def derivative(self, tau: torch.Tensor, y: State, nudge: Nudge = Nudge.NONE) -> State:
         """The velocity at internal time ``tau``, upcast to each component's dtype."""
-        self.evaluations += 1
         t = tau.to(functools.reduce(torch.promote_types, (c.dtype for c in y)))
         if nudge is not Nudge.NONE:
             with torch.no_grad():
@@ -83,11 +84,13 @@ class Stepper:
                 outputs: list[tuple[torch.Tensor, float]], t0_value: float,
                 t1_value: float) -> tuple[State, list[State]]:
         """A step, and the state at each output time ``(t, t_value)`` that falls inside it."""
-        y1, f0 = self.step(t0, t1, y0)
+        y1, f0 = (self.compiled_step or self.step)(t0, t1, y0)
+        self.evaluations += self.tableau.stages
         if not outputs:
             return y1, []
         if self.interp == "cubic":
             f1 = self.derivative(t1, y1)
+            self.evaluations += 1
             return y1, [tuple(interpolate_cubic(t0, t1, a, b, fa, fb, t)
                               for a, b, fa, fb in zip(y0, y1, f0, f1)) for t, _ in outputs]
         return y1, [tuple(interpolate_linear(t0, t1, a, b, t, t0_value, t1_value, t_value)

@@ -1,0 +1,216 @@
+"""torch.compile integration.
+
+Under ``torch.compile`` a solve is one opaque custom op, ``rampde_fx::solve``, and its backward
+another, ``rampde_fx::solve_backward``: dynamo and AOTAutograd see a single node per solve
+whatever the number of steps, so the model compiles as one graph with no breaks, in a time that
+does not grow with the steps, and the data-dependent parts of a solve (the grid from
+``step_size``, the fp16 scaler's retries) stay out of the graph. Inside the ops the step loop is
+plain Python around one RK step compiled by ``torch.compile``: inductor generates the velocity's
+low-precision kernels, and AOTAutograd those of its vector-Jacobian product for the backward
+recomputation. Compilation is per velocity and method, cached, and independent of the steps.
+
+This was chosen over a loop operator (``torch._higher_order_ops.scan``) inside the graph: the
+ops are public API, let the forward keep its low-precision checkpoints outside the graph (their
+number depends on the values of ``t``), and share the eager engine unchanged.
+
+The forward op returns the solution and a *ticket*, a 0-dim int64 tensor naming the solve's
+saved plan and checkpoints; the backward op takes the ticket. The saved entry lives as long as
+the ticket tensor, which autograd keeps until the backward pass is done with it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import weakref
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .adjoint import SolvePlan, _backward_with_retries, _Wants, solve_forward
+from .odeint import internal_time, prepare_solve
+from .policy import PrecisionPolicy
+from .solver import Stepper
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    """The non-tensor arguments of a solve, registered once per compiled call site."""
+
+    func: Callable[..., Any]
+    method: str | None
+    options: dict[str, Any]
+    dtype: torch.dtype
+    scaling: str
+    policy: PrecisionPolicy | None
+    is_tuple: bool
+
+
+_SITES: list[_Site] = []
+
+
+@torch.compiler.assume_constant_result
+def _register(func: Any, method: Any, options: Any, dtype: Any, scaling: Any, policy: Any,
+              is_tuple: Any) -> int:
+    """Runs once, while dynamo traces a solve: the site's index is a constant of the graph."""
+    _SITES.append(_Site(func, method, dict(options or {}), dtype, scaling, policy, is_tuple))
+    return len(_SITES) - 1
+
+
+def _grad_tensors(func: Any) -> list[Tensor]:
+    """Tensors the velocity may read that require grad: the parameters and buffers of the
+    module it is, or whose method it is. (Closure tensors of plain functions cannot be found
+    while tracing; capture them as module attributes.)"""
+    owner = func if isinstance(func, torch.nn.Module) else getattr(func, "__self__", None)
+    if not isinstance(owner, torch.nn.Module):
+        return []
+    return [x for x in itertools.chain(owner.parameters(), owner.buffers()) if x.requires_grad]
+
+
+def solve_in_graph(func: Any, y0: Any, t: Tensor, *, rtol: Any, atol: Any, method: str | None,
+                   options: dict[str, Any] | None, dtype: torch.dtype, scaling: str,
+                   policy: PrecisionPolicy | None, event_fn: Any) -> Any:
+    """:func:`rampde_fx.odeint` while dynamo traces: one call of the opaque solve op."""
+    if event_fn is not None:
+        raise NotImplementedError("rampde_fx.odeint does not support event_fn yet")
+    is_tuple = isinstance(y0, tuple)
+    state = list(y0) if is_tuple else [y0]
+    site = _register(func, method, options, dtype, scaling, policy, is_tuple)
+    tensors = _grad_tensors(func)
+    keep = torch.is_grad_enabled() and any(x.requires_grad for x in [*state, t, *tensors])
+    *solution, _ticket = torch.ops.rampde_fx.solve(site, state, t, tensors, keep)
+    return tuple(solution) if is_tuple else solution[0]
+
+
+@contextlib.contextmanager
+def _as_from_python() -> Iterator[None]:
+    """Inside a custom op the dispatcher excludes autograd and autocast; the solve needs both
+    (the backward recomputes steps under autograd, an eager velocity runs under autocast).
+    Uses a private guard of torch 2.13."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in ("AutogradOther", "AutogradCPU", "AutogradCUDA", "AutocastCPU", "AutocastCUDA"):
+        exclude = exclude.remove(getattr(keys, name))
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
+
+
+@dataclasses.dataclass
+class _Saved:
+    site: int
+    plan: SolvePlan
+    grid: Tensor
+    times: Tensor
+    checkpoints: list[Tensor]
+    velocity_tensors: list[Tensor]
+
+
+# The backend that compiles the RK step inside the ops: "inductor" for real use; tests may set
+# "aot_eager" to check structure without paying for code generation.
+step_backend: str | Callable[..., Any] = "inductor"
+
+_SAVED: dict[int, _Saved] = {}
+_TICKETS = itertools.count()
+_COMPILED_STEPS: "weakref.WeakKeyDictionary[Any, dict[Any, Callable[..., Any]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _compiled_step(stepper: Stepper) -> Callable[..., Any]:
+    """The stepper's RK step compiled once per velocity, method, perturb and direction."""
+    per_velocity = _COMPILED_STEPS.setdefault(stepper.velocity, {})
+    key = (stepper.tableau, stepper.perturb, stepper.time_sign, step_backend)
+    if key not in per_velocity:
+        twin = Stepper(stepper.velocity, stepper.tableau, stepper.perturb, stepper.time_sign,
+                       stepper.interp)
+        per_velocity[key] = torch.compile(twin.step, fullgraph=True, backend=step_backend)
+    return per_velocity[key]
+
+
+@torch.library.custom_op("rampde_fx::solve", mutates_args=())
+def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
+           keep: bool) -> list[Tensor]:
+    """The whole forward solve; returns the solution components and a ticket."""
+    spec = _SITES[site]
+    with _as_from_python(), torch.no_grad():
+        prepared = prepare_solve(spec.func, tuple(state) if spec.is_tuple else state[0], t,
+                                 method=spec.method, options=spec.options, dtype=spec.dtype,
+                                 scaling=spec.scaling, policy=spec.policy, event_fn=None)
+        prepared.plan.stepper.compiled_step = _compiled_step(prepared.plan.stepper)
+        with torch.autocast(t.device.type, enabled=False):
+            solution, checkpoints = solve_forward(prepared.plan, prepared.state, prepared.grid,
+                                                  prepared.times, keep_checkpoints=keep)
+    ticket = torch.tensor(-1)
+    if keep:
+        number = next(_TICKETS)
+        ticket = torch.tensor(number)
+        _SAVED[number] = _Saved(site, prepared.plan, prepared.grid.detach(),
+                                prepared.times.detach(), checkpoints, prepared.tensors)
+        weakref.finalize(ticket, _SAVED.pop, number, None)
+    return [*solution, ticket]
+
+
+@_solve.register_fake
+def _(site, state, t, tensors, keep):
+    return [*(c.new_empty((t.shape[0], *c.shape)) for c in state),
+            torch.empty((), dtype=torch.int64)]
+
+
+@torch.library.custom_op("rampde_fx::solve_backward", mutates_args=())
+def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Tensor],
+                    t: Tensor, tensors: list[Tensor], needs: list[bool]) -> list[Tensor]:
+    """Gradients of the solve for ``[*state, t, *tensors]`` (zeros where not needed)."""
+    saved = _SAVED.get(int(ticket))
+    if saved is None:
+        raise RuntimeError("rampde_fx: the checkpoints of this solve are gone; was backward "
+                           "run twice without retain_graph, or on a solve made without grad?")
+    plan = saved.plan
+    n = plan.n_components
+    wants = _Wants(state=any(needs[:n]), grid=needs[n], times=needs[n],
+                   tensors=[i for i, need in enumerate(needs[n + 1:]) if need])
+    with _as_from_python(), torch.autocast(t.device.type, enabled=False):
+        grads = _backward_with_retries(plan, tuple(c.dtype for c in state), saved.grid,
+                                       saved.times, saved.checkpoints, saved.velocity_tensors,
+                                       solution_grads, wants)
+        state_grads, (grid_grad, times_grad) = grads[:n], grads[n:n + 2]
+        tensor_grads = grads[n + 2:]
+        t_grad = torch.zeros_like(t)
+        if needs[n]:
+            with torch.enable_grad():
+                leaf = t.detach().requires_grad_()
+                spec = _SITES[saved.site]
+                y0 = tuple(state) if spec.is_tuple else state[0]
+                internal, grid, _ = internal_time(leaf, spec.options, spec.func, y0)
+                t_grad = torch.autograd.grad([grid, internal], leaf, [grid_grad, times_grad],
+                                             allow_unused=True)[0]
+    state_grads = [torch.zeros_like(c) if g is None else g for g, c in zip(state_grads, state)]
+    tensor_grads = [torch.zeros_like(x) if g is None else g for g, x in zip(tensor_grads, tensors)]
+    return [*state_grads, t_grad, *tensor_grads]
+
+
+@_solve_backward.register_fake
+def _(ticket, solution_grads, state, t, tensors, needs):
+    return [*(torch.empty_like(c) for c in state), torch.empty_like(t),
+            *(torch.empty_like(x) for x in tensors)]
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
+    _site, state, t, tensors, _keep = inputs
+    ctx.n_components = len(state)
+    ctx.needs = [x.requires_grad for x in (*state, t, *tensors)]
+    ctx.save_for_backward(output[-1], t, *state, *tensors)
+
+
+def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
+    ticket, t, *rest = ctx.saved_tensors
+    n = ctx.n_components
+    state, tensors = rest[:n], rest[n:]
+    solution_grads = [torch.zeros((t.shape[0], *c.shape), dtype=c.dtype, device=c.device)
+                      if g is None else g for g, c in zip(grads[:n], state)]
+    result = torch.ops.rampde_fx.solve_backward(ticket, solution_grads, list(state), t,
+                                                list(tensors), ctx.needs)
+    result = [g if need else None for g, need in zip(result, ctx.needs)]
+    return None, result[:n], result[n], result[n + 1:], None
+
+
+_solve.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,182 @@
+"""torch.compile of converted models: one graph, inductor low-precision kernels, no per-step
+synchronisation, bounded recompilation. Compile tests are few and small: inductor takes seconds
+per graph on two cores."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rampde_fx
+from field_models import HamiltonianModel, MLPFunc, MLPODE, ODEBlock
+from models import rel_err
+from rampde_fx import compiled
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def cheap_steps(monkeypatch):
+    """Compile the inner step with aot_eager: the structure is the same, codegen is skipped."""
+    monkeypatch.setattr(compiled, "step_backend", "aot_eager")
+
+
+def outputs_and_grads(model, *inputs):
+    inputs = [x.clone().requires_grad_() for x in inputs]
+    out = model(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs)
+    return [*outs, *torch.autograd.grad(loss, [*inputs, *model.parameters()])]
+
+
+class MethodODE(torch.nn.Module):
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.block = ODEBlock(MLPFunc())
+        self.method = method
+
+    def forward(self, x):
+        t = self.block.integration_time
+        return rampde_fx.odeint(self.block.odefunc, x, t, method=self.method,
+                                options={"step_size": 0.2, "interp": "cubic"})[-1]
+
+
+@pytest.mark.parametrize("method", list(rampde_fx.FIXED_GRID_TABLEAUS))
+def test_every_method_compiles_as_one_graph(method, cheap_steps):
+    torch.manual_seed(0)
+    model = MethodODE(method)
+    x = torch.randn(3, 4)
+    explanation = torch._dynamo.explain(model)(x)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+    compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for got, want in zip(outputs_and_grads(compiled_model, x), outputs_and_grads(model, x)):
+        assert rel_err(got, want) < 1e-5  # the same bf16 computation, other fusion
+
+
+def test_tuple_state_backwards_in_time_compiles(cheap_steps):
+    torch.manual_seed(0)
+    model = rampde_fx.convert(HamiltonianModel())
+    q, p = torch.randn(5, 2), torch.randn(5, 2)
+    compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for got, want in zip(outputs_and_grads(compiled_model, q, p), outputs_and_grads(model, q, p)):
+        assert rel_err(got, want) < 1e-5
+
+
+class StepRecorder:
+    """An inductor backend that keeps the graphs inductor lowers (forward and backward)."""
+
+    def __init__(self) -> None:
+        self.graphs: list[tuple[bool, torch.fx.GraphModule]] = []
+
+    def __call__(self, gm, example_inputs):
+        def inner(graph, inputs, **kwargs):
+            self.graphs.append((bool(kwargs.get("is_backward")), graph))
+            return compile_fx_inner(graph, inputs, **kwargs)
+        return compile_fx(gm, example_inputs, inner_compile=inner)
+
+
+def _matmul_dtypes(graph: torch.fx.GraphModule) -> set[torch.dtype]:
+    return {node.meta["val"].dtype for node in graph.graph.nodes
+            if node.op == "call_function" and "mm" in str(node.target)}
+
+
+@pytest.mark.slow
+def test_inductor_compiles_velocity_and_its_vjp_in_bfloat16(monkeypatch):
+    """The whole path with inductor: the converted model under torch.compile matches the eager
+    one, and inductor lowered the step's forward and backward with bf16 matmuls only."""
+    torch.manual_seed(0)
+    recorder = StepRecorder()
+    monkeypatch.setattr(compiled, "step_backend", recorder)
+    model = rampde_fx.convert(MLPODE())
+    x = torch.randn(6, 3)
+    # Caches would hand back kernels compiled by an earlier run without lowering anything.
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        got = outputs_and_grads(torch.compile(model, fullgraph=True), x)
+    # Inductor keeps fused pointwise intermediates in float32 where eager rounds each to bf16:
+    # equal within one bf16 unit roundoff.
+    for g, w in zip(got, outputs_and_grads(model, x)):
+        assert rel_err(g, w) < 2.0 ** -8
+    # The forward solve's step (inference), its recomputation for backward, and the VJP.
+    assert sorted(is_backward for is_backward, _ in recorder.graphs) == [False, False, True]
+    assert all(_matmul_dtypes(g) == {torch.bfloat16} for _, g in recorder.graphs)
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_host_synchronisations_do_not_grow_with_steps(dtype):
+    func = MLPFunc()
+    counts = []
+    for steps in (8, 64):
+        y0 = torch.randn(4, 4, requires_grad=True)
+        with SyncCounter() as counter:
+            out = rampde_fx.odeint(func, y0, torch.tensor([0.0, 1.0]), method="rk4",
+                                   options={"step_size": 1 / steps}, dtype=dtype)
+            out[-1].sum().backward()
+        counts.append(counter.count)
+    assert counts[0] == counts[1]
+
+
+def test_compiled_graph_count_does_not_grow_with_steps(cheap_steps):
+    """The step loop is not unrolled: 8 and 128 steps trace the same graphs."""
+    counts = []
+    for steps in (8, 128):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        model = MLPODE()
+        model.block.odefunc = MLPFunc()
+        converted = rampde_fx.convert(model)
+        inner = torch._dynamo.utils.counters
+        inner.clear()
+        compiled_model = torch.compile(converted, fullgraph=True, backend=counter)
+        x = torch.randn(3, 3)
+        model.block.integration_time = torch.tensor([0.0, steps * 0.25])
+        compiled_model(x).sum().backward()
+        counts.append((counter.frame_count, counter.op_count,
+                       inner["stats"]["unique_graphs"]))
+    assert counts[0] == counts[1]
+
+
+def test_new_batch_size_recompiles_at_most_once(cheap_steps):
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_model = torch.compile(rampde_fx.convert(MLPODE()), fullgraph=True, backend=counter)
+    for batch in (2, 3, 5, 9):
+        compiled_model(torch.randn(batch, 3)).sum().backward()
+    assert counter.frame_count <= 2
+
+
+def test_inference_stores_no_checkpoints_and_modes_switch(cheap_steps):
+    model = rampde_fx.convert(MLPODE())
+    compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        compiled_model(x)
+    assert not compiled._SAVED
+    compiled_model.eval()
+    with torch.no_grad():
+        evaluated = compiled_model(x)
+    compiled_model.train()
+    trained = compiled_model(x)
+    trained.sum().backward()
+    assert torch.allclose(evaluated, trained.detach())
+    del trained
+    assert not compiled._SAVED  # the ticket went with the autograd graph
