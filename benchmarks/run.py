@@ -123,11 +123,17 @@ def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
         return lambda m, y, tt: rampde_fx.odeint(m, y, tt, method=work.method, options=options,
                                                  dtype=dtype)
 
+    def ours_compiled(dtype):
+        solve = torch.compile(ours(dtype), fullgraph=True)
+        return lambda m, y, tt: solve(m, y, tt)
+
     variants = [("torchdiffeq fp32", tdq), ("torchdiffeq fp32 adjoint", tdq_adjoint),
                 ("torchdiffeq autocast bf16", tdq_autocast),
-                ("rampde_fx fp32", ours(torch.float32)), ("rampde_fx bf16", ours(torch.bfloat16))]
+                ("rampde_fx fp32", ours(torch.float32)), ("rampde_fx bf16", ours(torch.bfloat16)),
+                ("rampde_fx bf16 compiled", ours_compiled(torch.bfloat16))]
     if device == "cuda":
-        variants.append(("rampde_fx fp16", ours(torch.float16)))
+        variants += [("rampde_fx fp16", ours(torch.float16)),
+                     ("rampde_fx fp16 compiled", ours_compiled(torch.float16))]
     rows = [measure(name, solve, model, y0, t, reference, repeats, device)
             for name, solve in variants]
     base = rows[0]["median_ms"]

@@ -18,6 +18,7 @@ accumulation and adjoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -124,6 +125,17 @@ class GraphVelocity:
 
     def __call__(self, t: torch.Tensor, y: State) -> State:
         return _as_state(self.graph_module(t, y if self.is_tuple else y[0]), len(y), self.func)
+
+    def transformed(self, transform: Callable[[fx.Graph], None]) -> "GraphVelocity":
+        """A twin whose graph is a copy changed in place by ``transform``; it reads the same
+        live modules."""
+        graph = copy.deepcopy(self.graph_module.graph)
+        transform(graph)
+        graph_module = fx.GraphModule(self.graph_module, graph,
+                                      class_name=type(self.graph_module).__name__)
+        for name, child in self.graph_module.named_children():
+            setattr(graph_module, name, child)
+        return GraphVelocity(self.func, graph_module, self.original_graph_module, self.is_tuple)
 
     def tensors_requiring_grad(self) -> list[torch.Tensor]:
         """The live tensors the velocity reads that require grad (parameters, closures...)."""
