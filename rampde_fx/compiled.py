@@ -45,6 +45,7 @@ class _Site:
     dtype: torch.dtype
     scaling: str
     policy: PrecisionPolicy | None
+    checkpoint: str
     is_tuple: bool
 
 
@@ -53,9 +54,10 @@ _SITES: list[_Site] = []
 
 @torch.compiler.assume_constant_result
 def _register(func: Any, method: Any, options: Any, dtype: Any, scaling: Any, policy: Any,
-              is_tuple: Any) -> int:
+              checkpoint: Any, is_tuple: Any) -> int:
     """Runs once, while dynamo traces a solve: the site's index is a constant of the graph."""
-    _SITES.append(_Site(func, method, dict(options or {}), dtype, scaling, policy, is_tuple))
+    _SITES.append(_Site(func, method, dict(options or {}), dtype, scaling, policy, checkpoint,
+                        is_tuple))
     return len(_SITES) - 1
 
 
@@ -69,31 +71,43 @@ def _grad_tensors(func: Any) -> list[Tensor]:
     return [x for x in itertools.chain(owner.parameters(), owner.buffers()) if x.requires_grad]
 
 
-def solve_in_graph(func: Any, y0: Any, t: Tensor, *, rtol: Any, atol: Any, method: str | None,
+def solve_in_graph(func: Any, y0: Any, t: Tensor, *, method: str | None,
                    options: dict[str, Any] | None, dtype: torch.dtype, scaling: str,
-                   policy: PrecisionPolicy | None, event_fn: Any) -> Any:
+                   policy: PrecisionPolicy | None, checkpoint: str, event_fn: Any) -> Any:
     """:func:`rampde_fx.odeint` while dynamo traces: one call of the opaque solve op."""
     if event_fn is not None:
         raise NotImplementedError("rampde_fx.odeint does not support event_fn yet")
     is_tuple = isinstance(y0, tuple)
     state = list(y0) if is_tuple else [y0]
-    site = _register(func, method, options, dtype, scaling, policy, is_tuple)
+    site = _register(func, method, options, dtype, scaling, policy, checkpoint, is_tuple)
     tensors = _grad_tensors(func)
     keep = torch.is_grad_enabled() and any(x.requires_grad for x in [*state, t, *tensors])
     *solution, _ticket = torch.ops.rampde_fx.solve(site, state, t, tensors, keep)
     return tuple(solution) if is_tuple else solution[0]
 
 
+def _plain_python_keys() -> tuple[Any, Any]:
+    """The dispatcher's thread-local key sets of code called from plain Python: autocast off
+    (excluded), in-place and view tracking on (included)."""
+    keys = torch._C.DispatchKey
+    autocast = [getattr(keys, name) for name in keys.__members__ if name.startswith("Autocast")]
+    exclude = torch._C.DispatchKeySet(autocast[0])
+    for key in autocast[1:]:
+        exclude = exclude.add(key)
+    include = torch._C.DispatchKeySet(keys.BackendSelect).add(keys.ADInplaceOrView)
+    return include, exclude
+
+
+_PLAIN_INCLUDE, _PLAIN_EXCLUDE = _plain_python_keys()
+
+
 @contextlib.contextmanager
 def _as_from_python() -> Iterator[None]:
-    """Inside a custom op the dispatcher excludes autograd and autocast; the solve needs both
-    (the backward recomputes steps under autograd, an eager velocity runs under autocast).
-    Uses a private guard of torch 2.13."""
-    keys = torch._C.DispatchKey
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for name in ("AutogradOther", "AutogradCPU", "AutogradCUDA", "AutocastCPU", "AutocastCUDA"):
-        exclude = exclude.remove(getattr(keys, name))
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+    """Run as if called from plain Python. Inside a custom op the dispatcher excludes
+    autograd, autocast, and below a compiled graph every other key; the solve needs autograd
+    (the backward recomputes steps, checkpoint='stages' records them) and an eager velocity
+    needs autocast. Uses a private guard of torch 2.13."""
+    with torch._C._ForceDispatchKeyGuard(_PLAIN_INCLUDE, _PLAIN_EXCLUDE):
         yield
 
 
@@ -111,7 +125,16 @@ class _Saved:
 # "aot_eager" to check structure without paying for code generation.
 step_backend: str | Callable[..., Any] = "inductor"
 
-_SAVED: dict[int, _Saved] = {}
+@dataclasses.dataclass
+class _SavedGraph:
+    """checkpoint='stages': the autograd graph of the solve, from its outputs to its inputs
+    (``[*state, t, *velocity tensors]``)."""
+
+    outputs: list[Tensor]
+    inputs: list[Tensor]
+
+
+_SAVED: dict[int, _Saved | _SavedGraph] = {}
 _TICKETS = itertools.count()
 _COMPILED_STEPS: "weakref.WeakKeyDictionary[Any, dict[Any, Callable[..., Any]]]" = \
     weakref.WeakKeyDictionary()
@@ -149,28 +172,39 @@ def _compiled_step(stepper: Stepper, dtype: torch.dtype, device: torch.device) -
     return per_velocity[key]
 
 
+def held_checkpoints() -> list[Tensor]:
+    """The checkpoints that compiled solves hold for their backward passes, right now."""
+    return [c for saved in _SAVED.values() if isinstance(saved, _Saved) for c in saved.checkpoints]
+
+
 @torch.library.custom_op("rampde_fx::solve", mutates_args=())
 def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
            keep: bool) -> list[Tensor]:
     """The whole forward solve; returns the solution components and a ticket."""
     spec = _SITES[site]
-    with _as_from_python(), torch.no_grad():
-        prepared = prepare_solve(spec.func, tuple(state) if spec.is_tuple else state[0], t,
-                                 method=spec.method, options=spec.options, dtype=spec.dtype,
-                                 scaling=spec.scaling, policy=spec.policy, event_fn=None)
+    keep_stages = keep and spec.checkpoint == "stages"
+    with _as_from_python(), torch.set_grad_enabled(keep_stages):
+        leaves = [x.detach().requires_grad_(keep_stages) for x in (*state, t)]
+        y0 = tuple(leaves[:-1]) if spec.is_tuple else leaves[0]
+        prepared = prepare_solve(spec.func, y0, leaves[-1], method=spec.method,
+                                 options=spec.options, dtype=spec.dtype, scaling=spec.scaling,
+                                 policy=spec.policy, checkpoint=spec.checkpoint, event_fn=None)
         prepared.plan.stepper.compiled_step = _compiled_step(prepared.plan.stepper, spec.dtype,
                                                              t.device)
         with torch.autocast(t.device.type, enabled=False):
             solution, checkpoints = solve_forward(prepared.plan, prepared.state, prepared.grid,
-                                                  prepared.times, keep_checkpoints=keep)
+                                                  prepared.times,
+                                                  keep_checkpoints=keep and not keep_stages)
     ticket = torch.tensor(-1)
     if keep:
         number = next(_TICKETS)
         ticket = torch.tensor(number)
-        _SAVED[number] = _Saved(site, prepared.plan, prepared.grid.detach(),
-                                prepared.times.detach(), checkpoints, prepared.tensors)
+        _SAVED[number] = (_SavedGraph(list(solution), [*leaves, *prepared.tensors])
+                          if keep_stages else
+                          _Saved(site, prepared.plan, prepared.grid.detach(),
+                                 prepared.times.detach(), checkpoints, prepared.tensors))
         weakref.finalize(ticket, _SAVED.pop, number, None)
-    return [*solution, ticket]
+    return [c.detach() for c in solution] + [ticket]
 
 
 @_solve.register_fake
@@ -187,6 +221,14 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
     if saved is None:
         raise RuntimeError("rampde_fx: the checkpoints of this solve are gone; was backward "
                            "run twice without retain_graph, or on a solve made without grad?")
+    if isinstance(saved, _SavedGraph):
+        with _as_from_python():
+            wanted = [x for x, need in zip(saved.inputs, needs) if need]
+            found = iter(torch.autograd.grad(saved.outputs, wanted, solution_grads,
+                                             allow_unused=True))
+        grads = [next(found) if need else None for need in needs]
+        return [torch.zeros_like(x) if g is None else g
+                for g, x in zip(grads, [*state, t, *tensors])]
     plan = saved.plan
     n = plan.n_components
     wants = _Wants(state=any(needs[:n]), grid=needs[n], times=needs[n],

@@ -41,7 +41,7 @@ from .tableaus import FIXED_GRID_TABLEAUS
 # adjoint settings (no counterpart in the discrete adjoint), and rampde_fx.odeint's precision
 # settings (convert's own take their place).
 _DROPPED_ARGUMENTS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options",
-                      "adjoint_params", "dtype", "scaling", "policy")
+                      "adjoint_params", "dtype", "scaling", "policy", "checkpoint")
 
 
 def solver_functions() -> dict[Callable[..., Any], str]:
@@ -67,7 +67,7 @@ class SolveSite(torch.nn.Module):
     """
 
     def __init__(self, *, source: str, qualname: str, owner: str, velocity: str,
-                 dtype: torch.dtype, scaling: str, policy: PrecisionPolicy,
+                 dtype: torch.dtype, scaling: str, policy: PrecisionPolicy, checkpoint: str,
                  dropped: tuple[str, ...]) -> None:
         super().__init__()
         self.source = source
@@ -77,6 +77,7 @@ class SolveSite(torch.nn.Module):
         self.dtype = dtype
         self.scaling = scaling
         self.policy = policy
+        self.checkpoint = checkpoint
         self.dropped = dropped
         self.call_arguments: dict[str, Any] = {}
         self.last_stats: SolveStats | None = None
@@ -84,11 +85,11 @@ class SolveSite(torch.nn.Module):
     def forward(self, func, y0, t, **kwargs):
         if torch.compiler.is_compiling():  # one opaque op; statistics come from collect_stats
             return odeint(func, y0, t, dtype=self.dtype, scaling=self.scaling,
-                          policy=self.policy, **kwargs)
+                          policy=self.policy, checkpoint=self.checkpoint, **kwargs)
         self.call_arguments = kwargs
         with collect_stats() as solves:
             solution = odeint(func, y0, t, dtype=self.dtype, scaling=self.scaling,
-                              policy=self.policy, **kwargs)
+                              policy=self.policy, checkpoint=self.checkpoint, **kwargs)
         self.last_stats = solves[-1]
         return solution
 
@@ -138,6 +139,7 @@ def convert(
     dtype: torch.dtype = torch.bfloat16,
     scaling: str = "auto",
     policy: PrecisionPolicy | None = None,
+    checkpoint: str = "steps",
     filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
 ) -> torch.nn.Module:
     """A new module that computes ``model`` with its ODE solves in mixed precision.
@@ -150,6 +152,8 @@ def convert(
         scaling: adjoint scaling of every converted solve: 'auto', 'dynamic' or 'none'.
         policy: the precision policy of the velocities; default
             :data:`rampde_fx.DEFAULT_POLICY`.
+        checkpoint: 'steps' or 'stages', for every converted solve (see
+            :func:`rampde_fx.odeint`).
         filter_fn: ``filter_fn(module, qualified_name) -> bool`` is called with the module whose
             forward makes a solve, and its name in ``model`` ('' for ``model`` itself); solves
             for which it returns False are left as they are.
@@ -165,7 +169,8 @@ def convert(
         raise ConversionError(f"rampde_fx.convert: {type(model).__qualname__} was already "
                               "converted; convert the original float32 model instead")
     policy = DEFAULT_POLICY if policy is None else policy
-    config = dict(dtype=dtype, scaling=scaling, policy=policy, filter_fn=filter_fn)
+    config = dict(dtype=dtype, scaling=scaling, policy=policy, checkpoint=checkpoint,
+                  filter_fn=filter_fn)
     record = Conversion(dtype=dtype, sites=[], traced=[], notes=[])
     converted = _convert_module(model, "", config, record)
     if not record.sites:
@@ -296,5 +301,5 @@ def _make_site(node: fx.Node, source: str, site_owner: str, owner: torch.nn.Modu
         velocity = func.target if isinstance(value, torch.nn.Module) else value.__qualname__
     return SolveSite(source=source, qualname=site_owner, owner=type(owner).__qualname__,
                      velocity=velocity, dtype=config["dtype"], scaling=config["scaling"],
-                     policy=config["policy"],
+                     policy=config["policy"], checkpoint=config["checkpoint"],
                      dropped=tuple(k for k in kwargs if k in _DROPPED_ARGUMENTS))

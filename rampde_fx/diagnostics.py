@@ -38,20 +38,28 @@ def precision_table(graph: fx.Graph) -> str:
 
 
 def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs.
+    """Bytes of the distinct storages kept for backward by what ``fn()`` returns.
 
-    Measured with ``torch.autograd.graph.saved_tensors_hooks``; a storage saved several times
-    (or through several views) counts once.
+    Counts what autograd saves (through ``torch.autograd.graph.saved_tensors_hooks``) and the
+    checkpoints that compiled solves keep beside the graph; a storage kept several times (or
+    through several views) counts once.
     """
+    from .compiled import held_checkpoints  # compiled imports this package's solver modules
+
     storages: dict[int, int] = {}
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def count(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
+    held_before = {id(t) for t in held_checkpoints()}
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        result = fn()
+    for tensor in held_checkpoints():
+        if id(tensor) not in held_before:
+            count(tensor)
+    del result
     return sum(storages.values())
 
 

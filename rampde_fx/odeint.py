@@ -18,6 +18,7 @@ from .tableaus import ADAPTIVE_METHODS, FIXED_GRID_TABLEAUS, UNSUPPORTED_METHODS
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 SCALING_MODES = ("auto", "dynamic", "none")
+CHECKPOINT_MODES = ("steps", "stages")
 FIXED_GRID_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb")
 
 TensorOrTuple = torch.Tensor | tuple[torch.Tensor, ...]
@@ -35,6 +36,7 @@ def odeint(
     dtype: torch.dtype = torch.bfloat16,
     scaling: str = "auto",
     policy: PrecisionPolicy | None = None,
+    checkpoint: str = "steps",
     event_fn: Callable[..., Any] | None = None,
 ) -> TensorOrTuple:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` with the velocity in low precision.
@@ -61,7 +63,15 @@ def odeint(
             'none'.
         policy: which ops run in ``dtype`` and which in float32; default
             :data:`rampde_fx.DEFAULT_POLICY`.
+        checkpoint: what the backward pass starts from. 'steps' (default): the state of each
+            step, in ``dtype``; the backward pass recomputes each step (least memory).
+            'stages': autograd keeps every stage's activations, which the low-precision velocity
+            produces in ``dtype``; no recomputation (less compute, more memory, and no per-step
+            adjoint scaling, so it refuses ``scaling`` that would be dynamic).
         event_fn: not supported yet; raises NotImplementedError.
+
+    Under ``torch.compile`` a solve is one opaque operator, so a model compiles as one graph
+    whatever the number of steps, and each step runs as inductor-compiled kernels.
 
     Returns:
         The solution at ``t``, shape ``(len(t), *y0.shape)`` in ``y0``'s dtype (a tuple of such
@@ -72,13 +82,20 @@ def odeint(
     if torch.compiler.is_compiling():
         from .compiled import solve_in_graph  # import cycle: compiled builds on this module
 
-        return solve_in_graph(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-                              dtype=dtype, scaling=scaling, policy=policy, event_fn=event_fn)
+        return solve_in_graph(func, y0, t, method=method, options=options, dtype=dtype,
+                              scaling=scaling, policy=policy, checkpoint=checkpoint,
+                              event_fn=event_fn)
     prepared = prepare_solve(func, y0, t, method=method, options=options, dtype=dtype,
-                             scaling=scaling, policy=policy, event_fn=event_fn)
+                             scaling=scaling, policy=policy, checkpoint=checkpoint,
+                             event_fn=event_fn)
     inputs = (*prepared.state, prepared.grid, prepared.times, *prepared.tensors)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        solution = MixedPrecisionSolve.apply(prepared.plan, *inputs)
+        if checkpoint == "stages":  # autograd through the steps, keeping their activations
+            with torch.autocast(prepared.state[0].device.type, enabled=False):
+                solution, _ = solve_forward(prepared.plan, prepared.state, prepared.grid,
+                                            prepared.times, keep_checkpoints=False)
+        else:
+            solution = MixedPrecisionSolve.apply(prepared.plan, *inputs)
     else:  # inference: no checkpoints
         with torch.no_grad(), torch.autocast(prepared.state[0].device.type, enabled=False):
             solution, _ = solve_forward(prepared.plan, prepared.state, prepared.grid,
@@ -121,7 +138,7 @@ def internal_time(t: torch.Tensor, options: dict[str, Any], func: Any,
 
 def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t: torch.Tensor,
                   *, method: str | None, options: dict[str, Any] | None, dtype: torch.dtype,
-                  scaling: str, policy: PrecisionPolicy | None,
+                  scaling: str, policy: PrecisionPolicy | None, checkpoint: str,
                   event_fn: Callable[..., Any] | None) -> PreparedSolve:
     """Validate the arguments of :func:`odeint`, capture the velocity and plan the steps."""
     tableau = _check_method(method, event_fn)
@@ -129,6 +146,12 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         raise ValueError(f"dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got {dtype}")
     if scaling not in SCALING_MODES:
         raise ValueError(f"scaling must be one of {SCALING_MODES}, got {scaling!r}")
+    use_scaling = scaling == "dynamic" or (scaling == "auto" and dtype == torch.float16)
+    if checkpoint not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
+    if checkpoint == "stages" and use_scaling:
+        raise ValueError("checkpoint='stages' has no per-step adjoint scaling; use "
+                         "checkpoint='steps' for float16, or pass scaling='none'")
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     is_tuple, state = _check_state(y0)
@@ -144,7 +167,6 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         t_start = internal[0].detach().to(state[0].dtype)
         velocity = capture_velocity(func, -t_start if reverse else t_start, state, is_tuple,
                                     dtype, policy)
-    use_scaling = scaling == "dynamic" or (scaling == "auto" and dtype == torch.float16)
     stats = SolveStats(method=tableau.name, dtype=dtype, scaling=use_scaling,
                        velocity="graph" if velocity.fallback_reason is None
                        else f"eager: {velocity.fallback_reason}",

@@ -180,3 +180,25 @@ def test_inference_stores_no_checkpoints_and_modes_switch(cheap_steps):
     assert torch.allclose(evaluated, trained.detach())
     del trained
     assert not compiled._SAVED  # the ticket went with the autograd graph
+
+
+def test_stage_checkpoints_compile(cheap_steps):
+    torch.manual_seed(0)
+    model = rampde_fx.convert(MLPODE(), checkpoint="stages")
+    x = torch.randn(4, 3)
+    compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for got, want in zip(outputs_and_grads(compiled_model, x), outputs_and_grads(model, x)):
+        assert rel_err(got, want) < 2.0 ** -8
+    assert not compiled._SAVED
+
+
+def test_compiled_checkpoints_are_counted_as_saved(cheap_steps):
+    from rampde_fx.diagnostics import saved_tensor_bytes
+
+    func = MLPFunc()
+    y0 = torch.randn(16, 4, requires_grad=True)
+    solve = torch.compile(lambda y: rampde_fx.odeint(func, y, torch.tensor([0.0, 1.0]),
+                                                     method="rk4", options={"step_size": 0.125}),
+                          fullgraph=True, backend="aot_eager")
+    solve(y0)
+    assert saved_tensor_bytes(lambda: solve(y0)) >= 8 * y0.numel() * 2  # 8 bf16 states

@@ -187,3 +187,43 @@ def test_growth_beyond_the_headroom_reruns_the_sweep():
                              options={"step_size": 0.125})
     for got, want in zip(grads, torch.autograd.grad(ref[-1].sum(), [y64, w64])):
         assert rel_err(got, want) < 10 * U_FP16
+
+
+def test_stage_checkpoints_trade_memory_for_recomputation():
+    """checkpoint='stages' differentiates the bf16 forward itself: float32 mode still matches
+    torchdiffeq, bf16 stays as close to float64 as the default, no step is recomputed, and
+    the saved bytes lie between the default's and torchdiffeq's float32 activations."""
+    from rampde_fx.diagnostics import saved_tensor_bytes
+
+    torch.manual_seed(0)
+    model = MLP()
+    y0 = torch.randn(64, 8)
+    reference = _solve_and_grads(torchdiffeq.odeint, copy.deepcopy(model).double(), y0.double())
+
+    def stages(m, y, t, **kwargs):
+        return rampde_fx.odeint(m, y, t, checkpoint="stages", **kwargs)
+
+    exact = _solve_and_grads(stages, model, y0, torch.float32)
+    fp32 = _solve_and_grads(torchdiffeq.odeint, model, y0)
+    with rampde_fx.collect_stats() as stats:
+        low = _solve_and_grads(stages, model, y0, torch.bfloat16)
+    assert stats[0].nfe_backward == 0
+    for got, want, fp32_got, fp32_want in zip(low, reference, exact, fp32):
+        assert rel_err(got, want) < 2 * U_BF16
+        assert rel_err(fp32_got, fp32_want) < 2e-6
+
+    y = y0.clone().requires_grad_()
+    t = torch.linspace(0, 1, 3)
+    options = {"step_size": 0.05}
+    by_mode = {mode: saved_tensor_bytes(lambda: rampde_fx.odeint(
+        model, y, t, method="rk4", options=options, checkpoint=mode))
+        for mode in ("steps", "stages")}
+    full = saved_tensor_bytes(lambda: torchdiffeq.odeint(model, y, t, method="rk4",
+                                                         options=options))
+    assert by_mode["steps"] < by_mode["stages"] < full
+
+
+def test_stage_checkpoints_refuse_dynamic_scaling():
+    with pytest.raises(ValueError, match=r"checkpoint='stages' has no per-step adjoint scaling"):
+        rampde_fx.odeint(MLP(), torch.randn(2, 8), torch.linspace(0, 1, 3), method="rk4",
+                         dtype=torch.float16, checkpoint="stages")
