@@ -119,18 +119,19 @@ def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
         with torch.autocast(device, dtype=torch.bfloat16):
             return tdq(m, y, tt)
 
-    def ours(dtype):
+    def ours(dtype, checkpoint="steps"):
         return lambda m, y, tt: rampde_fx.odeint(m, y, tt, method=work.method, options=options,
-                                                 dtype=dtype)
+                                                 dtype=dtype, checkpoint=checkpoint)
 
-    def ours_compiled(dtype):
-        solve = torch.compile(ours(dtype), fullgraph=True)
+    def ours_compiled(dtype, checkpoint="steps"):
+        solve = torch.compile(ours(dtype, checkpoint), fullgraph=True)
         return lambda m, y, tt: solve(m, y, tt)
 
     variants = [("torchdiffeq fp32", tdq), ("torchdiffeq fp32 adjoint", tdq_adjoint),
                 ("torchdiffeq autocast bf16", tdq_autocast),
                 ("rampde_fx fp32", ours(torch.float32)), ("rampde_fx bf16", ours(torch.bfloat16)),
-                ("rampde_fx bf16 compiled", ours_compiled(torch.bfloat16))]
+                ("rampde_fx bf16 compiled", ours_compiled(torch.bfloat16)),
+                ("rampde_fx bf16 stages compiled", ours_compiled(torch.bfloat16, "stages"))]
     if device == "cuda":
         variants += [("rampde_fx fp16", ours(torch.float16)),
                      ("rampde_fx fp16 compiled", ours_compiled(torch.float16))]
@@ -165,10 +166,10 @@ def main() -> None:
         rows = run_workload(available[name], args.device, repeats)
         report["workloads"][name] = rows
         print(f"\n{available[name].name}")
-        header = f"{'variant':<27}{'ms':>9}{'speedup':>9}{'saved MiB':>11}{'out err':>10}{'grad err':>10}"
+        header = f"{'variant':<32}{'ms':>9}{'speedup':>9}{'saved MiB':>11}{'out err':>10}{'grad err':>10}"
         print(header)
         for r in rows:
-            print(f"{r['variant']:<27}{r['median_ms']:>9.1f}{r['speedup']:>9.2f}"
+            print(f"{r['variant']:<32}{r['median_ms']:>9.1f}{r['speedup']:>9.2f}"
                   f"{r['saved_MiB']:>11.2f}{r['output_err']:>10.1e}{r['grad_err']:>10.1e}")
     with open(args.json, "w") as handle:
         json.dump(report, handle, indent=2)

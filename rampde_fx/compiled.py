@@ -158,13 +158,20 @@ def _use_cpu_tanh(graph: torch.fx.Graph) -> None:
             node.op, node.target = "call_function", tanh_for_cpu_kernels
 
 
-def _compiled_step(stepper: Stepper, dtype: torch.dtype, device: torch.device) -> Callable[..., Any]:
-    """The stepper's RK step compiled once per velocity, method, perturb and direction."""
+def _compiled_step(stepper: Stepper, dtype: torch.dtype, device: torch.device,
+                   keeps_activations: bool) -> Callable[..., Any]:
+    """The stepper's RK step compiled once per velocity, method, perturb and direction.
+
+    On CPU a 16-bit velocity gets :func:`tanh_for_cpu_kernels`, unless the solve keeps its
+    stage activations (checkpoint='stages'): its float32 internals would be kept too.
+    """
     per_velocity = _COMPILED_STEPS.setdefault(stepper.velocity, {})
-    key = (stepper.tableau, stepper.perturb, stepper.time_sign, device.type, step_backend)
+    key = (stepper.tableau, stepper.perturb, stepper.time_sign, device.type, keeps_activations,
+           step_backend)
     if key not in per_velocity:
         velocity = stepper.velocity
-        if device.type == "cpu" and dtype.itemsize == 2 and isinstance(velocity, GraphVelocity):
+        if (device.type == "cpu" and dtype.itemsize == 2 and not keeps_activations
+                and isinstance(velocity, GraphVelocity)):
             velocity = velocity.transformed(_use_cpu_tanh)
         twin = Stepper(velocity, stepper.tableau, stepper.perturb, stepper.time_sign,
                        stepper.interp)
@@ -190,7 +197,7 @@ def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
                                  options=spec.options, dtype=spec.dtype, scaling=spec.scaling,
                                  policy=spec.policy, checkpoint=spec.checkpoint, event_fn=None)
         prepared.plan.stepper.compiled_step = _compiled_step(prepared.plan.stepper, spec.dtype,
-                                                             t.device)
+                                                             t.device, keep_stages)
         with torch.autocast(t.device.type, enabled=False):
             solution, checkpoints = solve_forward(prepared.plan, prepared.state, prepared.grid,
                                                   prepared.times,
