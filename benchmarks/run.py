@@ -1,9 +1,9 @@
 """Side-by-side benchmark of mixed-precision solves against torchdiffeq.
 
 Every variant of a workload runs in one process, on the same model and data, and is measured
-the same way: median forward+backward time, bytes saved for backward (distinct storages, via
-``saved_tensors_hooks``), and the relative error of the output and of the parameter gradient
-against a float64 torchdiffeq solve.
+the same way: median forward+backward time (variants timed in turns), bytes kept for backward
+(``rampde_fx.diagnostics.saved_tensor_bytes``), and the relative error of the output and of the
+parameter gradients against a float64 torchdiffeq solve.
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--workload mlp] [--json PATH]
 """
@@ -61,7 +61,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def measure(name, solve, model, y0, t, reference, repeats, device):
+def prepare(name, solve, model, y0, t, reference, device):
+    """Warm up (capture, compile) a variant; measure its memory and errors; return the
+    forward+backward step to time."""
     params = list(model.parameters())
 
     def step():
@@ -69,19 +71,9 @@ def measure(name, solve, model, y0, t, reference, repeats, device):
         grads = torch.autograd.grad(out[-1].square().mean(), params)
         return out, grads
 
-    out, grads = step()  # warm-up (and capture)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    out, grads = step()
     row = {
         "variant": name,
-        "median_ms": 1e3 * statistics.median(times),
         "saved_MiB": saved_tensor_bytes(lambda: solve(model, y0, t)) / 2**20,
         "output_err": rel_err(out[-1], reference[0]),
         "grad_err": max(rel_err(g, r) for g, r in zip(grads, reference[1])),
@@ -90,7 +82,23 @@ def measure(name, solve, model, y0, t, reference, repeats, device):
         torch.cuda.reset_peak_memory_stats()
         step()
         row["peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
-    return row
+    return row, step
+
+
+def time_interleaved(steps, repeats, device):
+    """Median seconds of each step, timed in turns so that drift in the machine's speed
+    affects every variant alike."""
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for own, step in zip(times, steps):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            own.append(time.perf_counter() - start)
+    return [statistics.median(own) for own in times]
 
 
 def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
@@ -135,8 +143,11 @@ def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
     if device == "cuda":
         variants += [("rampde_fx fp16", ours(torch.float16)),
                      ("rampde_fx fp16 compiled", ours_compiled(torch.float16))]
-    rows = [measure(name, solve, model, y0, t, reference, repeats, device)
-            for name, solve in variants]
+    prepared = [prepare(name, solve, model, y0, t, reference, device) for name, solve in variants]
+    rows = [row for row, _ in prepared]
+    for row, seconds in zip(rows, time_interleaved([step for _, step in prepared], repeats,
+                                                   device)):
+        row["median_ms"] = 1e3 * seconds
     base = rows[0]["median_ms"]
     for row in rows:
         row["speedup"] = base / row["median_ms"]

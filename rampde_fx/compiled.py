@@ -140,16 +140,33 @@ _COMPILED_STEPS: "weakref.WeakKeyDictionary[Any, dict[Any, Callable[..., Any]]]"
     weakref.WeakKeyDictionary()
 
 
+class _TanhForCPUKernels(torch.autograd.Function):
+    """``tanh`` from ``exp``, which inductor vectorises on CPU (its own ``tanh`` runs at scalar
+    speed there, 2x slower), computed in float32: the odd Taylor polynomial below 1/16, where
+    the exponential form would cancel, ``2 / (1 + exp(-2x)) - 1`` above; relative error below
+    2e-6, invisible after rounding to a 16-bit dtype. The backward is ``tanh``'s own,
+    ``(1 - y**2) g`` from the rounded output, as in eager."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        x32 = x.float()
+        square = x32 * x32
+        near_zero = x32 * (1 + square * (-1 / 3 + square * (2 / 15)))
+        far = 2 / (1 + torch.exp(-2 * x32)) - 1
+        y = torch.where(x32.abs() < 0.0625, near_zero, far).to(x.dtype)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        y32 = y.float()
+        return (grad.float() * (1 - y32 * y32)).to(grad.dtype)
+
+
 def tanh_for_cpu_kernels(x: Tensor) -> Tensor:
-    """``tanh`` in float32 from ``exp``, which inductor vectorises on CPU (its own ``tanh``
-    runs at scalar speed there, 2x slower): the odd Taylor polynomial below 1/16, where the
-    exponential form would cancel, ``2 / (1 + exp(-2x)) - 1`` above. Relative error below 2e-6:
-    invisible after rounding to a 16-bit dtype."""
-    x32 = x.float()
-    square = x32 * x32
-    near_zero = x32 * (1 + square * (-1 / 3 + square * (2 / 15)))
-    far = 2 / (1 + torch.exp(-2 * x32)) - 1
-    return torch.where(x32.abs() < 0.0625, near_zero, far).to(x.dtype)
+    """See :class:`_TanhForCPUKernels`."""
+    return _TanhForCPUKernels.apply(x)
 
 
 def _use_cpu_tanh(graph: torch.fx.Graph) -> None:
