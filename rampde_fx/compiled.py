@@ -13,6 +13,10 @@ This was chosen over a loop operator (``torch._higher_order_ops.scan``) inside t
 ops are public API, let the forward keep its low-precision checkpoints outside the graph (their
 number depends on the values of ``t``), and share the eager engine unchanged.
 
+The non-tensor arguments of a solve (the velocity, method, options, dtype, scaling, policy) are
+registered once while dynamo traces, so they must be constants of the compiled code: options
+computed from changing Python numbers cannot be registered.
+
 The forward op returns the solution and a *ticket*, a 0-dim int64 tensor naming the solve's
 saved plan and checkpoints; the backward op takes the ticket. The saved entry lives as long as
 the ticket tensor, which autograd keeps until the backward pass is done with it.

@@ -219,3 +219,19 @@ def test_cpu_tanh_lowering_against_float64():
     leaf = x.clone().requires_grad_()
     (grad,) = torch.autograd.grad(compiled.tanh_for_cpu_kernels(leaf).sum(), leaf)
     assert torch.allclose(grad.double(), 1 - exact**2, rtol=0, atol=1e-6)
+
+
+def test_compiled_host_synchronisations_do_not_grow_with_steps(cheap_steps):
+    func = MLPFunc()
+    solve = torch.compile(
+        lambda y, t: rampde_fx.odeint(func, y, t, method="rk4", options={"step_size": 0.125}),
+        fullgraph=True, backend="aot_eager")
+    counts = []
+    for steps in (8, 64):
+        y0 = torch.randn(4, 4, requires_grad=True)
+        t = torch.tensor([0.0, steps * 0.125])
+        solve(y0, t)[-1].sum().backward()  # compile outside the count
+        with torch.profiler.profile() as profile:
+            solve(y0, t)[-1].sum().backward()
+        counts.append(sum(e.name == "aten::_local_scalar_dense" for e in profile.events()))
+    assert counts[0] == counts[1] > 0
