@@ -1,7 +1,7 @@
 """Side-by-side benchmark of mixed-precision solves against torchdiffeq.
 
 Every variant of a workload runs in one process, on the same model and data, and is measured
-the same way: median forward+backward time (variants timed in turns), bytes kept for backward
+the same way: median forward+backward time (consecutive steps, in rounds), bytes kept for backward
 (``rampde_fx.diagnostics.saved_tensor_bytes``), and the relative error of the output and of the
 parameter gradients against a float64 torchdiffeq solve.
 
@@ -85,19 +85,22 @@ def prepare(name, solve, model, y0, t, reference, device):
     return row, step
 
 
-def time_interleaved(steps, repeats, device):
-    """Median seconds of each step, timed in turns so that drift in the machine's speed
-    affects every variant alike."""
+def time_in_rounds(steps, repeats, device, rounds=3):
+    """Median seconds of each step. Each round times every variant over consecutive steps
+    after one untimed step, as a training loop runs it (allocations reused); rounds repeat in
+    turn so that drift in the machine's speed affects every variant alike."""
     times = [[] for _ in steps]
-    for _ in range(repeats):
+    for _ in range(rounds):
         for own, step in zip(times, steps):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
             step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            own.append(time.perf_counter() - start)
+            for _ in range(max(1, repeats // rounds)):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                own.append(time.perf_counter() - start)
     return [statistics.median(own) for own in times]
 
 
@@ -145,8 +148,8 @@ def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
                      ("rampde_fx fp16 compiled", ours_compiled(torch.float16))]
     prepared = [prepare(name, solve, model, y0, t, reference, device) for name, solve in variants]
     rows = [row for row, _ in prepared]
-    for row, seconds in zip(rows, time_interleaved([step for _, step in prepared], repeats,
-                                                   device)):
+    for row, seconds in zip(rows, time_in_rounds([step for _, step in prepared], repeats,
+                                                 device)):
         row["median_ms"] = 1e3 * seconds
     base = rows[0]["median_ms"]
     for row in rows:
@@ -166,7 +169,7 @@ def main() -> None:
     unknown = set(names) - set(available)
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}; choose from {sorted(available)}")
-    repeats = 3 if args.quick else 10
+    repeats = 3 if args.quick else 12
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     report = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "torch": torch.__version__,

@@ -51,6 +51,7 @@ class _Site:
     policy: PrecisionPolicy | None
     checkpoint: str
     is_tuple: bool
+    report_to: Any  # an object whose ``last_stats`` each run sets (a convert site), or None
 
 
 _SITES: list[_Site] = []
@@ -58,10 +59,10 @@ _SITES: list[_Site] = []
 
 @torch.compiler.assume_constant_result
 def _register(func: Any, method: Any, options: Any, dtype: Any, scaling: Any, policy: Any,
-              checkpoint: Any, is_tuple: Any) -> int:
+              checkpoint: Any, is_tuple: Any, report_to: Any) -> int:
     """Runs once, while dynamo traces a solve: the site's index is a constant of the graph."""
     _SITES.append(_Site(func, method, dict(options or {}), dtype, scaling, policy, checkpoint,
-                        is_tuple))
+                        is_tuple, report_to))
     return len(_SITES) - 1
 
 
@@ -77,13 +78,16 @@ def _grad_tensors(func: Any) -> list[Tensor]:
 
 def solve_in_graph(func: Any, y0: Any, t: Tensor, *, method: str | None,
                    options: dict[str, Any] | None, dtype: torch.dtype, scaling: str,
-                   policy: PrecisionPolicy | None, checkpoint: str, event_fn: Any) -> Any:
-    """:func:`rampde_fx.odeint` while dynamo traces: one call of the opaque solve op."""
+                   policy: PrecisionPolicy | None, checkpoint: str, event_fn: Any,
+                   report_to: Any = None) -> Any:
+    """:func:`rampde_fx.odeint` while dynamo traces: one call of the opaque solve op.
+    ``report_to.last_stats`` receives each run's :class:`SolveStats`."""
     if event_fn is not None:
         raise NotImplementedError("rampde_fx.odeint does not support event_fn yet")
     is_tuple = isinstance(y0, tuple)
     state = list(y0) if is_tuple else [y0]
-    site = _register(func, method, options, dtype, scaling, policy, checkpoint, is_tuple)
+    site = _register(func, method, options, dtype, scaling, policy, checkpoint, is_tuple,
+                     report_to)
     tensors = _grad_tensors(func)
     keep = torch.is_grad_enabled() and any(x.requires_grad for x in [*state, t, *tensors])
     *solution, _ticket = torch.ops.rampde_fx.solve(site, state, t, tensors, keep)
@@ -217,6 +221,8 @@ def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
         prepared = prepare_solve(spec.func, y0, leaves[-1], method=spec.method,
                                  options=spec.options, dtype=spec.dtype, scaling=spec.scaling,
                                  policy=spec.policy, checkpoint=spec.checkpoint, event_fn=None)
+        if spec.report_to is not None:
+            spec.report_to.last_stats = prepared.plan.stats
         prepared.plan.stepper.compiled_step = _compiled_step(prepared.plan.stepper, spec.dtype,
                                                              t.device, keep_stages)
         with torch.autocast(t.device.type, enabled=False):

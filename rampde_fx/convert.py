@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from .capture import CaptureWarning, recording_calls, restore_attributes
+from .compiled import solve_in_graph
 from .odeint import odeint
 from .policy import DEFAULT_POLICY, PrecisionPolicy
 from .precision_pass import fetch_attr
@@ -83,10 +84,13 @@ class SolveSite(torch.nn.Module):
         self.last_stats: SolveStats | None = None
 
     def forward(self, func, y0, t, **kwargs):
-        if torch.compiler.is_compiling():  # one opaque op; statistics come from collect_stats
-            return odeint(func, y0, t, dtype=self.dtype, scaling=self.scaling,
-                          policy=self.policy, checkpoint=self.checkpoint, **kwargs)
         self.call_arguments = kwargs
+        if torch.compiler.is_compiling():  # one opaque op, which reports its statistics here
+            return solve_in_graph(func, y0, t, method=kwargs.get("method"),
+                                  options=kwargs.get("options"), dtype=self.dtype,
+                                  scaling=self.scaling, policy=self.policy,
+                                  checkpoint=self.checkpoint, event_fn=kwargs.get("event_fn"),
+                                  report_to=self)
         with collect_stats() as solves:
             solution = odeint(func, y0, t, dtype=self.dtype, scaling=self.scaling,
                               policy=self.policy, checkpoint=self.checkpoint, **kwargs)

@@ -235,3 +235,12 @@ def test_compiled_host_synchronisations_do_not_grow_with_steps(cheap_steps):
             solve(y0, t)[-1].sum().backward()
         counts.append(sum(e.name == "aten::_local_scalar_dense" for e in profile.events()))
     assert counts[0] == counts[1] > 0
+
+
+def test_explain_reports_compiled_solves(cheap_steps):
+    compiled_model = torch.compile(rampde_fx.convert(MLPODE()), fullgraph=True,
+                                   backend="aot_eager")
+    compiled_model(torch.randn(2, 3)).sum().backward()
+    text = rampde_fx.explain(compiled_model)
+    assert "last solve: 4 steps, 16 evaluations forward, 16 backward" in text
+    assert "linear_1                    bfloat16  'linear', a matmul-class op" in text
