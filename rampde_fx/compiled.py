@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import types
+import warnings
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -35,7 +37,7 @@ from torch import Tensor
 from .adjoint import SolvePlan, _backward_with_retries, _Wants, solve_forward
 from .odeint import internal_time, prepare_solve
 from .policy import PrecisionPolicy
-from .capture import GraphVelocity
+from .capture import CaptureWarning, GraphVelocity, describe
 from .solver import Stepper
 
 
@@ -84,6 +86,11 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, *, method: str | None,
     ``report_to.last_stats`` receives each run's :class:`SolveStats`."""
     if event_fn is not None:
         raise NotImplementedError("rampde_fx.odeint does not support event_fn yet")
+    if not isinstance(func, (torch.nn.Module, types.MethodType)):
+        raise NotImplementedError(
+            "rampde_fx.odeint under torch.compile: func must be an nn.Module or a method of "
+            "one (a function cannot be registered as a constant of the graph); keep the "
+            "tensors it reads as attributes of the module")
     is_tuple = isinstance(y0, tuple)
     state = list(y0) if is_tuple else [y0]
     site = _register(func, method, options, dtype, scaling, policy, checkpoint, is_tuple,
@@ -126,7 +133,7 @@ class _Saved:
     grid: Tensor
     times: Tensor
     checkpoints: list[Tensor]
-    velocity_tensors: list[Tensor]
+    velocity_tensors: list[Tensor | None]  # aligned with the op's tensor inputs
 
 
 # The backend that compiles the RK step inside the ops: "inductor" for real use; tests may set
@@ -136,10 +143,10 @@ step_backend: str | Callable[..., Any] = "inductor"
 @dataclasses.dataclass
 class _SavedGraph:
     """checkpoint='stages': the autograd graph of the solve, from its outputs to its inputs
-    (``[*state, t, *velocity tensors]``)."""
+    (``[*state, t, *velocity tensors]``, aligned with the op's inputs; None where unread)."""
 
     outputs: list[Tensor]
-    inputs: list[Tensor]
+    inputs: list[Tensor | None]
 
 
 _SAVED: dict[int, _Saved | _SavedGraph] = {}
@@ -209,6 +216,27 @@ def held_checkpoints() -> list[Tensor]:
     return [c for saved in _SAVED.values() if isinstance(saved, _Saved) for c in saved.checkpoints]
 
 
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    return a is b or (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                      and a.storage_offset() == b.storage_offset()
+                      and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _align(inputs: list[Tensor], read: list[Tensor], func: Any) -> list[Tensor | None]:
+    """For each tensor input of the op, the tensor the velocity reads in its place (the live
+    object, for autograd), or None if it reads none; warns about read tensors that are not
+    inputs: they get no gradient."""
+    aligned = [next((r for r in read if _same_memory(x, r)), None) for x in inputs]
+    missed = [r for r in read if not any(a is r for a in aligned)]
+    if missed:
+        warnings.warn(
+            f"rampde_fx: under torch.compile, {len(missed)} tensor(s) that {describe(func)} "
+            "reads and that require grad are not parameters or buffers of its module "
+            "(closure tensors?) and get no gradient; make them attributes of the module.",
+            CaptureWarning, stacklevel=2)
+    return aligned
+
+
 @torch.library.custom_op("rampde_fx::solve", mutates_args=())
 def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
            keep: bool) -> list[Tensor]:
@@ -233,10 +261,11 @@ def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
     if keep:
         number = next(_TICKETS)
         ticket = torch.tensor(number)
-        _SAVED[number] = (_SavedGraph(list(solution), [*leaves, *prepared.tensors])
+        aligned = _align(tensors, prepared.tensors, spec.func)
+        _SAVED[number] = (_SavedGraph(list(solution), [*leaves, *aligned])
                           if keep_stages else
                           _Saved(site, prepared.plan, prepared.grid.detach(),
-                                 prepared.times.detach(), checkpoints, prepared.tensors))
+                                 prepared.times.detach(), checkpoints, aligned))
         weakref.finalize(ticket, _SAVED.pop, number, None)
     return [c.detach() for c in solution] + [ticket]
 
@@ -256,17 +285,20 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
         raise RuntimeError("rampde_fx: the checkpoints of this solve are gone; was backward "
                            "run twice without retain_graph, or on a solve made without grad?")
     if isinstance(saved, _SavedGraph):
+        wanted = [need and x is not None for x, need in zip(saved.inputs, needs)]
         with _as_from_python():
-            wanted = [x for x, need in zip(saved.inputs, needs) if need]
-            found = iter(torch.autograd.grad(saved.outputs, wanted, solution_grads,
-                                             allow_unused=True))
-        grads = [next(found) if need else None for need in needs]
+            found = iter(torch.autograd.grad(
+                saved.outputs, [x for x, want in zip(saved.inputs, wanted) if want],
+                solution_grads, allow_unused=True))
+        grads = [next(found) if want else None for want in wanted]
         return [torch.zeros_like(x) if g is None else g
                 for g, x in zip(grads, [*state, t, *tensors])]
     plan = saved.plan
     n = plan.n_components
     wants = _Wants(state=any(needs[:n]), grid=needs[n], times=needs[n],
-                   tensors=[i for i, need in enumerate(needs[n + 1:]) if need])
+                   tensors=[i for i, (need, read) in enumerate(zip(needs[n + 1:],
+                                                                   saved.velocity_tensors))
+                            if need and read is not None])
     with _as_from_python(), torch.autocast(t.device.type, enabled=False):
         grads = _backward_with_retries(plan, tuple(c.dtype for c in state), saved.grid,
                                        saved.times, saved.checkpoints, saved.velocity_tensors,

@@ -244,3 +244,71 @@ def test_explain_reports_compiled_solves(cheap_steps):
     text = rampde_fx.explain(compiled_model)
     assert "last solve: 4 steps, 16 evaluations forward, 16 backward" in text
     assert "linear_1                    bfloat16  'linear', a matmul-class op" in text
+
+
+class Reordered(torch.nn.Module):
+    """Parameters registered in another order than the velocity uses them, one unused, and a
+    closure-like tensor attribute: gradients must still reach each tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second = torch.nn.Linear(8, 4)
+        self.unused = torch.nn.Linear(4, 4)
+        self.first = torch.nn.Linear(4, 8)
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, t, y):
+        return self.second(torch.tanh(self.first(y))) * self.scale
+
+
+@pytest.mark.parametrize("checkpoint", ["steps", "stages"])
+def test_compiled_gradients_reach_the_right_parameters(cheap_steps, checkpoint):
+    torch.manual_seed(0)
+    func = Reordered()
+
+    def solve(y):
+        return rampde_fx.odeint(func, y, torch.tensor([0.0, 0.5, 1.0]), method="rk4",
+                                options={"step_size": 0.25}, checkpoint=checkpoint)
+
+    y0 = torch.randn(3, 4)
+    names = [name for name, _ in func.named_parameters()]
+
+    def grads(solver):
+        y = y0.clone().requires_grad_()
+        out = solver(y)
+        found = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                    [y, *func.parameters()], allow_unused=True)
+        return [torch.zeros(()) if g is None else g for g in found]
+
+    eager = grads(solve)
+    compiled_solve = torch.compile(solve, fullgraph=True, backend="aot_eager")
+    for name, got, want in zip(["y0", *names], grads(compiled_solve), eager):
+        assert torch.allclose(got, want, rtol=2.0 ** -8, atol=1e-7), name
+
+
+def test_compiled_closures_are_refused_clearly(cheap_steps):
+    weight = torch.randn(4, 4, requires_grad=True)
+    solve = torch.compile(
+        lambda y: rampde_fx.odeint(lambda t, x: torch.tanh(x @ weight), y,
+                                   torch.tensor([0.0, 1.0]), method="euler"),
+        fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match=r"func must be an nn.Module or a method of one"):
+        solve(torch.randn(2, 4, requires_grad=True))
+
+
+class ReadsAPlainTensor(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = weight  # a plain attribute: neither parameter nor buffer
+
+    def forward(self, t, x):
+        return torch.tanh(x @ self.weight)
+
+
+def test_compiled_tensors_outside_parameters_are_warned_about(cheap_steps):
+    func = ReadsAPlainTensor(torch.randn(4, 4, requires_grad=True))
+    solve = torch.compile(
+        lambda y: rampde_fx.odeint(func, y, torch.tensor([0.0, 1.0]), method="euler"),
+        fullgraph=True, backend="aot_eager")
+    with pytest.warns(rampde_fx.CaptureWarning, match=r"1 tensor\(s\) .* get no gradient"):
+        solve(torch.randn(2, 4, requires_grad=True)).sum().backward()
