@@ -5,17 +5,18 @@ under an explicit :class:`PrecisionPolicy`; the solution and all gradients are a
 float32, and the backward pass is a discrete adjoint over low-precision checkpoints with dynamic
 adjoint scaling for float16.
 """
+from .adaptive import ToleranceWarning
 from .capture import CaptureWarning
 from .convert import ConversionError, convert
 from .diagnostics import conversion_diff, explain, graph_diff
 from .odeint import odeint
 from .policy import DEFAULT_POLICY, Precision, PrecisionPolicy
 from .stats import SolveStats, collect_stats
-from .tableaus import FIXED_GRID_TABLEAUS, ButcherTableau
+from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, ButcherTableau
 
 __all__ = [
-    "ButcherTableau", "CaptureWarning", "ConversionError", "DEFAULT_POLICY",
-    "FIXED_GRID_TABLEAUS", "Precision", "PrecisionPolicy", "SolveStats", "collect_stats",
-    "conversion_diff", "convert", "explain", "graph_diff", "odeint",
+    "ADAPTIVE_TABLEAUS", "ButcherTableau", "CaptureWarning", "ConversionError", "DEFAULT_POLICY",
+    "FIXED_GRID_TABLEAUS", "Precision", "PrecisionPolicy", "SolveStats", "ToleranceWarning",
+    "collect_stats", "conversion_diff", "convert", "explain", "graph_diff", "odeint",
 ]
 __version__ = "0.1.0"

@@ -10,6 +10,9 @@ the outputs' cotangents. The adjoint, the parameter gradients and the time gradi
 accumulated in float32 (the state's dtype). With a float32 velocity the checkpoints are exact
 and so is the gradient of the discrete solve.
 
+Adaptive solves decide their steps in the forward pass (``adaptive``); the backward pass walks
+the accepted steps like a grid, with the step times as constants offset from the first time.
+
 For float16 each product runs on a cotangent scaled by a power of two (see ``scaling``); an
 overflow retries the first step at once and any later one by re-running the sweep with a lower
 target, so the number of host synchronisations per backward pass does not grow with the steps.
@@ -22,8 +25,9 @@ from typing import Any, Sequence
 
 import torch
 
+from .adaptive import Controller, solve_adaptive
 from .scaling import RETRY_STEP_LOG2, AdjointScaler
-from .solver import State, Stepper
+from .solver import Nudge, State, Stepper
 from .stats import SolveStats
 
 MAX_SWEEP_RETRIES = 4
@@ -32,7 +36,11 @@ MAX_FIRST_STEP_RETRIES = 8
 
 @dataclasses.dataclass
 class SolvePlan:
-    """The host-side description of one solve (everything that is not a tensor input)."""
+    """The host-side description of one solve (everything that is not a tensor input).
+
+    For an adaptive solve (``controller`` set) the forward pass fills in the grid, the outputs
+    per step and the first-stage nudges of the steps it accepted.
+    """
 
     stepper: Stepper
     n_components: int
@@ -42,6 +50,8 @@ class SolvePlan:
     outputs_per_step: list[list[int]]
     scaling: bool
     stats: SolveStats
+    controller: Controller | None = None
+    start_nudges: list[Nudge] | None = None
 
     @property
     def steps(self) -> int:
@@ -50,16 +60,28 @@ class SolvePlan:
     def outputs_of(self, step: int, times: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
         return [(times[j], self.time_values[j]) for j in self.outputs_per_step[step]]
 
+    def start_nudge(self, step: int) -> Nudge | None:
+        return None if self.start_nudges is None else self.start_nudges[step]
+
 
 def solve_forward(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tensor,
-                  keep_checkpoints: bool) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
-    """March the grid; returns the solution at every output time and the step checkpoints."""
+                  keep_checkpoints: bool
+                  ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor], torch.Tensor]:
+    """March the grid, or the adaptive steps from ``grid[0]``; returns the solution at every
+    output time, the step checkpoints and the grid of the steps taken."""
     n_times = len(plan.time_values)
     solution = tuple(torch.empty((n_times, *c.shape), dtype=c.dtype, device=c.device) for c in y0)
-    checkpoints = [torch.empty((plan.steps, *c.shape), dtype=d, device=c.device)
-                   for c, d in zip(y0, plan.checkpoint_dtypes)] if keep_checkpoints else []
     for out, c in zip(solution, y0):
         out[0] = c
+    if plan.controller is not None:
+        checkpoints = solve_adaptive(plan, y0, grid[0], times, solution, keep_checkpoints)
+        grid = grid[0].to(torch.float64) + torch.tensor(
+            plan.grid_values, dtype=torch.float64, device=grid.device).sub_(plan.grid_values[0])
+        plan.stats.steps = plan.steps
+        plan.stats.nfe_forward = plan.stepper.evaluations
+        return solution, checkpoints, grid
+    checkpoints = [torch.empty((plan.steps, *c.shape), dtype=d, device=c.device)
+                   for c, d in zip(y0, plan.checkpoint_dtypes)] if keep_checkpoints else []
     y = y0
     for n in range(plan.steps):
         for store, c in zip(checkpoints, y):
@@ -71,7 +93,7 @@ def solve_forward(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.T
                 out[j] = c
     plan.stats.steps = plan.steps
     plan.stats.nfe_forward = plan.stepper.evaluations
-    return solution, checkpoints
+    return solution, checkpoints, grid
 
 
 class MixedPrecisionSolve(torch.autograd.Function):
@@ -82,9 +104,10 @@ class MixedPrecisionSolve(torch.autograd.Function):
         y0 = inputs[:plan.n_components]
         grid, times = inputs[plan.n_components:plan.n_components + 2]
         with torch.autocast(grid.device.type, enabled=False):
-            solution, checkpoints = solve_forward(plan, y0, grid, times, keep_checkpoints=True)
+            solution, checkpoints, steps = solve_forward(plan, y0, grid, times,
+                                                         keep_checkpoints=True)
         ctx.plan = plan
-        ctx.save_for_backward(grid, times, *checkpoints)
+        ctx.save_for_backward(steps, times, *checkpoints)
         ctx.velocity_tensors = inputs[plan.n_components + 2:]
         ctx.state_dtypes = tuple(c.dtype for c in y0)
         return solution
@@ -92,13 +115,13 @@ class MixedPrecisionSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *solution_grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         plan: SolvePlan = ctx.plan
-        grid, times, *checkpoints = ctx.saved_tensors
+        steps, times, *checkpoints = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
         n = plan.n_components
         wants = _Wants(state=any(needs[:n]), grid=needs[n], times=needs[n + 1],
                        tensors=[i for i, need in enumerate(needs[n + 2:]) if need])
-        with torch.autocast(grid.device.type, enabled=False):
-            grads = _backward_with_retries(plan, ctx.state_dtypes, grid, times, checkpoints,
+        with torch.autocast(steps.device.type, enabled=False):
+            grads = _backward_with_retries(plan, ctx.state_dtypes, steps, times, checkpoints,
                                            ctx.velocity_tensors, solution_grads, wants)
         return (None, *grads)
 
@@ -165,7 +188,8 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
                 output_times = [(times[j].detach().requires_grad_(wants.times),
                                  plan.time_values[j]) for j in indices]
                 y_end, outputs = stepper.advance(t0, t1, y_start, output_times,
-                                                 plan.grid_values[step], plan.grid_values[step + 1])
+                                                 plan.grid_values[step], plan.grid_values[step + 1],
+                                                 plan.start_nudge(step))
                 produced = list(y_end) + [c for value in outputs for c in value]
                 inputs = [*y_start, *wanted_tensors]
                 inputs += [t0, t1] if wants.grid else []
@@ -203,6 +227,9 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
                     times_grad[j] += r
 
     plan.stats.nfe_backward += stepper.evaluations - evaluations_before
+    if grid_grad is not None and plan.controller is not None:
+        # Every adaptive step time is the first time plus a constant.
+        grid_grad = grid_grad.sum(0, keepdim=True).to(times.dtype)
     state_grads = [(a + g[0]) if wants.state else None for a, g in zip(adjoint, solution_grads)]
     return [*state_grads, grid_grad, times_grad,
             *[tensor_grads[i] if i in wants.tensors else None

@@ -46,6 +46,8 @@ class _Site:
     """The non-tensor arguments of a solve, registered once per compiled call site."""
 
     func: Callable[..., Any]
+    rtol: Any
+    atol: Any
     method: str | None
     options: dict[str, Any]
     dtype: torch.dtype
@@ -60,11 +62,11 @@ _SITES: list[_Site] = []
 
 
 @torch.compiler.assume_constant_result
-def _register(func: Any, method: Any, options: Any, dtype: Any, scaling: Any, policy: Any,
-              checkpoint: Any, is_tuple: Any, report_to: Any) -> int:
+def _register(func: Any, rtol: Any, atol: Any, method: Any, options: Any, dtype: Any,
+              scaling: Any, policy: Any, checkpoint: Any, is_tuple: Any, report_to: Any) -> int:
     """Runs once, while dynamo traces a solve: the site's index is a constant of the graph."""
-    _SITES.append(_Site(func, method, dict(options or {}), dtype, scaling, policy, checkpoint,
-                        is_tuple, report_to))
+    _SITES.append(_Site(func, rtol, atol, method, dict(options or {}), dtype, scaling, policy,
+                        checkpoint, is_tuple, report_to))
     return len(_SITES) - 1
 
 
@@ -78,7 +80,8 @@ def _grad_tensors(func: Any) -> list[Tensor]:
     return [x for x in itertools.chain(owner.parameters(), owner.buffers()) if x.requires_grad]
 
 
-def solve_in_graph(func: Any, y0: Any, t: Tensor, *, method: str | None,
+def solve_in_graph(func: Any, y0: Any, t: Tensor, *, rtol: Any = 1e-7, atol: Any = 1e-9,
+                   method: str | None,
                    options: dict[str, Any] | None, dtype: torch.dtype, scaling: str,
                    policy: PrecisionPolicy | None, checkpoint: str, event_fn: Any,
                    report_to: Any = None) -> Any:
@@ -93,8 +96,8 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, *, method: str | None,
             "tensors it reads as attributes of the module")
     is_tuple = isinstance(y0, tuple)
     state = list(y0) if is_tuple else [y0]
-    site = _register(func, method, options, dtype, scaling, policy, checkpoint, is_tuple,
-                     report_to)
+    site = _register(func, rtol, atol, method, options, dtype, scaling, policy, checkpoint,
+                     is_tuple, report_to)
     tensors = _grad_tensors(func)
     keep = torch.is_grad_enabled() and any(x.requires_grad for x in [*state, t, *tensors])
     *solution, _ticket = torch.ops.rampde_fx.solve(site, state, t, tensors, keep)
@@ -198,15 +201,15 @@ def _compiled_step(stepper: Stepper, dtype: torch.dtype, device: torch.device,
     stage activations (checkpoint='stages'): its float32 internals would be kept too.
     """
     per_velocity = _COMPILED_STEPS.setdefault(stepper.velocity, {})
-    key = (stepper.tableau, stepper.perturb, stepper.time_sign, device.type, keeps_activations,
-           step_backend)
+    key = (stepper.tableau, stepper.start_nudge, stepper.end_nudge, stepper.time_sign,
+           device.type, keeps_activations, step_backend)
     if key not in per_velocity:
         velocity = stepper.velocity
         if (device.type == "cpu" and dtype.itemsize == 2 and not keeps_activations
                 and isinstance(velocity, GraphVelocity)):
             velocity = velocity.transformed(_use_cpu_tanh)
-        twin = Stepper(velocity, stepper.tableau, stepper.perturb, stepper.time_sign,
-                       stepper.interp)
+        twin = Stepper(velocity, stepper.tableau, stepper.start_nudge, stepper.end_nudge,
+                       stepper.time_sign, stepper.interp)
         per_velocity[key] = torch.compile(twin.step, fullgraph=True, backend=step_backend)
     return per_velocity[key]
 
@@ -246,7 +249,8 @@ def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
     with _as_from_python(), torch.set_grad_enabled(keep_stages):
         leaves = [x.detach().requires_grad_(keep_stages) for x in (*state, t)]
         y0 = tuple(leaves[:-1]) if spec.is_tuple else leaves[0]
-        prepared = prepare_solve(spec.func, y0, leaves[-1], method=spec.method,
+        prepared = prepare_solve(spec.func, y0, leaves[-1], rtol=spec.rtol, atol=spec.atol,
+                                 method=spec.method,
                                  options=spec.options, dtype=spec.dtype, scaling=spec.scaling,
                                  policy=spec.policy, checkpoint=spec.checkpoint, event_fn=None)
         if spec.report_to is not None:
@@ -254,9 +258,9 @@ def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
         prepared.plan.stepper.compiled_step = _compiled_step(prepared.plan.stepper, spec.dtype,
                                                              t.device, keep_stages)
         with torch.autocast(t.device.type, enabled=False):
-            solution, checkpoints = solve_forward(prepared.plan, prepared.state, prepared.grid,
-                                                  prepared.times,
-                                                  keep_checkpoints=keep and not keep_stages)
+            solution, checkpoints, steps = solve_forward(
+                prepared.plan, prepared.state, prepared.grid, prepared.times,
+                keep_checkpoints=keep and not keep_stages)
     ticket = torch.tensor(-1)
     if keep:
         number = next(_TICKETS)
@@ -264,7 +268,7 @@ def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
         aligned = _align(tensors, prepared.tensors, spec.func)
         _SAVED[number] = (_SavedGraph(list(solution), [*leaves, *aligned])
                           if keep_stages else
-                          _Saved(site, prepared.plan, prepared.grid.detach(),
+                          _Saved(site, prepared.plan, steps.detach(),
                                  prepared.times.detach(), checkpoints, aligned))
         weakref.finalize(ticket, _SAVED.pop, number, None)
     return [c.detach() for c in solution] + [ticket]
@@ -311,7 +315,8 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
                 leaf = t.detach().requires_grad_()
                 spec = _SITES[saved.site]
                 y0 = tuple(state) if spec.is_tuple else state[0]
-                internal, grid, _ = internal_time(leaf, spec.options, spec.func, y0)
+                internal, grid, _ = internal_time(leaf, spec.options, spec.func, y0,
+                                                  saved.plan.controller is not None)
                 t_grad = torch.autograd.grad([grid, internal], leaf, [grid_grad, times_grad],
                                              allow_unused=True)[0]
     state_grads = [torch.zeros_like(c) if g is None else g for g, c in zip(state_grads, state)]

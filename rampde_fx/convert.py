@@ -36,7 +36,9 @@ from .odeint import odeint
 from .policy import DEFAULT_POLICY, PrecisionPolicy
 from .precision_pass import fetch_attr
 from .stats import SolveStats, collect_stats
-from .tableaus import FIXED_GRID_TABLEAUS
+from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS
+
+METHODS = {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}
 
 # Arguments of the original call that the converted solve does not pass on: odeint_adjoint's
 # adjoint settings (no counterpart in the discrete adjoint), and rampde_fx.odeint's precision
@@ -86,7 +88,8 @@ class SolveSite(torch.nn.Module):
     def forward(self, func, y0, t, **kwargs):
         self.call_arguments = kwargs
         if torch.compiler.is_compiling():  # one opaque op, which reports its statistics here
-            return solve_in_graph(func, y0, t, method=kwargs.get("method"),
+            return solve_in_graph(func, y0, t, rtol=kwargs.get("rtol", 1e-7),
+                                  atol=kwargs.get("atol", 1e-9), method=kwargs.get("method"),
                                   options=kwargs.get("options"), dtype=self.dtype,
                                   scaling=self.scaling, policy=self.policy,
                                   checkpoint=self.checkpoint, event_fn=kwargs.get("event_fn"),
@@ -292,12 +295,11 @@ def _make_site(node: fx.Node, source: str, site_owner: str, owner: torch.nn.Modu
         raise ConversionError(f"rampde_fx.convert: {where} uses event_fn, which rampde_fx does "
                               "not support yet")
     method = kwargs.get("method")
-    if isinstance(method, fx.Node) or method not in FIXED_GRID_TABLEAUS:
-        shown = "method=None (dopri5)" if method is None else f"method={method!r}"
+    if isinstance(method, fx.Node) or (method is not None and method not in METHODS):
         raise ConversionError(
-            f"rampde_fx.convert: {where} uses {shown}; rampde_fx solves with the fixed-grid "
-            f"methods {list(FIXED_GRID_TABLEAUS)} (adaptive methods are not available yet). "
-            "Pass filter_fn to leave this solve as it is, or change its method.")
+            f"rampde_fx.convert: {where} uses method={method!r}; rampde_fx solves with "
+            f"{list(METHODS)}. Pass filter_fn to leave this solve as it is, or change its "
+            "method.")
     func = node.args[0] if node.args else kwargs.get("func")
     velocity = str(func)
     if isinstance(func, fx.Node) and func.op == "get_attr":

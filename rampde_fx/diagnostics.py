@@ -9,6 +9,7 @@ import torch.fx as fx
 
 from .policy import DEFAULT_POLICY
 from .precision_pass import NodePrecision
+from .tableaus import ADAPTIVE_TABLEAUS
 
 
 def _dtype_of(node: fx.Node) -> str:
@@ -112,8 +113,13 @@ def explain(converted: torch.nn.Module) -> str:
             continue
         arguments = ", ".join(f"{k}={v!r}" for k, v in sorted(site.call_arguments.items()))
         lines.append(f"  arguments: {arguments}")
-        lines.append(f"  last solve: {stats.steps} steps, {stats.nfe_forward} evaluations forward, "
-                     f"{stats.nfe_backward} backward, adjoint scaling {'on' if stats.scaling else 'off'}")
+        steps = f"{stats.steps} steps"
+        if stats.method in ADAPTIVE_TABLEAUS:
+            steps += (f" accepted, {stats.rejected_steps} rejected, "
+                      f"{stats.tolerance_limited_steps} at the {_short(site.dtype)} rounding floor")
+        lines.append(f"  last solve: {stats.method}, {steps}, {stats.nfe_forward} evaluations "
+                     f"forward, {stats.nfe_backward} backward, adjoint scaling "
+                     f"{'on' if stats.scaling else 'off'}")
         if stats.graph is None:
             lines.append(f"  velocity runs eagerly ({stats.velocity[len('eager: '):]}) under "
                          f"autocast in {_short(site.dtype)}")

@@ -8,13 +8,14 @@ from typing import Any, Callable
 
 import torch
 
+from .adaptive import ADAPTIVE_OPTIONS, make_controller
 from .adjoint import MixedPrecisionSolve, SolvePlan, solve_forward
 from .capture import capture_velocity
 from .grid import check_grid, make_grid, place_outputs
 from .policy import DEFAULT_POLICY, PrecisionPolicy
-from .solver import Stepper
+from .solver import Nudge, Stepper
 from .stats import SolveStats, record
-from .tableaus import ADAPTIVE_METHODS, FIXED_GRID_TABLEAUS, UNSUPPORTED_METHODS
+from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, UNSUPPORTED_METHODS, ButcherTableau
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 SCALING_MODES = ("auto", "dynamic", "none")
@@ -51,12 +52,19 @@ def odeint(
             of the state's dtype and ``y`` in the structure of ``y0``.
         y0: initial state: a floating tensor, or a tuple of them (each keeps its own dtype).
         t: 1-D tensor of output times, strictly increasing or decreasing; ``t[0]`` is the start.
-        rtol, atol: accepted for torchdiffeq compatibility; fixed-grid methods do not use them.
-        method: a fixed-grid method: 'euler', 'midpoint', 'heun2', 'heun3', 'ralston', 'rk4'
-            (torchdiffeq's 3/8 rule) or 'rk4_classic'. ``None`` means 'dopri5', as in
-            torchdiffeq, which is not available yet.
-        options: 'step_size' (or 'grid_constructor(func, y0, t) -> grid'), 'interp' ('linear'
-            or 'cubic') and 'perturb', as in torchdiffeq. Without a step size the grid is ``t``.
+        rtol, atol: tolerances of the adaptive methods (floats, or one per component of a
+            tuple state), as in torchdiffeq; fixed-grid methods do not use them. Tolerances
+            below what ``dtype`` resolves are met at its rounding floor instead, with a
+            :class:`rampde_fx.ToleranceWarning` that gives the attainable tolerances.
+        method: an adaptive method, 'dopri5' (the default, as in torchdiffeq), 'bosh3',
+            'fehlberg2', 'adaptive_heun' or 'dopri8'; or a fixed-grid method, 'euler',
+            'midpoint', 'heun2', 'heun3', 'ralston', 'rk4' (torchdiffeq's 3/8 rule) or
+            'rk4_classic'.
+        options: as in torchdiffeq. Fixed grids: 'step_size' (or 'grid_constructor(func, y0,
+            t) -> grid'), 'interp' ('linear' or 'cubic') and 'perturb'; without a step size
+            the grid is ``t``. Adaptive methods: 'first_step', 'safety', 'ifactor', 'dfactor',
+            'max_num_steps', 'step_t', 'jump_t', 'min_step', 'max_step', 'norm' (and 'dtype',
+            which has no effect: their times are float64 on the host).
         dtype: the velocity's precision: torch.bfloat16 (default), torch.float16, or
             torch.float32 / torch.float64 for no low precision at all.
         scaling: adjoint scaling: 'auto' (dynamic for float16, none otherwise), 'dynamic' or
@@ -70,6 +78,10 @@ def odeint(
             adjoint scaling, so it refuses ``scaling`` that would be dynamic).
         event_fn: not supported yet; raises NotImplementedError.
 
+    Adaptive methods run torchdiffeq's step-size controller in the state's precision, on a
+    low-precision velocity; their backward pass differentiates the accepted steps, whose sizes
+    are constants of the forward solve (see :mod:`rampde_fx.adaptive`).
+
     Under ``torch.compile`` a solve is one opaque operator, so a model compiles as one graph
     whatever the number of steps, and each step runs as inductor-compiled kernels.
 
@@ -82,24 +94,24 @@ def odeint(
     if torch.compiler.is_compiling():
         from .compiled import solve_in_graph  # import cycle: compiled builds on this module
 
-        return solve_in_graph(func, y0, t, method=method, options=options, dtype=dtype,
-                              scaling=scaling, policy=policy, checkpoint=checkpoint,
-                              event_fn=event_fn)
-    prepared = prepare_solve(func, y0, t, method=method, options=options, dtype=dtype,
-                             scaling=scaling, policy=policy, checkpoint=checkpoint,
+        return solve_in_graph(func, y0, t, rtol=rtol, atol=atol, method=method,
+                              options=options, dtype=dtype, scaling=scaling, policy=policy,
+                              checkpoint=checkpoint, event_fn=event_fn)
+    prepared = prepare_solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                             dtype=dtype, scaling=scaling, policy=policy, checkpoint=checkpoint,
                              event_fn=event_fn)
     inputs = (*prepared.state, prepared.grid, prepared.times, *prepared.tensors)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         if checkpoint == "stages":  # autograd through the steps, keeping their activations
             with torch.autocast(prepared.state[0].device.type, enabled=False):
-                solution, _ = solve_forward(prepared.plan, prepared.state, prepared.grid,
-                                            prepared.times, keep_checkpoints=False)
+                solution, _, _ = solve_forward(prepared.plan, prepared.state, prepared.grid,
+                                               prepared.times, keep_checkpoints=False)
         else:
             solution = MixedPrecisionSolve.apply(prepared.plan, *inputs)
     else:  # inference: no checkpoints
         with torch.no_grad(), torch.autocast(prepared.state[0].device.type, enabled=False):
-            solution, _ = solve_forward(prepared.plan, prepared.state, prepared.grid,
-                                        prepared.times, keep_checkpoints=False)
+            solution, _, _ = solve_forward(prepared.plan, prepared.state, prepared.grid,
+                                           prepared.times, keep_checkpoints=False)
     return tuple(solution) if prepared.is_tuple else solution[0]
 
 
@@ -110,7 +122,8 @@ class PreparedSolve:
     Attributes:
         plan: everything host-side (stepper, grid values, output placement, stats).
         state: the components of ``y0``.
-        grid: the time grid in internal (increasing) time, differentiable in ``t``.
+        grid: the time grid in internal (increasing) time, differentiable in ``t``; for an
+            adaptive method only its start, from which the forward solve steps.
         times: the output times in internal time.
         tensors: the tensors the velocity reads that require grad.
         is_tuple: whether ``y0`` was a tuple.
@@ -124,12 +137,15 @@ class PreparedSolve:
     is_tuple: bool
 
 
-def internal_time(t: torch.Tensor, options: dict[str, Any], func: Any,
-                  y0: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def internal_time(t: torch.Tensor, options: dict[str, Any], func: Any, y0: Any,
+                  adaptive: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Output times and grid in internal time, which increases (``-t`` for decreasing ``t``,
-    as torchdiffeq does), both differentiable in ``t``; and whether time was reversed."""
+    as torchdiffeq does), both differentiable in ``t``; and whether time was reversed. The grid
+    of an adaptive method is its start only."""
     reverse = len(t) > 1 and bool(t[0] > t[1])
     internal = -t if reverse else t
+    if adaptive:
+        return internal, internal[:1], reverse
     constructor = options.get("grid_constructor")
     if reverse and constructor is not None:
         constructor = lambda f, y, tt, _gc=constructor: -_gc(f, y, -tt)  # noqa: E731
@@ -137,7 +153,7 @@ def internal_time(t: torch.Tensor, options: dict[str, Any], func: Any,
 
 
 def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t: torch.Tensor,
-                  *, method: str | None, options: dict[str, Any] | None, dtype: torch.dtype,
+                  *, rtol: Any, atol: Any, method: str | None, options: dict[str, Any] | None, dtype: torch.dtype,
                   scaling: str, policy: PrecisionPolicy | None, checkpoint: str,
                   event_fn: Callable[..., Any] | None) -> PreparedSolve:
     """Validate the arguments of :func:`odeint`, capture the velocity and plan the steps."""
@@ -156,14 +172,15 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     is_tuple, state = _check_state(y0)
     times = _check_times(t, state[0].device)
-    opts = _check_options(method, options)
+    opts = _check_options(tableau, options)
     policy = DEFAULT_POLICY if policy is None else policy
 
     with torch.autocast(state[0].device.type, enabled=False):
-        internal, grid, reverse = internal_time(times, opts, func, y0)
+        internal, grid, reverse = internal_time(times, opts, func, y0, tableau.adaptive)
         grid_values = grid.detach().tolist()
         internal_values = internal.detach().tolist()
-        check_grid(grid_values, internal_values)
+        if not tableau.adaptive:
+            check_grid(grid_values, internal_values)
         t_start = internal[0].detach().to(state[0].dtype)
         velocity = capture_velocity(func, -t_start if reverse else t_start, state, is_tuple,
                                     dtype, policy)
@@ -172,37 +189,40 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
                        else f"eager: {velocity.fallback_reason}",
                        graph=getattr(velocity, "graph_module", None))
     record(stats)
+    perturb = bool(opts.get("perturb", False))
     plan = SolvePlan(
-        stepper=Stepper(velocity, tableau, perturb=bool(opts.get("perturb", False)),
-                        time_sign=-1.0 if reverse else 1.0, interp=opts.get("interp", "linear")),
+        stepper=Stepper(velocity, tableau,
+                        start_nudge=Nudge.NEXT if perturb else Nudge.NONE,
+                        end_nudge=Nudge.PREV if perturb or tableau.adaptive else Nudge.NONE,
+                        time_sign=-1.0 if reverse else 1.0,
+                        interp="dense" if tableau.adaptive else opts.get("interp", "linear")),
         n_components=len(state),
         checkpoint_dtypes=tuple(dtype if dtype.itemsize < c.dtype.itemsize else c.dtype
                                 for c in state),
         grid_values=grid_values,
         time_values=internal_values,
-        outputs_per_step=place_outputs(grid_values, internal_values),
+        outputs_per_step=[] if tableau.adaptive else place_outputs(grid_values, internal_values),
         scaling=use_scaling,
         stats=stats,
+        controller=make_controller(tableau, opts, rtol, atol, state, is_tuple, dtype, reverse)
+        if tableau.adaptive else None,
     )
     return PreparedSolve(plan, state, grid, internal, velocity.tensors_requiring_grad(), is_tuple)
 
 
-def _check_method(method: str | None, event_fn: Any) -> Any:
+def _check_method(method: str | None, event_fn: Any) -> ButcherTableau:
     if event_fn is not None:
         raise NotImplementedError("rampde_fx.odeint does not support event_fn yet; solve to a "
                                   "fixed end time, or use torchdiffeq.odeint for event handling")
-    fixed = ", ".join(repr(m) for m in FIXED_GRID_TABLEAUS)
-    if method is None or method in ADAPTIVE_METHODS:
-        shown = "method=None (torchdiffeq's default, 'dopri5')" if method is None else repr(method)
-        raise NotImplementedError(
-            f"{shown}: adaptive-step methods are not available in rampde_fx yet. Use a "
-            f"fixed-grid method ({fixed}) with options={{'step_size': ...}}.")
+    method = "dopri5" if method is None else method
+    known = {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}
     if method in UNSUPPORTED_METHODS:
         raise NotImplementedError(f"method {method!r} is not supported by rampde_fx; use one of "
-                                  f"{fixed}")
-    if method not in FIXED_GRID_TABLEAUS:
-        raise ValueError(f"unknown method {method!r}; rampde_fx solves with {fixed}")
-    return FIXED_GRID_TABLEAUS[method]
+                                  f"{', '.join(repr(m) for m in known)}")
+    if method not in known:
+        raise ValueError(f"unknown method {method!r}; rampde_fx solves with "
+                         f"{', '.join(repr(m) for m in known)}")
+    return known[method]
 
 
 def _check_state(y0: Any) -> tuple[bool, tuple[torch.Tensor, ...]]:
@@ -246,12 +266,14 @@ def _check_times(t: Any, device: torch.device) -> torch.Tensor:
     return t
 
 
-def _check_options(method: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+def _check_options(tableau: ButcherTableau, options: dict[str, Any] | None) -> dict[str, Any]:
     opts = dict(options or {})
-    unknown = sorted(set(opts) - set(FIXED_GRID_OPTIONS))
+    allowed = ADAPTIVE_OPTIONS if tableau.adaptive else FIXED_GRID_OPTIONS
+    unknown = sorted(set(opts) - set(allowed))
     if unknown:
-        raise ValueError(f"method {method!r} does not take options {unknown}; fixed-grid methods "
-                         f"take {list(FIXED_GRID_OPTIONS)}")
+        kind = "adaptive" if tableau.adaptive else "fixed-grid"
+        raise ValueError(f"method {tableau.name!r} does not take options {unknown}; {kind} "
+                         f"methods take {list(allowed)}")
     if opts.get("step_size") is not None and opts.get("grid_constructor") is not None:
         raise ValueError("options step_size and grid_constructor are mutually exclusive")
     step = opts.get("step_size")

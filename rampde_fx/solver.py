@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from .grid import interpolate_cubic, interpolate_linear
+from .grid import (dense_output_coefficients, evaluate_polynomial, interpolate_cubic,
+                   interpolate_linear)
 from .tableaus import ButcherTableau
 
 State = tuple[torch.Tensor, ...]
@@ -35,21 +36,26 @@ class Stepper:
     Attributes:
         velocity: ``velocity(t, y) -> k``, low precision inside, any dtype out.
         tableau: the method.
-        perturb: torchdiffeq's ``perturb`` option.
+        start_nudge: where a step's first stage is evaluated by default (torchdiffeq's
+            ``perturb`` option of fixed grids: just after the step's start).
+        end_nudge: where stages at the step's end are evaluated (``perturb``: just before it;
+            adaptive methods always do so, as torchdiffeq does).
         time_sign: -1 when integrating backwards: internal time runs forwards, the velocity sees
             ``-tau`` and its result is negated (as torchdiffeq does).
-        interp: 'linear' or 'cubic' interpolation of outputs inside a step.
+        interp: outputs inside a step: 'linear' or 'cubic' (fixed grids), or 'dense' (the
+            adaptive methods' 4th-order interpolant through the step's midpoint).
         evaluations: counter of velocity evaluations.
         compiled_step: a compiled twin of :meth:`step` to use instead (see ``compiled``).
     """
 
     velocity: Callable[[torch.Tensor, State], State]
     tableau: ButcherTableau
-    perturb: bool
+    start_nudge: Nudge
+    end_nudge: Nudge
     time_sign: float
     interp: str
     evaluations: int = 0
-    compiled_step: Callable[[torch.Tensor, torch.Tensor, State], tuple[State, State]] | None = None
+    compiled_step: Callable[..., tuple[State, list[State]]] | None = None
 
     def derivative(self, tau: torch.Tensor, y: State, nudge: Nudge = Nudge.NONE) -> State:
         """The velocity at internal time ``tau``, upcast to each component's dtype."""
@@ -65,45 +71,77 @@ class Stepper:
             return tuple(-k_c.to(y_c.dtype) for k_c, y_c in zip(k, y))
         return tuple(k_c.to(y_c.dtype) for k_c, y_c in zip(k, y))
 
-    def step(self, t0: torch.Tensor, t1: torch.Tensor, y: State) -> tuple[State, State]:
-        """One step from ``t0`` to ``t1``; returns the new state and the first stage derivative."""
+    def step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None = None,
+             start_nudge: Nudge | None = None) -> tuple[State, list[State]]:
+        """One step from ``t0`` to ``t1``; returns the new state and the stage derivatives.
+
+        ``first``: the first stage when it is already known (the last stage of the previous
+        step of a first-same-as-last method); otherwise it is evaluated at ``t0``, nudged by
+        ``start_nudge`` (default :attr:`start_nudge`).
+        """
         dt = t1 - t0
-        stages: list[State] = []
-        for c, a_row in zip(self.tableau.c, self.tableau.a):
+        stages: list[State] = [] if first is None else [first]
+        y_stage = y
+        for c, a_row in list(zip(self.tableau.c, self.tableau.a))[len(stages):]:
             y_stage = _combine(y, dt, a_row, stages) if stages else y
             if c == 0.0:
-                tau, nudge = t0, Nudge.NEXT if self.perturb else Nudge.NONE
+                tau = t0
+                nudge = self.start_nudge if start_nudge is None else start_nudge
             elif c == 1.0:
-                tau, nudge = t1, Nudge.PREV if self.perturb else Nudge.NONE
+                tau, nudge = t1, self.end_nudge
             else:
                 tau, nudge = t0 + c * dt, Nudge.NONE
             stages.append(self.derivative(tau, y_stage, nudge))
-        return _combine(y, dt, self.tableau.b, stages), stages[0]
+        if self.tableau.fsal:  # the last stage was evaluated on the new state
+            return y_stage, stages
+        return _combine(y, dt, self.tableau.b, stages), stages
 
-    def advance(self, t0: torch.Tensor, t1: torch.Tensor, y0: State,
-                outputs: list[tuple[torch.Tensor, float]], t0_value: float,
-                t1_value: float) -> tuple[State, list[State]]:
-        """A step, and the state at each output time ``(t, t_value)`` that falls inside it."""
-        y1, f0 = (self.compiled_step or self.step)(t0, t1, y0)
-        self.evaluations += self.tableau.stages
+    def take_step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None = None,
+                  start_nudge: Nudge | None = None) -> tuple[State, list[State]]:
+        """:meth:`step`, compiled where a compiled twin is set; counts the evaluations."""
+        result = (self.compiled_step or self.step)(t0, t1, y, first, start_nudge)
+        self.evaluations += self.tableau.stages - (first is not None)
+        return result
+
+    def interpolate(self, t0: torch.Tensor, t1: torch.Tensor, y0: State, y1: State,
+                    stages: list[State], outputs: list[tuple[torch.Tensor, float]],
+                    t0_value: float, t1_value: float) -> list[State]:
+        """The state at each output time ``(t, t_value)`` inside the step from ``y0`` to ``y1``."""
         if not outputs:
-            return y1, []
+            return []
+        if self.interp == "dense":
+            dt = t1 - t0
+            mid = _combine(y0, dt, self.tableau.mid, stages)
+            coefficients = [dense_output_coefficients(a, b, m, fa, fb, dt)
+                            for a, b, m, fa, fb in zip(y0, y1, mid, stages[0], stages[-1])]
+            return [tuple(evaluate_polynomial(c, (t - t0) / dt) for c in coefficients)
+                    for t, _ in outputs]
         if self.interp == "cubic":
             f1 = self.derivative(t1, y1)
             self.evaluations += 1
-            return y1, [tuple(interpolate_cubic(t0, t1, a, b, fa, fb, t)
-                              for a, b, fa, fb in zip(y0, y1, f0, f1)) for t, _ in outputs]
-        return y1, [tuple(interpolate_linear(t0, t1, a, b, t, t0_value, t1_value, t_value)
-                          for a, b in zip(y0, y1)) for t, t_value in outputs]
+            return [tuple(interpolate_cubic(t0, t1, a, b, fa, fb, t)
+                          for a, b, fa, fb in zip(y0, y1, stages[0], f1)) for t, _ in outputs]
+        return [tuple(interpolate_linear(t0, t1, a, b, t, t0_value, t1_value, t_value)
+                      for a, b in zip(y0, y1)) for t, t_value in outputs]
+
+    def advance(self, t0: torch.Tensor, t1: torch.Tensor, y0: State,
+                outputs: list[tuple[torch.Tensor, float]], t0_value: float, t1_value: float,
+                start_nudge: Nudge | None = None) -> tuple[State, list[State]]:
+        """A step, and the state at each output time ``(t, t_value)`` that falls inside it."""
+        y1, stages = self.take_step(t0, t1, y0, start_nudge=start_nudge)
+        return y1, self.interpolate(t0, t1, y0, y1, stages, outputs, t0_value, t1_value)
 
 
-def _combine(y: State, dt: torch.Tensor, weights: tuple[float, ...], stages: list[State]) -> State:
-    """``y + dt * sum_i weights[i] * stages[i]`` per component, skipping zero weights."""
-    out = []
-    for c, y_c in enumerate(y):
-        terms = [w * k[c] for w, k in zip(weights, stages) if w != 0.0]
-        total = terms[0]
-        for term in terms[1:]:
-            total = total + term
-        out.append(y_c + dt * total)
-    return tuple(out)
+def weighted_sum(weights: Sequence[float], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_i weights[i] * values[i]``, skipping zero weights (at least one is not zero)."""
+    terms = [w * v for w, v in zip(weights, values) if w != 0.0]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def _combine(y: State, dt: torch.Tensor, weights: Sequence[float], stages: list[State]) -> State:
+    """``y + dt * sum_i weights[i] * stages[i]`` per component."""
+    return tuple(y_c + dt * weighted_sum(weights, [k[c] for k in stages])
+                 for c, y_c in enumerate(y))

@@ -19,8 +19,12 @@ class SolveStats:
         dtype: the velocity's precision.
         velocity: ``"graph"``, or ``"eager: <reason>"`` when capture fell back.
         scaling: whether dynamic adjoint scaling is on.
-        steps: time steps taken.
-        nfe_forward: velocity evaluations in the forward solve.
+        steps: time steps taken (accepted steps, for adaptive methods).
+        rejected_steps: steps an adaptive method rejected (each cost an evaluation of all stages).
+        tolerance_limited_steps: accepted adaptive steps whose error estimate was controlled to
+            the velocity dtype's rounding floor, because rtol/atol asked for less (see
+            :class:`rampde_fx.ToleranceWarning`).
+        nfe_forward: velocity evaluations in the forward solve (rejected steps included).
         nfe_backward: velocity evaluations in backward passes (recomputation), retries included.
         backward_sweeps: backward sweeps run, retries included.
         scale_retries: steps or sweeps recomputed with a smaller scale after an overflow.
@@ -34,6 +38,8 @@ class SolveStats:
     velocity: str
     scaling: bool
     steps: int = 0
+    rejected_steps: int = 0
+    tolerance_limited_steps: int = 0
     nfe_forward: int = 0
     nfe_backward: int = 0
     backward_sweeps: int = 0

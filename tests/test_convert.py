@@ -185,8 +185,8 @@ class DefaultMethod(nn.Module):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({}, r"torchdiffeq.odeint in DefaultMethod at '<root>' uses method=None \(dopri5\)"),
-    ({"method": "implicit_adams"}, r"uses method='implicit_adams'"),
+    ({"method": "implicit_adams"},
+     r"torchdiffeq.odeint in DefaultMethod at '<root>' uses method='implicit_adams'"),
     ({"method": "rk4", "event_fn": lambda t, y: y.sum()}, r"uses event_fn"),
 ])
 def test_unsupported_solves_fail_at_convert(kwargs, match):

@@ -33,7 +33,7 @@ solve 0: torchdiffeq.odeint in ODEBlock at 'block'
   velocity: block.odefunc
   dtype: bfloat16, scaling: auto, policy: default
   arguments: atol=0.001, method='rk4', options={'step_size': 0.25}, rtol=0.001
-  last solve: 4 steps, 16 evaluations forward, 16 backward, adjoint scaling off
+  last solve: rk4, 4 steps, 16 evaluations forward, 16 backward, adjoint scaling off
   velocity graph (node, dtype, why):
     y_bf16                      bfloat16  the state enters the velocity in low precision
     velocity_net_0_weight_bf16  bfloat16  input of 'linear', a matmul-class op
@@ -62,7 +62,7 @@ solve 0: torchdiffeq.odeint in ODEBlock at 'block'
   velocity: block.odefunc
   dtype: bfloat16, scaling: auto, policy: default
   arguments: atol=0.001, method='rk4', options={'step_size': 0.25}, rtol=0.001
-  last solve: 4 steps, 16 evaluations forward, 16 backward, adjoint scaling off
+  last solve: rk4, 4 steps, 16 evaluations forward, 16 backward, adjoint scaling off
   velocity graph (node, dtype, why):
     y_bf16                          bfloat16  the state enters the velocity in low precision
     y_bf16_fp32                     float32   input of 'group_norm', a precision-sensitive op
@@ -87,7 +87,7 @@ solve 0: torchdiffeq.odeint in HamiltonianModel at '<root>'
   velocity: dynamics
   dtype: float16, scaling: auto, policy: default
   arguments: method='midpoint', options={'step_size': 0.125}
-  last solve: 8 steps, 16 evaluations forward, 16 backward, adjoint scaling on
+  last solve: midpoint, 8 steps, 16 evaluations forward, 16 backward, adjoint scaling on
   velocity graph (node, dtype, why):
     getitem                           float32  'getitem', which follows its inputs
     getitem_fp16                      float16  the state enters the velocity in low precision

@@ -16,13 +16,21 @@ T = torch.linspace(0, 1, 3)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"method": None}, NotImplementedError, r"method=None .*'dopri5'.*fixed-grid method"),
-    ({"method": "dopri5"}, NotImplementedError, r"'dopri5': adaptive-step .*'euler'.*'rk4'"),
-    ({"method": "implicit_adams"}, NotImplementedError, r"'implicit_adams' is not supported"),
+    ({"method": "implicit_adams"}, NotImplementedError,
+     r"'implicit_adams' is not supported.*'dopri5'.*'rk4'"),
     ({"method": "rk45"}, ValueError, r"unknown method 'rk45'"),
     ({"method": "rk4", "event_fn": lambda t, y: y}, NotImplementedError, r"event_fn"),
     ({"method": "rk4", "options": {"atol": 1.0}}, ValueError,
-     r"does not take options \['atol'\]"),
+     r"does not take options \['atol'\]; fixed-grid methods take"),
+    ({"method": "dopri5", "options": {"step_size": 0.1}}, ValueError,
+     r"'dopri5' does not take options \['step_size'\]; adaptive methods take"),
+    ({"method": "dopri5", "rtol": -1.0}, ValueError, r"rtol must be finite and non-negative"),
+    ({"method": "dopri5", "atol": (1e-3, 1e-3)}, ValueError, r"atol has 2 entries for a state "
+                                                               r"of 1 components"),
+    ({"method": "dopri5", "options": {"min_step": 0.5, "max_step": 0.1}}, ValueError,
+     r"exceeds options\['max_step'\]"),
+    ({"method": "dopri5", "options": {"max_num_steps": 2}}, RuntimeError,
+     r"max_num_steps=2 exceeded"),
     ({"method": "rk4", "options": {"step_size": 0.1, "grid_constructor": lambda f, y, t: t}},
      ValueError, r"mutually exclusive"),
     ({"method": "rk4", "options": {"step_size": -0.1}}, ValueError, r"positive finite"),
