@@ -295,8 +295,7 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
                 saved.outputs, [x for x, want in zip(saved.inputs, wanted) if want],
                 solution_grads, allow_unused=True))
         grads = [next(found) if want else None for want in wanted]
-        return [torch.zeros_like(x) if g is None else g
-                for g, x in zip(grads, [*state, t, *tensors])]
+        return [_laid_out_like(g, x) for g, x in zip(grads, [*state, t, *tensors])]
     plan = saved.plan
     n = plan.n_components
     wants = _Wants(state=any(needs[:n]), grid=needs[n], times=needs[n],
@@ -319,9 +318,16 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
                                                   saved.plan.controller is not None)
                 t_grad = torch.autograd.grad([grid, internal], leaf, [grid_grad, times_grad],
                                              allow_unused=True)[0]
-    state_grads = [torch.zeros_like(c) if g is None else g for g, c in zip(state_grads, state)]
-    tensor_grads = [torch.zeros_like(x) if g is None else g for g, x in zip(tensor_grads, tensors)]
-    return [*state_grads, t_grad, *tensor_grads]
+    return [_laid_out_like(g, x)
+            for g, x in zip([*state_grads, t_grad, *tensor_grads], [*state, t, *tensors])]
+
+
+def _laid_out_like(grad: Tensor | None, x: Tensor) -> Tensor:
+    """The gradient of ``x`` with ``x``'s strides, as the fake kernel below declares (a
+    convolution's weight gradient, for one, comes back in another layout); zeros for None."""
+    if grad is None:
+        return torch.zeros_like(x)
+    return grad if grad.stride() == x.stride() else torch.empty_like(x).copy_(grad)
 
 
 @_solve_backward.register_fake

@@ -242,7 +242,7 @@ def test_explain_reports_compiled_solves(cheap_steps):
                                    backend="aot_eager")
     compiled_model(torch.randn(2, 3)).sum().backward()
     text = rampde_fx.explain(compiled_model)
-    assert "last solve: 4 steps, 16 evaluations forward, 16 backward" in text
+    assert "last solve: rk4, 4 steps, 16 evaluations forward, 16 backward" in text
     assert "linear_1                    bfloat16  'linear', a matmul-class op" in text
 
 
@@ -284,6 +284,35 @@ def test_compiled_gradients_reach_the_right_parameters(cheap_steps, checkpoint):
     compiled_solve = torch.compile(solve, fullgraph=True, backend="aot_eager")
     for name, got, want in zip(["y0", *names], grads(compiled_solve), eager):
         assert torch.allclose(got, want, rtol=2.0 ** -8, atol=1e-7), name
+
+
+class ConvVelocity(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, t, x):
+        return self.conv(x)
+
+
+@pytest.mark.slow
+def test_gradients_keep_the_layout_inductor_expects():
+    """A convolution's weight gradient comes back in another memory layout than the weight's;
+    inductor checks the strides the backward op declares."""
+    torch.manual_seed(0)
+    func, x = ConvVelocity(), torch.randn(2, 4, 6, 6)
+
+    def solve(y):
+        return rampde_fx.odeint(func, y, torch.tensor([0.0, 1.0]), method="rk4",
+                                options={"step_size": 0.5}, dtype=torch.float32)[-1]
+
+    def grads(solver):
+        out = solver(x)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+        return torch.autograd.grad(loss, list(func.parameters()))
+
+    for got, want in zip(grads(torch.compile(solve, fullgraph=True)), grads(solve)):
+        assert rel_err(got, want) < 2.0**-8
 
 
 def test_compiled_closures_are_refused_clearly(cheap_steps):
