@@ -259,7 +259,7 @@ def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
     if device == "cuda":
         variants += [("rampde_fx fp16", ours(torch.float16)),
                      ("rampde_fx fp16 compiled", ours_compiled(torch.float16))]
-    rows, steps = [], []
+    rows, steps = [], {}
     # Dynamo would treat a step size that changed since an earlier workload's compile as a
     # dynamic float, which rampde_fx cannot register as a constant solve argument.
     torch._dynamo.reset()
@@ -270,16 +270,19 @@ def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
             try:
                 row, step = prepare(name, solve, model, y0, t, reference, device)
             except COMPILE_FAILURES as error:
+                if "compiled" not in name:
+                    raise
                 rows.append({"variant": name, "skipped": f"{type(error).__name__}: "
                                                          f"{str(error).splitlines()[0]}"})
                 continue
             rows.append(row)
-            steps.append(step)
+            steps[name] = step
         timed = [row for row in rows if "skipped" not in row]
-        for row, seconds in zip(timed, time_in_rounds(steps, repeats, device)):
+        for row, seconds in zip(timed, time_in_rounds(list(steps.values()), repeats, device)):
             row["median_ms"] = 1e3 * seconds
         base = rows[0]["median_ms"]
-        floor = matmul_floor(steps[0], steps[2], 1e-3 * base, device)
+        floor = matmul_floor(steps["torchdiffeq fp32"], steps["torchdiffeq autocast bf16"],
+                             1e-3 * base, device)
     for row in timed:
         row["speedup"] = base / row["median_ms"]
         if "bf16" in row["variant"]:

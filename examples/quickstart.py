@@ -68,7 +68,7 @@ def main() -> None:
     # float32 original trains on its own from the same initial weights.
     bf16 = torch.compile(rampde_fx.convert(copy.deepcopy(fp32), dtype=torch.bfloat16),
                          fullgraph=True)
-    models = {"torchdiffeq float32": fp32, "rampde_fx bfloat16, compiled": bf16}
+    models = {"torchdiffeq float32": fp32, "rampde_fx bfloat16 compiled": bf16}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=3e-3) for name, m in models.items()}
     seconds = {name: 0.0 for name in models}
     losses = {name: [] for name in models}
@@ -104,7 +104,7 @@ def main() -> None:
         saved = saved_tensor_bytes(lambda: loss_fn(model(x), y)) / 2**20
         final = sum(losses[name][-10:]) / len(losses[name][-10:])
         per_step = 1e3 * seconds[name] / max(1, args.steps - 1)
-        print(f"  {name:<29} final loss {final:.4f}  held-out accuracy {accuracy:.3f}  "
+        print(f"  {name:<28} final loss {final:.4f}  held-out accuracy {accuracy:.3f}  "
               f"{per_step:.1f} ms/step (first step {first_step[name]:.1f} s)  "
               f"saved for backward {saved:.2f} MiB")
 

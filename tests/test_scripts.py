@@ -41,7 +41,7 @@ def test_spiral_example():
 def test_quickstart():
     out = run("examples/quickstart.py", "--steps", "6")
     fp32 = numbers_after("torchdiffeq float32", out)
-    bf16 = numbers_after("rampde_fx bfloat16, compiled", out)
+    bf16 = numbers_after("rampde_fx bfloat16 compiled", out)
     # final loss, accuracy, ms/step, first step s, saved MiB
     assert abs(bf16[0] - fp32[0]) < 0.05 * fp32[0]
     assert 0 < bf16[4] < fp32[4]  # one bf16 state per step against every activation
