@@ -102,6 +102,9 @@ class Controller:
     floor_gain: float = 1.0
 
     def apply_norm(self, components: list[torch.Tensor]) -> torch.Tensor:
+        """The norm of ratios to the tolerance, in at least float32 (a float16 state's squares
+        would overflow)."""
+        components = [c.to(torch.promote_types(c.dtype, torch.float32)) for c in components]
         value = self.norm(tuple(components) if self.is_tuple else components[0])
         return torch.as_tensor(value, dtype=components[0].dtype, device=components[0].device)
 
