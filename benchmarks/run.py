@@ -2,10 +2,10 @@
 
 Every variant of a workload runs in one process, on the same model and data, and is measured
 the same way: median forward+backward time (consecutive steps, in rounds), bytes kept for
-backward (``rampde_fx.diagnostics.saved_tensor_bytes``), peak CUDA memory (on cuda), and the
-relative error of the final state and of all parameter gradients (one vector) against a float64
-torchdiffeq solve with the same method and options (for adaptive methods, with tolerances of
-1e-8).
+backward (``rampde_fx.diagnostics.saved_tensor_bytes``), the step's peak CUDA memory above what
+was allocated before it (on cuda), and the relative error of the final state and of all
+parameter gradients (one vector) against a float64 torchdiffeq solve with the same method and
+options (for adaptive methods, with tolerances of 1e-8).
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--workload NAME] [--compile-times]
                              [--json PATH]
@@ -162,9 +162,13 @@ def prepare(name, solve, model, y0, t, reference, device) -> tuple[dict, Step]:
         "grad_err": rel_err(flat(grads), flat(reference[1])),
     }
     if device == "cuda":
+        # The step's own peak, above what is allocated before it (the model, the data, and
+        # whatever earlier variants keep allocated).
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
-        row["peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+        row["peak_MiB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     return row, step
 
 
@@ -251,9 +255,11 @@ def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
         return torchdiffeq.odeint_adjoint(m, y, tt, **solver, adjoint_method=solver["method"],
                                           adjoint_options=solver.get("options"))
 
-    def tdq_autocast(m, y, tt):
-        with torch.autocast(device, dtype=torch.bfloat16):
-            return tdq(m, y, tt)
+    def tdq_autocast(dtype):
+        def solve(m, y, tt):
+            with torch.autocast(device, dtype=dtype):
+                return tdq(m, y, tt)
+        return solve
 
     def ours(dtype, checkpoint="steps"):
         return lambda m, y, tt: rampde_fx.odeint(m, y, tt, **solver, dtype=dtype,
@@ -264,12 +270,13 @@ def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
         return lambda m, y, tt: solve(m, y, tt)
 
     variants = [("torchdiffeq fp32", tdq), ("torchdiffeq fp32 adjoint", tdq_adjoint),
-                ("torchdiffeq autocast bf16", tdq_autocast),
+                ("torchdiffeq autocast bf16", tdq_autocast(torch.bfloat16)),
                 ("rampde_fx fp32", ours(torch.float32)), ("rampde_fx bf16", ours(torch.bfloat16)),
                 ("rampde_fx bf16 compiled", ours_compiled(torch.bfloat16)),
                 ("rampde_fx bf16 stages compiled", ours_compiled(torch.bfloat16, "stages"))]
     if device == "cuda":
-        variants += [("rampde_fx fp16", ours(torch.float16)),
+        variants += [("torchdiffeq autocast fp16", tdq_autocast(torch.float16)),
+                     ("rampde_fx fp16", ours(torch.float16)),
                      ("rampde_fx fp16 compiled", ours_compiled(torch.float16))]
     rows, steps = [], {}
     # Dynamo would treat a step size that changed since an earlier workload's compile as a

@@ -15,7 +15,9 @@ number depends on the values of ``t``), and share the eager engine unchanged.
 
 The non-tensor arguments of a solve (the velocity, method, options, dtype, scaling, policy) are
 registered once while dynamo traces, so they must be constants of the compiled code: options
-computed from changing Python numbers cannot be registered.
+computed from changing Python numbers cannot be registered. Modules reach the registration as
+their ``id``, and so does the policy (dynamo guards ids by identity): dynamo before torch 2.13
+cannot pass such objects to a constant-result function at all.
 
 The forward op returns the solution and a *ticket*, a 0-dim int64 tensor naming the solve's
 saved plan and checkpoints; the backward op takes the ticket. The saved entry lives as long as
@@ -24,6 +26,7 @@ the ticket tensor, which autograd keeps until the backward pass is done with it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import itertools
 import types
@@ -61,10 +64,27 @@ class _Site:
 _SITES: list[_Site] = []
 
 
+def _object_with_id(address: int) -> Any:
+    """The object whose ``id()`` is ``address``; only for objects known to be alive."""
+    return ctypes.cast(address, ctypes.py_object).value
+
+
+def _id_or_none(x: Any) -> int | None:
+    return None if x is None else id(x)
+
+
 @torch.compiler.assume_constant_result
-def _register(func: Any, rtol: Any, atol: Any, method: Any, options: Any, dtype: Any,
-              scaling: Any, policy: Any, checkpoint: Any, is_tuple: Any, report_to: Any) -> int:
-    """Runs once, while dynamo traces a solve: the site's index is a constant of the graph."""
+def _register(owner_id: int, method_name: Any, policy_id: Any, report_to_id: Any, rtol: Any,
+              atol: Any, method: Any, options: Any, dtype: Any, scaling: Any, checkpoint: Any,
+              is_tuple: Any) -> int:
+    """Runs once, while dynamo traces a solve: the site's index is a constant of the graph.
+    The velocity is ``owner`` itself or its method ``method_name``; ``owner``, the policy and
+    the reporting object come as ids (or None) of objects that the traced frame holds, alive
+    until this returns."""
+    owner = _object_with_id(owner_id)
+    func = owner if method_name is None else getattr(owner, method_name)
+    policy, report_to = (None if i is None else _object_with_id(i)
+                         for i in (policy_id, report_to_id))
     _SITES.append(_Site(func, rtol, atol, method, dict(options or {}), dtype, scaling, policy,
                         checkpoint, is_tuple, report_to))
     return len(_SITES) - 1
@@ -96,8 +116,10 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, *, rtol: Any = 1e-7, atol: Any
             "tensors it reads as attributes of the module")
     is_tuple = isinstance(y0, tuple)
     state = list(y0) if is_tuple else [y0]
-    site = _register(func, rtol, atol, method, options, dtype, scaling, policy, checkpoint,
-                     is_tuple, report_to)
+    owner, method_name = ((func.__self__, func.__func__.__name__)
+                          if isinstance(func, types.MethodType) else (func, None))
+    site = _register(id(owner), method_name, _id_or_none(policy), _id_or_none(report_to), rtol,
+                     atol, method, options, dtype, scaling, checkpoint, is_tuple)
     tensors = _grad_tensors(func)
     keep = torch.is_grad_enabled() and any(x.requires_grad for x in [*state, t, *tensors])
     *solution, _ticket = torch.ops.rampde_fx.solve(site, state, t, tensors, keep)

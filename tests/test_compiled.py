@@ -34,7 +34,8 @@ def outputs_and_grads(model, *inputs):
     inputs = [x.clone().requires_grad_() for x in inputs]
     out = model(*inputs)
     outs = out if isinstance(out, tuple) else (out,)
-    loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs)
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), device=o.device).view_as(o)).sum()
+               for o in outs)
     return [*outs, *torch.autograd.grad(loss, [*inputs, *model.parameters()])]
 
 

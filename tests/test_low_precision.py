@@ -27,10 +27,10 @@ class MLP(nn.Module):
 
 def _solve_and_grads(odeint, model, y0, dtype=None):
     y0 = y0.clone().requires_grad_()
-    t = torch.linspace(0, 1, 3, dtype=y0.dtype)
+    t = torch.linspace(0, 1, 3, dtype=y0.dtype, device=y0.device)
     kwargs = {} if dtype is None else {"dtype": dtype}
     out = odeint(model, y0, t, method="rk4", options={"step_size": 0.05}, **kwargs)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     return [out, *torch.autograd.grad((out * weights).sum(), [y0, *model.parameters()])]
 
 
