@@ -64,13 +64,14 @@ class _Site:
 _SITES: list[_Site] = []
 
 
-def _object_with_id(address: int) -> Any:
-    """The object whose ``id()`` is ``address``; only for objects known to be alive."""
-    return ctypes.cast(address, ctypes.py_object).value
-
-
 def _id_or_none(x: Any) -> int | None:
     return None if x is None else id(x)
+
+
+def _object_with_id(address: int | None) -> Any:
+    """The object whose ``id()`` is ``address`` (None for None); only for objects known to be
+    alive."""
+    return None if address is None else ctypes.cast(address, ctypes.py_object).value
 
 
 @torch.compiler.assume_constant_result
@@ -83,10 +84,9 @@ def _register(owner_id: int, method_name: Any, policy_id: Any, report_to_id: Any
     until this returns."""
     owner = _object_with_id(owner_id)
     func = owner if method_name is None else getattr(owner, method_name)
-    policy, report_to = (None if i is None else _object_with_id(i)
-                         for i in (policy_id, report_to_id))
-    _SITES.append(_Site(func, rtol, atol, method, dict(options or {}), dtype, scaling, policy,
-                        checkpoint, is_tuple, report_to))
+    _SITES.append(_Site(func, rtol, atol, method, dict(options or {}), dtype, scaling,
+                        _object_with_id(policy_id), checkpoint, is_tuple,
+                        _object_with_id(report_to_id)))
     return len(_SITES) - 1
 
 

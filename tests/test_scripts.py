@@ -67,16 +67,20 @@ def test_odenet_classifier():
     assert numbers_after("bf16 solve's test logits", out)[-1] < 1e-2
 
 
-def benchmark(tmp_path: pathlib.Path, *workloads: str) -> dict:
+def benchmark(tmp_path: pathlib.Path, *workloads: str, extra: tuple[str, ...] = ()) -> dict:
     path = tmp_path / "results.json"
     args = [arg for name in workloads for arg in ("--workload", name)]
-    run("benchmarks/run.py", "--quick", *args, "--json", str(path))
+    run("benchmarks/run.py", "--quick", *args, *extra, "--json", str(path))
     return json.loads(path.read_text())
 
 
 @pytest.mark.slow
 def test_benchmark_mlp(tmp_path):
-    rows = {row["variant"]: row for row in benchmark(tmp_path, "mlp")["workloads"]["mlp"]}
+    report = benchmark(tmp_path, "mlp", extra=("--compile-times",))
+    times = report["compile_times"]
+    for steps in (8, 128):
+        assert times[f"compile_s_{steps}"] > 0 and times[f"steady_s_{steps}"] > 0
+    rows = {row["variant"]: row for row in report["workloads"]["mlp"]}
     assert len(rows) == 7 and not any("skipped" in row for row in rows.values())
     for name, row in rows.items():
         assert math.isfinite(row["median_ms"]) and math.isfinite(row["output_err"]), name
@@ -106,3 +110,15 @@ def test_benchmark_cnf_and_adaptive(tmp_path):
     assert fp32["output_err"] == pytest.approx(theirs["output_err"], rel=1e-3)
     assert ours["output_err"] < fp32["output_err"] + 2**-8
     assert ours["grad_err"] < fp32["grad_err"] + BF16_GRAD_BOUND
+
+
+@pytest.mark.slow
+def test_adaptive_step_counts():
+    out = run("benchmarks/adaptive_steps.py", "--channels", "8", "--size", "8", "--batch", "2")
+    rows = {tuple(line.split()[:3]): line for line in out.splitlines()}
+    # torchdiffeq's float16 norm overflows on 1024 components of magnitude 10; rampde_fx's
+    # (in float32) does not
+    assert "underflow in dt" in rows[("1e-03", "torchdiffeq", "fp16")]
+    fp32, fp16 = (numbers_after("1e-03 rampde_fx " + name, out) for name in ("fp32", "fp16"))
+    assert fp16[0] < fp32[0] + 2**-10  # output error: float16's roundoff beside dopri5's own
+    assert "ToleranceWarning" in out  # 1e-6 is below bfloat16's rounding floor
