@@ -62,13 +62,14 @@ def main() -> None:
           f"{args.batch}, |y0| ~ 10, dopri5, t in [0, 1]")
     print(f"{'tol':>6} {'variant':<22}{'accepted':>9}{'rejected':>9}{'nfe fwd':>9}"
           f"{'nfe bwd':>9}{'out err':>10}{'grad err':>10}")
-    for tol in (1e-3, 1e-6):
-        def row(name, accepted, rejected, nfe_forward, nfe_backward, got):
-            out, grads = got
-            print(f"{tol:>6.0e} {name:<22}{accepted:>9}{rejected:>9}{nfe_forward:>9}"
-                  f"{nfe_backward:>9}{rel_err(out, reference[0]):>10.1e}"
-                  f"{rel_err(flat(grads), flat(reference[1])):>10.1e}")
 
+    def row(tol, name, accepted, rejected, nfe_forward, nfe_backward, got):
+        out, grads = got
+        print(f"{tol:>6.0e} {name:<22}{accepted:>9}{rejected:>9}{nfe_forward:>9}"
+              f"{nfe_backward:>9}{rel_err(out, reference[0]):>10.1e}"
+              f"{rel_err(flat(grads), flat(reference[1])):>10.1e}")
+
+    for tol in (1e-3, 1e-6):
         for name, dtype in (("torchdiffeq fp32", torch.float32),
                             ("torchdiffeq fp16", torch.float16)):
             counted = Counted(copy.deepcopy(model).to(dtype))
@@ -79,7 +80,7 @@ def main() -> None:
             except AssertionError as error:  # torchdiffeq's "underflow in dt"
                 print(f"{tol:>6.0e} {name:<22}failed: {error}")
                 continue
-            row(name, "-", "-", counted.evaluations, "-", got)
+            row(tol, name, "-", "-", counted.evaluations, "-", got)
         for name, dtype in (("rampde_fx fp32", torch.float32),
                             ("rampde_fx bf16", torch.bfloat16),
                             ("rampde_fx fp16", torch.float16)):
@@ -90,8 +91,8 @@ def main() -> None:
                                                                         atol=tol, dtype=dtype),
                                       model, y0, t)
             stats = solves[0]
-            row(name, stats.steps, stats.rejected_steps, stats.nfe_forward, stats.nfe_backward,
-                got)
+            row(tol, name, stats.steps, stats.rejected_steps, stats.nfe_forward,
+                stats.nfe_backward, got)
             if caught:
                 print(f"{'':>7}ToleranceWarning: {caught[0].message}")
 

@@ -1,8 +1,10 @@
 """Converted models in training loops: DistributedDataParallel and torch.amp.GradScaler."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -24,7 +26,9 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world: int, port: int, state: dict, batch: torch.Tensor,
                 out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A bounded wait: a collective that cannot complete fails the test instead of hanging it.
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         grads = {}
         for dtype in (torch.float32, torch.bfloat16):
@@ -34,6 +38,9 @@ def _ddp_worker(rank: int, world: int, port: int, state: dict, batch: torch.Tens
             ddp(batch.chunk(world)[rank]).square().mean().backward()
             grads[dtype] = [p.grad for p in model.parameters()]
         torch.save(grads, os.path.join(out_dir, f"{rank}.pt"))
+        # Tear down only once both ranks are done with every collective: a rank whose peer has
+        # already exited can wait forever in destroy_process_group for work still pending.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -52,7 +59,14 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         model.load_state_dict(state)
         rampde_fx.convert(model, dtype=dtype)(batch).square().mean().backward()
         expected[dtype] = [p.grad for p in model.parameters()]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), state, batch, str(tmp_path)), nprocs=2)
+    workers = mp.spawn(_ddp_worker, args=(2, _free_port(), state, batch, str(tmp_path)),
+                       nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("DDP workers still running after 300 s")
     for rank in range(2):
         grads = torch.load(tmp_path / f"{rank}.pt")
         for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 2.0 ** -8)):
