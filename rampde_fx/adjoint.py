@@ -27,7 +27,7 @@ import torch
 
 from .adaptive import Controller, solve_adaptive
 from .scaling import RETRY_STEP_LOG2, AdjointScaler
-from .solver import Nudge, State, Stepper
+from .solver import Nudge, RngState, State, Stepper, replayed_rng, rng_state
 from .stats import SolveStats
 
 MAX_SWEEP_RETRIES = 4
@@ -52,6 +52,12 @@ class SolvePlan:
     stats: SolveStats
     controller: Controller | None = None
     start_nudges: list[Nudge] | None = None
+    rng_states: list[RngState] | None = None
+
+    def rng_state_of(self, step: int) -> RngState | None:
+        """What the generators were at the start of forward step ``step``, if the velocity
+        draws random numbers and the grid is fixed (adaptive steps are not replayed)."""
+        return None if self.rng_states is None else self.rng_states[step]
 
     @property
     def steps(self) -> int:
@@ -82,10 +88,14 @@ def solve_forward(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.T
         return solution, checkpoints, grid
     checkpoints = [torch.empty((plan.steps, *c.shape), dtype=d, device=c.device)
                    for c, d in zip(y0, plan.checkpoint_dtypes)] if keep_checkpoints else []
+    random = keep_checkpoints and plan.stepper.velocity.draws_random
+    plan.rng_states = [] if random else None
     y = y0
     for n in range(plan.steps):
         for store, c in zip(checkpoints, y):
             store[n] = c
+        if random:
+            plan.rng_states.append(rng_state(grid.device))
         y, outputs = plan.stepper.advance(grid[n], grid[n + 1], y, plan.outputs_of(n, times),
                                           plan.grid_values[n], plan.grid_values[n + 1])
         for j, value in zip(plan.outputs_per_step[n], outputs):
@@ -180,7 +190,8 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
         cotangents = list(adjoint) + [solution_grads[c][j] for j in indices for c in range(n)]
         for attempt in range(MAX_FIRST_STEP_RETRIES + 1):
             scale = scaler.scale_for(cotangents) if scaler is not None else None
-            with torch.enable_grad():
+            with torch.enable_grad(), stepper.velocity.recomputing(), \
+                    replayed_rng(plan.rng_state_of(step), grid.device):
                 y_start = tuple(store[step].to(d).detach().requires_grad_()
                                 for store, d in zip(checkpoints, state_dtypes))
                 t0 = grid[step].detach().requires_grad_(wants.grid)

@@ -1,35 +1,52 @@
-"""Capture a velocity ``func(t, y)`` as a low-precision callable.
+"""Velocity capture: ``func(t, y)`` as an aten-level graph, rewritten into a low-precision callable.
 
-Capture uses ``torch.fx`` symbolic tracing through every submodule (no leaf modules), which
-yields a torch-level graph (``linear``, ``conv2d``, ``group_norm``, ``tanh``...) in which every
-parameter, buffer and closure tensor is a ``get_attr`` node. That graph is what the precision
-policy is written in, what a person can read, and what dynamo and inductor compile later.
-``torch.export`` was not chosen: it costs seconds per velocity, lowers to aten (``addmm``,
-``native_group_norm``) that reads worse in diagnostics, and fails on the same Python control flow.
+Capture traces ``func`` with ``make_fx`` on fake tensors. Tracing at the aten level, below
+autograd, is what lets the velocities of real code become graphs: ``torch.autograd.grad`` inside
+the velocity (exact-trace CNFs, Hutchinson estimators, Hamiltonian nets) is traced into its
+backward ops, ``torch.func`` transforms are traced through, in-place writes into preallocated
+tensors are plain aten ops, ``torch.tensor(t)`` is a copy of ``t``, and TorchScript helpers run
+their ops through the dispatcher like any other code. The graph is what the precision policy is
+written in (``addmm``, ``convolution``, ``group_norm``...), what :func:`rampde_fx.explain` prints,
+and what dynamo and inductor compile later. torch.fx symbolic tracing (the earlier mechanism)
+stops at all of these; dynamo guards Python branches but breaks on ``torch.autograd.grad``.
 
-The rewritten ``GraphModule`` reads its attributes from the user's *live* module, so parameters
-stay the user's fp32 masters and re-assigned attributes are seen on the next call.
+Inputs: the tensors of the module that owns the velocity (parameters, buffers and plain tensor
+attributes, found by name) are placeholders of the graph, fetched live on every call: parameters
+stay the user's float32 masters and re-assigned attributes are seen. Tensors reached otherwise
+(closures) are graph constants that hold the live objects.
 
-When tracing fails (Python control flow on tensor values, ``torch.autograd.grad`` inside the
-velocity, data-dependent ops), :func:`capture_velocity` warns with the module and the reason and
-falls back to evaluating ``func`` eagerly under autocast in the low dtype, with the same float32
-accumulation and adjoint.
+Python reads of the time's value (``int(t.item() * n)``, ``float(t)``) specialise the graph on
+that value: the velocity keeps one graph per distinct time (a fixed grid has a few per step).
+Python control flow on any other tensor value (the state's) cannot be a graph: the velocity then
+falls back, with a :class:`CaptureWarning` giving the reason and the line, to running ``func``
+eagerly under autocast in the low dtype, with the same float32 accumulation and adjoint.
+
+Recomputation in the backward pass must reproduce the forward: buffers that the velocity mutates
+(BatchNorm running statistics, counters kept in buffers) are mutated by forward evaluations
+only (:meth:`GraphVelocity.recomputing` gives the graph copies), and :attr:`draws_random` tells
+the solver to replay the RNG state of each step.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import os
+import traceback
 import warnings
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import DataDependentOutputException
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .policy import PrecisionPolicy
-from .precision_pass import fetch_attr, rewrite_for_precision
+from .precision_pass import fetch_attr, rewrite_for_precision, written_arguments
 
 State = tuple[torch.Tensor, ...]
 
@@ -45,103 +62,283 @@ def describe(func: Any) -> str:
     return f"velocity callable {getattr(func, '__qualname__', type(func).__qualname__)}"
 
 
-class _VelocityRoot(torch.nn.Module):
-    """Traced root: calls ``velocity(t, y)``, unpacking a tuple state into its components so
-    that user code receives a real Python tuple during tracing."""
-
-    def __init__(self, func: Callable[..., Any], n_components: int | None) -> None:
-        super().__init__()
-        self.velocity = func  # a submodule if func is a Module, else a plain attribute
-        self.n_components = n_components
-
-    # No annotations: fx copies them into the printed graph.
-    def forward(self, t, y):  # type: ignore[no-untyped-def]
-        if self.n_components is not None:
-            y = tuple(y[i] for i in range(self.n_components))
-        return self.velocity(t, y)
+def _owner(func: Any) -> torch.nn.Module | None:
+    """The module whose tensors the velocity reads by attribute: itself, or its method's."""
+    owner = getattr(func, "__self__", func)
+    return owner if isinstance(owner, torch.nn.Module) else None
 
 
-# Factory functions that torch.fx cannot trace when a size is a proxy (``torch.zeros(x.shape[0],
-# 1)``): recorded as graph nodes while tracing.
-_FACTORIES = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "arange",
-              "linspace", "eye")
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """Where a lifted tensor lives: ``module.<kind>[key]`` (kind: _parameters, _buffers, or the
+    instance ``__dict__`` for plain tensor attributes)."""
+
+    module: torch.nn.Module
+    kind: str
+    key: str
+
+    def _table(self) -> dict[str, Any]:
+        return vars(self.module) if self.kind == "__dict__" else getattr(self.module, self.kind)
+
+    def get(self) -> torch.Tensor:
+        return self._table()[self.key]
+
+    def set(self, value: Any) -> None:
+        self._table()[self.key] = value
+
+
+def _lifted_slots(owner: torch.nn.Module | None) -> dict[str, _Slot]:
+    """Every tensor of ``owner`` by qualified name (shared tensors once, at their first name)."""
+    if owner is None:
+        return {}
+    slots: dict[str, _Slot] = {}
+    seen: set[int] = set()
+    for prefix, module in owner.named_modules():
+        for kind in ("_parameters", "_buffers", "__dict__"):
+            table = vars(module) if kind == "__dict__" else getattr(module, kind)
+            for key, value in table.items():
+                if isinstance(value, torch.Tensor) and id(value) not in seen:
+                    seen.add(id(value))
+                    slots[f"{prefix}.{key}".lstrip(".")] = _Slot(module, kind, key)
+    return slots
 
 
 @contextlib.contextmanager
-def recording_calls(tracer: fx.Tracer, functions: Sequence[tuple[Any, str]] = ()):
-    """While tracing, record calls of ``module.attribute`` (for each pair in ``functions``, and
-    torch's factory functions) as ``call_function`` nodes when an argument is a proxy."""
-    patched = [(torch, name, getattr(torch, name)) for name in _FACTORIES]
-    patched += [(module, name, getattr(module, name)) for module, name in functions]
-
-    def recording(function: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
-                return tracer.create_proxy("call_function", function, args, kwargs)
-            return function(*args, **kwargs)
-        return call
-
-    for module, name, function in patched:
-        setattr(module, name, recording(function))
+def _substituted(slots: Sequence[_Slot], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    originals = [slot.get() for slot in slots]
+    for slot, value in zip(slots, values):
+        slot.set(value)
     try:
         yield
     finally:
-        for module, name, function in patched:
-            setattr(module, name, function)
+        for slot, value in zip(slots, originals):
+            slot.set(value)
 
 
-class _ThroughModulesTracer(fx.Tracer):
-    """Traces into every module, so parameters become ``get_attr`` nodes next to functional ops.
+# User-level calls that stop gradients. make_fx also records a detach for every output that
+# autograd saves; those must go (a velocity that differentiates itself with create_graph=True
+# needs the saved outputs attached), and the user's must stay.
+_GRADIENT_STOPPERS = frozenset({torch.Tensor.detach, torch.detach, torch.tensor, torch.as_tensor,
+                                torch.Tensor.new_tensor})
+_SCALAR_READS = frozenset({torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__,
+                           torch.Tensor.__index__, torch.Tensor.tolist})
+_USER_DETACH = "rampde_user_detach"
 
-    A module the velocity reaches outside its attributes (``lambda t, y: model(y)``) is adopted
-    as a submodule of the root when it is called, so its parameters are ``get_attr`` nodes too.
-    """
 
-    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        return False
+class _TracingHooks(TorchFunctionMode):
+    """While tracing: answers reads of the time's value with its real value (and notes that the
+    graph is specialised on it), and tags the detaches that user code asked for."""
 
-    def path_of_module(self, mod: torch.nn.Module) -> str:
-        try:
-            return super().path_of_module(mod)
-        except NameError:
-            name = f"closure_module_{sum(n.startswith('closure_module_') for n, _ in self.root.named_children())}"
-            self.root.add_module(name, mod)
-            self.submodule_paths.update(
-                {m: f"{name}.{q}" if q else name for q, m in mod.named_modules()})
-            return name
+    def __init__(self, time: torch.Tensor, time_value: float) -> None:
+        super().__init__()
+        self.time = time
+        self.time_value = time_value
+        self.reads_time_value = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _SCALAR_READS and args and args[0] is self.time:
+            self.reads_time_value = True
+            value = torch.tensor(self.time_value, dtype=self.time.dtype)
+            return func(value, *args[1:], **kwargs)
+        if func not in _GRADIENT_STOPPERS:
+            return func(*args, **kwargs)
+        graph = get_proxy_mode().tracer.graph
+        before = set(graph.nodes)
+        out = func(*args, **kwargs)
+        for node in graph.nodes:
+            if node not in before:
+                node.meta[_USER_DETACH] = True
+        return out
+
+
+def _drop_autograd_detaches(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten.detach.default and not node.meta.get(_USER_DETACH):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+def _with_readable_names(graph: fx.Graph, placeholder_names: list[str]) -> fx.Graph:
+    """A copy of ``graph`` whose placeholders have the given names (the tracer reserved some
+    of them for ops, such as ``t`` for transposes) and whose transposes of an input are
+    named after it (``net_0_weight_t``)."""
+    readable = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    for node, name in zip(placeholders, placeholder_names):
+        env[node] = readable.placeholder(name)
+        env[node].meta = node.meta
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            continue
+        env[node] = readable.node_copy(node, env.__getitem__)
+        if node.target is torch.ops.aten.t.default and env[node.args[0]].op == "placeholder":
+            env[node]._rename(f"{env[node.args[0]].name}_t")
+    return readable
+
+
+def _written_placeholders(graph: fx.Graph) -> set[str]:
+    """Placeholders that an in-place op of the graph writes to, directly or through views."""
+    written: set[str] = set()
+    for node in graph.nodes:
+        for value in written_arguments(node):
+            while value.op != "placeholder" and getattr(value.target, "is_view", False):
+                value = value.args[0]
+            if value.op == "placeholder":
+                written.add(value.name)
+    return written
+
+
+def _draws_random(graph: fx.Graph) -> bool:
+    return any(torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+               for node in graph.nodes)
+
+
+@dataclasses.dataclass
+class _Traced:
+    graph_module: fx.GraphModule
+    names: list[str]  # lifted tensors, in placeholder order after (t, *state)
+    reads_time_value: bool
+    output: Any  # fake values of the output, in its structure
+
+
+def _trace(func: Any, t: torch.Tensor, state: State, is_tuple: bool,
+           slots: dict[str, _Slot], counters: list[str]) -> _Traced:
+    names = list(slots)
+    slot_list = [slots[n] for n in names]
+    lifted = [slot.get() for slot in slot_list]
+    hooks_box: list[_TracingHooks] = []
+
+    def velocity(time, *flat):  # type: ignore[no-untyped-def]
+        ys, tensors = flat[:len(state)], flat[len(state):]
+        hooks = _TracingHooks(time, t.item())
+        hooks_box.append(hooks)
+        with _substituted(slot_list, tensors), hooks, torch.enable_grad():
+            return func(time, tuple(ys) if is_tuple else ys[0])
+
+    owner = _owner(func)
+    with restore_attributes(owner if owner is not None else func, counters):
+        gm = make_fx(velocity, tracing_mode="fake", _allow_non_fake_inputs=True)(
+            t, *state, *lifted)
+    _drop_autograd_detaches(gm.graph)
+    names_in_order = ["t", *(["y"] if len(state) == 1 and not is_tuple else
+                             [f"y_{i}" for i in range(len(state))]),
+                      *(n.replace(".", "_") for n in names)]
+    gm = fx.GraphModule(gm, _with_readable_names(gm.graph, names_in_order))
+    (output,) = gm.graph.find_nodes(op="output")
+    values = fx.node.map_arg(output.args[0], lambda n: n.meta.get("val"))
+    return _Traced(gm, names, hooks_box[-1].reads_time_value, values)
+
+
+def _check_output(out: Any, state: State, func: Any) -> None:
+    components = _as_state(out, len(state), func)
+    for i, (k, c) in enumerate(zip(components, state)):
+        if tuple(k.shape) != tuple(c.shape):
+            where = f"component {i} of the state" if len(state) > 1 else "the state"
+            raise ValueError(f"{describe(func)} returned shape {tuple(k.shape)} for {where} of "
+                             f"shape {tuple(c.shape)}; the velocity must have the state's shape")
+
+
+@dataclasses.dataclass
+class _ReplayFlag:
+    on: bool = False
 
 
 class GraphVelocity:
-    """A velocity captured as an fx graph and rewritten under a precision policy."""
+    """A velocity captured as graphs and rewritten under a precision policy.
 
-    def __init__(self, func: Any, graph_module: fx.GraphModule, original: fx.GraphModule,
-                 is_tuple: bool) -> None:
+    One graph serves every time unless the velocity reads the time's value in Python; then
+    there is a graph per distinct time value, captured on first use.
+    """
+
+    def __init__(self, func: Any, is_tuple: bool, low_dtype: torch.dtype,
+                 policy: PrecisionPolicy, slots: dict[str, _Slot], first: _Traced,
+                 example: tuple[torch.Tensor, State]) -> None:
         self.func = func
-        self.graph_module = graph_module
-        self.original_graph_module = original
         self.is_tuple = is_tuple
+        self.low_dtype = low_dtype
+        self.policy = policy
         self.fallback_reason: str | None = None
-        self._attr_targets = [n.target for n in graph_module.graph.find_nodes(op="get_attr")]
+        self._slots = slots
+        self._replay = _ReplayFlag()  # shared with transformed twins
+        self.time_indexed = first.reads_time_value
+        self._graphs: dict[float | None, tuple[fx.GraphModule, fx.GraphModule]] = {}
+        self._add(first, example)
+
+    def _add(self, traced: _Traced, example: tuple[torch.Tensor, State]) -> None:
+        t, state = example
+        original = traced.graph_module
+        inputs = [t, *state, *(self._slots[n].get() for n in traced.names)]
+        with torch.no_grad():
+            new_graph = rewrite_for_precision(
+                original, inputs, self.low_dtype, self.policy,
+                state_placeholders={n.name for n in list(original.graph.find_nodes(
+                    op="placeholder"))[1:1 + len(state)]})
+        rewritten = fx.GraphModule(original, new_graph, class_name="LowPrecisionVelocity")
+        self.names = traced.names
+        self._written = [i for i, name in enumerate(traced.names)
+                         if name.replace(".", "_") in _written_placeholders(original.graph)]
+        self.draws_random = _draws_random(original.graph)
+        key = float(t.item()) if self.time_indexed else None
+        self._graphs[key] = (original, rewritten)
+
+    @property
+    def original_graph_module(self) -> fx.GraphModule:
+        """The captured graph before the precision rewrite (the first one captured)."""
+        return next(iter(self._graphs.values()))[0]
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The rewritten graph that runs (the first one captured)."""
+        return next(iter(self._graphs.values()))[1]
+
+    def _graph_at(self, t: torch.Tensor, y: State) -> fx.GraphModule:
+        if not self.time_indexed:
+            return self.graph_module
+        key = float(t.item())
+        if key not in self._graphs:
+            example = (t.detach(), tuple(c.detach() for c in y))
+            counters: list[str] = []
+            self._add(_trace(self.func, *example, self.is_tuple, self._slots, counters), example)
+        return self._graphs[key][1]
 
     def __call__(self, t: torch.Tensor, y: State) -> State:
-        return _as_state(self.graph_module(t, y if self.is_tuple else y[0]), len(y), self.func)
+        tensors = [self._slots[name].get() for name in self.names]
+        if self._replay.on:  # mutations of the velocity's buffers happen in the forward only
+            for i in self._written:
+                tensors[i] = tensors[i].clone()
+        return _as_state(self._graph_at(t, y)(t, *y, *tensors), len(y), self.func)
+
+    @contextlib.contextmanager
+    def recomputing(self) -> Iterator[None]:
+        """Evaluations inside re-run forward steps: buffers the velocity mutates stay as they
+        are."""
+        self._replay.on = True
+        try:
+            yield
+        finally:
+            self._replay.on = False
 
     def transformed(self, transform: Callable[[fx.Graph], None]) -> "GraphVelocity":
-        """A twin whose graph is a copy changed in place by ``transform``; it reads the same
-        live modules."""
-        graph = copy.deepcopy(self.graph_module.graph)
-        transform(graph)
-        graph_module = fx.GraphModule(self.graph_module, graph,
-                                      class_name=type(self.graph_module).__name__)
-        for name, child in self.graph_module.named_children():
-            setattr(graph_module, name, child)
-        return GraphVelocity(self.func, graph_module, self.original_graph_module, self.is_tuple)
+        """A twin whose rewritten graphs are copies changed in place by ``transform``; it reads
+        the same live tensors."""
+        twin = copy.copy(self)
+        twin._graphs = {}
+        for key, (original, rewritten) in self._graphs.items():
+            graph = copy.deepcopy(rewritten.graph)
+            transform(graph)
+            twin._graphs[key] = (original, fx.GraphModule(rewritten, graph,
+                                                          class_name=type(rewritten).__name__))
+        return twin
 
     def tensors_requiring_grad(self) -> list[torch.Tensor]:
         """The live tensors the velocity reads that require grad (parameters, closures...)."""
         found: dict[int, torch.Tensor] = {}
-        for target in self._attr_targets:
-            value = fetch_attr(self.graph_module, target)
+        values = [self._slots[name].get() for name in self.names]
+        for gm in (rewritten for _, rewritten in self._graphs.values()):
+            values += [fetch_attr(gm, n.target) for n in gm.graph.find_nodes(op="get_attr")]
+        for value in values:
             if isinstance(value, torch.Tensor) and value.requires_grad:
                 found.setdefault(id(value), value)
         return list(found.values())
@@ -150,6 +347,9 @@ class GraphVelocity:
 class EagerVelocity:
     """Fallback: ``func`` run eagerly on the state cast to the low dtype, under autocast."""
 
+    draws_random = True  # unknown: the solver replays the RNG state of every step
+    time_indexed = False
+
     def __init__(self, func: Any, low_dtype: torch.dtype, is_tuple: bool, reason: str,
                  tensors: Sequence[torch.Tensor]) -> None:
         self.func = func
@@ -157,12 +357,19 @@ class EagerVelocity:
         self.is_tuple = is_tuple
         self.fallback_reason = reason
         self._tensors = list(tensors)
+        self._slots = {name: slot for name, slot in _lifted_slots(_owner(func)).items()
+                       if slot.kind == "_buffers"}
+        self._replay = _ReplayFlag()
 
     def __call__(self, t: torch.Tensor, y: State) -> State:
         y_low = tuple(c.to(self.low_dtype) for c in y)
-        with _autocast_for(y[0].device.type, self.low_dtype):
+        slots = list(self._slots.values()) if self._replay.on else []
+        with _autocast_for(y[0].device.type, self.low_dtype), \
+                _substituted(slots, [slot.get().clone() for slot in slots]):
             out = self.func(t, y_low if self.is_tuple else y_low[0])
         return _as_state(out, len(y), self.func)
+
+    recomputing = GraphVelocity.recomputing
 
     def tensors_requiring_grad(self) -> list[torch.Tensor]:
         return self._tensors
@@ -190,12 +397,12 @@ def _as_state(out: Any, n_components: int, func: Any) -> State:
 
 class _TensorReadRecorder(TorchFunctionMode):
     """Records the tensors requiring grad that torch functions receive from outside the call
-    (parameters, closure tensors), skipping those produced during it."""
+    (parameters, closure tensors), skipping the call's inputs and what it produces."""
 
-    def __init__(self) -> None:
+    def __init__(self, inputs: Sequence[torch.Tensor]) -> None:
         super().__init__()
         self.seen: dict[int, torch.Tensor] = {}
-        self._produced: dict[int, torch.Tensor] = {}  # holds references so ids stay unique
+        self._produced: dict[int, torch.Tensor] = {id(x): x for x in inputs}  # keeps ids unique
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -221,8 +428,8 @@ def _mutable_attributes(module: torch.nn.Module) -> dict[tuple[int, str], tuple[
 @contextlib.contextmanager
 def restore_attributes(module: Any, counters: list[str]):
     """Undo attribute assignments that tracing ``module`` makes (an ``nfe`` counter, a tensor
-    re-assigned in forward, the tracer's own tensor constants), so tracing leaves no proxies or
-    other traces on the user's modules.
+    re-assigned in forward), so tracing leaves no fake tensors or other traces on the user's
+    modules.
 
     Appends to ``counters`` the names of the non-tensor attributes that were assigned: a graph
     recomputes tensor values on every call, but cannot repeat Python-side updates.
@@ -243,50 +450,40 @@ def restore_attributes(module: Any, counters: list[str]):
         for key, (sub, name, value) in after.items():
             if key not in before:
                 delattr(sub, key[1])
-                if not isinstance(value, (torch.Tensor, fx.Proxy)) and not key[1].startswith("_"):
+                if not isinstance(value, torch.Tensor) and not key[1].startswith("_"):
                     counters.append(name)
 
 
-def _trace(func: Any, example: tuple[torch.Tensor, Any], low_dtype: torch.dtype,
-           policy: PrecisionPolicy, n_components: int | None) -> GraphVelocity:
-    root = _VelocityRoot(func, n_components)
-    changed: list[str] = []
-    tracer = _ThroughModulesTracer()
-    with restore_attributes(func, changed), recording_calls(tracer):
-        graph = tracer.trace(root)
-    if graph.find_nodes(op="call_function", target=torch.autograd.grad):
-        raise RuntimeError("it calls torch.autograd.grad, which a captured graph cannot replay")
-    original = fx.GraphModule(root, graph, class_name="Velocity")
-    with torch.no_grad():
-        new_graph = rewrite_for_precision(original, example, low_dtype, policy,
-                                          state_placeholder="y")
-    rewritten = fx.GraphModule(root, new_graph, class_name="LowPrecisionVelocity")
-    # GraphModule copied the attributes it reads into a parallel hierarchy; read the live
-    # modules instead so parameters are shared and re-assigned attributes are seen.
-    for name, module in root.named_children():
-        setattr(original, name, module)
-        setattr(rewritten, name, module)
-    if changed:
-        warnings.warn(
-            f"rampde_fx: {describe(func)} assigns {sorted(set(changed))} in forward. The captured "
-            "graph ran that Python code once, at capture time, and does not repeat it during "
-            "solves (a counter such as nfe will not advance).", CaptureWarning, stacklevel=4)
-    return GraphVelocity(func, rewritten, original, is_tuple=n_components is not None)
-
-
-def _eager(func: Any, example: tuple[torch.Tensor, Any], low_dtype: torch.dtype,
-           n_components: int | None, reason: str) -> EagerVelocity:
-    recorder = _TensorReadRecorder()
-    t, y = example
-    state = tuple(y) if n_components is not None else (y,)
-    velocity = EagerVelocity(func, low_dtype, n_components is not None, reason, [])
-    with torch.no_grad(), recorder:
+def _eager(func: Any, t: torch.Tensor, state: State, is_tuple: bool, low_dtype: torch.dtype,
+           reason: str) -> EagerVelocity:
+    recorder = _TensorReadRecorder([t, *state])
+    velocity = EagerVelocity(func, low_dtype, is_tuple, reason, [])
+    with torch.no_grad(), recorder, velocity.recomputing(), torch.random.fork_rng(
+            devices=[state[0].device] if state[0].device.type == "cuda" else []):
         velocity(t, state)
     tensors = dict(recorder.seen)
-    if isinstance(func, torch.nn.Module):
-        tensors.update((id(p), p) for p in func.parameters() if p.requires_grad)
+    owner = _owner(func)
+    if owner is not None:
+        tensors.update((id(p), p) for p in owner.parameters() if p.requires_grad)
     velocity._tensors = list(tensors.values())
     return velocity
+
+
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+
+
+def _reason(error: Exception) -> str:
+    """Why capture failed: the error's first line, and the line of user code that raised it."""
+    text = str(error).strip()
+    reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    if isinstance(error, (GuardOnDataDependentSymNode, DataDependentOutputException)):
+        reason = "Python control flow on the value of a tensor other than the time"
+    user = [frame for frame in traceback.extract_tb(error.__traceback__)
+            if not frame.filename.startswith(_LIBRARY_DIRS)]
+    if user:
+        reason += f", at {os.path.basename(user[-1].filename)}:{user[-1].lineno} " \
+                  f"in {user[-1].name}: {user[-1].line}"
+    return reason
 
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict[Any, Velocity]]" = weakref.WeakKeyDictionary()
@@ -296,28 +493,41 @@ def capture_velocity(func: Any, t: torch.Tensor, y: State, is_tuple: bool,
                      low_dtype: torch.dtype, policy: PrecisionPolicy) -> Velocity:
     """The low-precision velocity for ``func`` at inputs like ``(t, y)``, cached per ``func``.
 
-    The cache key holds the dtypes and devices of the inputs, the low dtype, the policy and the
-    train/eval flags of ``func``'s modules (a graph bakes in ``if self.training`` branches).
+    The cache key holds the shapes, dtypes and devices of the inputs, the low dtype, the policy
+    and the train/eval flags of ``func``'s modules (a graph bakes in ``if self.training``
+    branches and the shapes it was traced with).
     """
     owner = getattr(func, "__self__", func)  # bound methods are re-created on every access
-    training = tuple(m.training for m in func.modules()) if isinstance(func, torch.nn.Module) else ()
+    module = _owner(func)
+    training = tuple(m.training for m in module.modules()) if module is not None else ()
     key = (getattr(func, "__func__", None), low_dtype, policy, is_tuple, training, t.dtype,
-           tuple((c.dtype, c.device, c.dim()) for c in y))
+           tuple((c.dtype, c.device, tuple(c.shape)) for c in y))
     try:
         per_owner = _CACHE.setdefault(owner, {})
     except TypeError:  # not weak-referenceable: capture every time
         per_owner = {}
     if key not in per_owner:
-        n_components = len(y) if is_tuple else None
-        example = (t, tuple(y) if is_tuple else y[0])
+        example = (t.detach(), tuple(c.detach() for c in y))
+        counters: list[str] = []
+        slots = _lifted_slots(module)
         try:
-            per_owner[key] = _trace(func, example, low_dtype, policy, n_components)
+            traced = _trace(func, *example, is_tuple, slots, counters)
         except Exception as error:  # noqa: BLE001 - any failure means: run it eagerly
-            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            reason = _reason(error)
             warnings.warn(
                 f"rampde_fx: could not capture {describe(func)} as a graph ({reason}). It will "
                 f"run eagerly on its state cast to {low_dtype}, under autocast; accumulation "
                 "and the adjoint are unchanged, but the precision policy does not apply.",
                 CaptureWarning, stacklevel=3)
-            per_owner[key] = _eager(func, example, low_dtype, n_components, reason)
+            per_owner[key] = _eager(func, *example, is_tuple, low_dtype, reason)
+        else:
+            _check_output(traced.output, example[1], func)
+            per_owner[key] = GraphVelocity(func, is_tuple, low_dtype, policy, slots, traced,
+                                           example)
+        if counters:
+            warnings.warn(
+                f"rampde_fx: {describe(func)} assigns {sorted(set(counters))} in forward. The "
+                "captured graph ran that Python code once, at capture time, and does not repeat "
+                "it during solves (a counter such as nfe will not advance).", CaptureWarning,
+                stacklevel=3)
     return per_owner[key]

@@ -210,25 +210,28 @@ def tanh_for_cpu_kernels(x: Tensor) -> Tensor:
 
 
 def _use_cpu_tanh(graph: torch.fx.Graph) -> None:
-    for node in graph.nodes:
-        if (node.op, node.target) in (("call_function", torch.tanh), ("call_method", "tanh")):
-            node.op, node.target = "call_function", tanh_for_cpu_kernels
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.tanh.default):
+        node.target = tanh_for_cpu_kernels
 
 
 def _compiled_step(stepper: Stepper, dtype: torch.dtype, device: torch.device,
-                   keeps_activations: bool) -> Callable[..., Any]:
-    """The stepper's RK step compiled once per velocity, method, perturb and direction.
+                   keeps_activations: bool) -> Callable[..., Any] | None:
+    """The stepper's RK step compiled once per velocity, method, perturb and direction; None
+    (the step runs as it is) for a velocity that is not one graph of plain ops: an eager
+    fallback, graphs per time value, or random draws, which the backward pass replays from the
+    generator states of eager kernels.
 
     On CPU a 16-bit velocity gets :func:`tanh_for_cpu_kernels`, unless the solve keeps its
     stage activations (checkpoint='stages'): its float32 internals would be kept too.
     """
+    velocity = stepper.velocity
+    if not isinstance(velocity, GraphVelocity) or velocity.time_indexed or velocity.draws_random:
+        return None
     per_velocity = _COMPILED_STEPS.setdefault(stepper.velocity, {})
     key = (stepper.tableau, stepper.start_nudge, stepper.end_nudge, stepper.time_sign,
            device.type, keeps_activations, step_backend)
     if key not in per_velocity:
-        velocity = stepper.velocity
-        if (device.type == "cpu" and dtype.itemsize == 2 and not keeps_activations
-                and isinstance(velocity, GraphVelocity)):
+        if device.type == "cpu" and dtype.itemsize == 2 and not keeps_activations:
             velocity = velocity.transformed(_use_cpu_tanh)
         twin = Stepper(velocity, stepper.tableau, stepper.start_nudge, stepper.end_nudge,
                        stepper.time_sign, stepper.interp)

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import is_fake
 
 from .policy import DEFAULT_POLICY
 from .precision_pass import NodePrecision
@@ -50,6 +51,8 @@ def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
     storages: dict[int, int] = {}
 
     def count(tensor: torch.Tensor) -> torch.Tensor:
+        if is_fake(tensor):  # a velocity being captured: it holds no memory
+            return tensor
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor

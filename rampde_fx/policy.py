@@ -36,7 +36,7 @@ class Precision(enum.Enum):
 _LOW_OPS = frozenset({
     "linear", "bilinear", "matmul", "mm", "bmm", "addmm", "addbmm", "baddbmm", "addmv", "mv",
     "einsum", "tensordot", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-    "conv_transpose3d",
+    "conv_transpose3d", "convolution", "convolution_backward",
 })
 
 _FULL_OPS = frozenset({
@@ -44,7 +44,8 @@ _FULL_OPS = frozenset({
     "rms_norm", "softmax", "log_softmax", "softmin", "logsumexp", "sum", "mean", "var", "std",
     "var_mean", "std_mean", "norm", "prod", "cumsum", "cumprod", "exp", "expm1", "log", "log1p",
     "log2", "log10", "pow", "softplus", "cross_entropy", "nll_loss", "mse_loss", "kl_div",
-    "dist", "cdist",
+    "dist", "cdist", "group_norm_backward", "layer_norm_backward", "batch_norm_backward",
+    "softmax_backward_data", "log_softmax_backward_data",
 })
 
 
@@ -94,14 +95,25 @@ _OPERATOR_NAMES: dict[Any, str] = {
 }
 
 
+# aten ops whose names say how they are implemented rather than what they compute.
+_ATEN_ALIASES = {"batch_norm_legit": "batch_norm", "batch_norm_legit_no_training": "batch_norm",
+                 "batch_norm_legit_functional": "batch_norm", "to_copy": "to"}
+
+
 def op_name(node: torch.fx.Node) -> str:
-    """Canonical name of a call node: ``F.linear``, ``torch.nn.functional.linear`` and
-    ``torch._C._nn.linear`` are all ``linear``; ``x.sum()`` and ``torch.sum(x)`` are ``sum``."""
+    """Canonical name of a call node: ``aten.addmm``, ``F.linear`` and ``torch._C._nn.linear``
+    are ``addmm`` and ``linear``; in-place and private variants share their op's name
+    (``aten.add_`` is ``add``, ``aten._softmax`` is ``softmax``, ``aten.native_group_norm`` is
+    ``group_norm``); ``x.sum()`` and ``torch.sum(x)`` are ``sum``."""
     if node.op == "call_method":
         return str(node.target).rstrip("_") if node.target not in ("__getitem__",) else "getitem"
     if node.op == "call_function":
         target = node.target
         if target in _OPERATOR_NAMES:
             return _OPERATOR_NAMES[target]
+        if isinstance(target, torch._ops.OpOverload):
+            name = target.overloadpacket.__name__.rstrip("_").lstrip("_")
+            name = name.removeprefix("native_")
+            return _ATEN_ALIASES.get(name, name)
         return getattr(target, "__name__", str(target)).rstrip("_")
     return str(node.target)

@@ -19,8 +19,7 @@ Rules (``L`` is the low dtype, ``F`` the full dtype: float32, or wider if ``L`` 
 from __future__ import annotations
 
 import dataclasses
-import operator
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -52,21 +51,20 @@ def _is_float_tensor(value: Any) -> bool:
 
 def rewrite_for_precision(
     graph_module: fx.GraphModule,
-    example_inputs: tuple[Any, ...],
+    example_inputs: Sequence[torch.Tensor],
     low_dtype: torch.dtype,
     policy: PrecisionPolicy,
-    state_placeholder: str,
+    state_placeholders: set[str],
 ) -> fx.Graph:
     """Return a new graph of ``graph_module`` with the casts that ``policy`` asks for.
 
     Args:
-        graph_module: the traced velocity; placeholders ``(t, y)``.
-        example_inputs: real tensors (or tuples of them) for the placeholders; only their
-            metadata is used.
+        graph_module: the captured velocity; placeholders ``(t, *state, *tensors)``.
+        example_inputs: real tensors for the placeholders, in order; only their metadata is
+            used.
         low_dtype: the dtype of ``LOW`` ops and of the state inside the velocity.
         policy: classifies each call node.
-        state_placeholder: name of the placeholder holding the state (a tensor, or a tuple of
-            tensors whose ``getitem`` nodes are the state components).
+        state_placeholders: names of the placeholders holding the state's components.
     """
     full_dtype = full_dtype_for(low_dtype)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -99,13 +97,6 @@ def rewrite_for_precision(
         fx.node.map_arg((node.args, node.kwargs), found.append)
         return [env[n] for n in found]
 
-    def is_state_entry(node: fx.Node) -> bool:
-        if node.op == "placeholder":
-            return node.target == state_placeholder and isinstance(inputs[node.target], torch.Tensor)
-        return (node.op == "call_function" and node.target is operator.getitem
-                and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"
-                and node.args[0].target == state_placeholder)
-
     for node in graph_module.graph.nodes:
         if node.op == "output":
             new_graph.output(fx.node.map_arg(node.args[0], env.__getitem__))
@@ -122,7 +113,8 @@ def rewrite_for_precision(
             record(new_node, value, None, why)
         else:
             precision, what = policy.classify(node)
-            floats = [n for n in inputs_of(node) if _is_float_tensor(fake[n])]
+            written = {env[n] for n in written_arguments(node)}  # never replaced by a cast
+            floats = [n for n in inputs_of(node) if _is_float_tensor(fake[n]) and n not in written]
             replace: dict[fx.Node, fx.Node] = {}
             if precision is Precision.LOW:
                 replace = {n: cast(n, low_dtype, f"input of {what}") for n in floats}
@@ -138,10 +130,21 @@ def rewrite_for_precision(
                 value = _run_on_fake(graph_module, new_node, fake)
             record(new_node, value, precision, what)
         env[node] = new_node
-        if is_state_entry(node):
+        if node.op == "placeholder" and node.target in state_placeholders:
             env[node] = cast(new_node, low_dtype, "the state enters the velocity in low precision")
     new_graph.lint()
     return new_graph
+
+
+def written_arguments(node: fx.Node) -> list[fx.Node]:
+    """The arguments that ``node`` writes to in place (its op's schema marks them mutable)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    values = list(node.args) + [node.kwargs.get(a.name) for a in schema.arguments[len(node.args):]]
+    return [value for argument, value in zip(schema.arguments, values)
+            if argument.alias_info is not None and argument.alias_info.is_write
+            and isinstance(value, fx.Node)]
 
 
 def fetch_attr(module: torch.nn.Module, target: str) -> Any:

@@ -6,10 +6,11 @@ the forward solve (under ``no_grad``) and the per-step recomputation of the back
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -130,6 +131,28 @@ class Stepper:
         """A step, and the state at each output time ``(t, t_value)`` that falls inside it."""
         y1, stages = self.take_step(t0, t1, y0, start_nudge=start_nudge)
         return y1, self.interpolate(t0, t1, y0, y1, stages, outputs, t0_value, t1_value)
+
+
+RngState = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def rng_state(device: torch.device) -> RngState:
+    """The generator states a step on ``device`` draws from (the CPU's, and the CUDA device's)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def replayed_rng(state: RngState | None, device: torch.device) -> Iterator[None]:
+    """Run with the generators at ``state`` (as in the forward step being recomputed) and leave
+    them as they were, as ``torch.utils.checkpoint`` does; nothing for ``None``."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def weighted_sum(weights: Sequence[float], values: Sequence[torch.Tensor]) -> torch.Tensor:
