@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .policy import PrecisionPolicy
-from .precision_pass import fetch_attr, rewrite_for_precision, written_arguments
+from .precision_pass import fetch_attr, rewrite_for_precision
 
 State = tuple[torch.Tensor, ...]
 
@@ -178,18 +178,6 @@ def _with_readable_names(graph: fx.Graph, placeholder_names: list[str]) -> fx.Gr
     return readable
 
 
-def _written_placeholders(graph: fx.Graph) -> set[str]:
-    """Placeholders that an in-place op of the graph writes to, directly or through views."""
-    written: set[str] = set()
-    for node in graph.nodes:
-        for value in written_arguments(node):
-            while value.op != "placeholder" and getattr(value.target, "is_view", False):
-                value = value.args[0]
-            if value.op == "placeholder":
-                written.add(value.name)
-    return written
-
-
 def _draws_random(graph: fx.Graph) -> bool:
     return any(torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
                for node in graph.nodes)
@@ -277,8 +265,10 @@ class GraphVelocity:
                     op="placeholder"))[1:1 + len(state)]})
         rewritten = fx.GraphModule(original, new_graph, class_name="LowPrecisionVelocity")
         self.names = traced.names
-        self._written = [i for i, name in enumerate(traced.names)
-                         if name.replace(".", "_") in _written_placeholders(original.graph)]
+        # Buffers, not only what the graph marks as written: aten.native_batch_norm updates its
+        # running statistics without declaring it in its schema.
+        self._buffers = [i for i, name in enumerate(traced.names)
+                         if self._slots[name].kind != "_parameters"]
         self.draws_random = _draws_random(original.graph)
         key = float(t.item()) if self.time_indexed else None
         self._graphs[key] = (original, rewritten)
@@ -306,7 +296,7 @@ class GraphVelocity:
     def __call__(self, t: torch.Tensor, y: State) -> State:
         tensors = [self._slots[name].get() for name in self.names]
         if self._replay.on:  # mutations of the velocity's buffers happen in the forward only
-            for i in self._written:
+            for i in self._buffers:
                 tensors[i] = tensors[i].clone()
         return _as_state(self._graph_at(t, y)(t, *y, *tensors), len(y), self.func)
 

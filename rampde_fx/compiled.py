@@ -68,7 +68,7 @@ def _id_or_none(x: Any) -> int | None:
     return None if x is None else id(x)
 
 
-def _object_with_id(address: int | None) -> Any:
+def object_with_id(address: int | None) -> Any:
     """The object whose ``id()`` is ``address`` (None for None); only for objects known to be
     alive."""
     return None if address is None else ctypes.cast(address, ctypes.py_object).value
@@ -82,11 +82,11 @@ def _register(owner_id: int, method_name: Any, policy_id: Any, report_to_id: Any
     The velocity is ``owner`` itself or its method ``method_name``; ``owner``, the policy and
     the reporting object come as ids (or None) of objects that the traced frame holds, alive
     until this returns."""
-    owner = _object_with_id(owner_id)
+    owner = object_with_id(owner_id)
     func = owner if method_name is None else getattr(owner, method_name)
     _SITES.append(_Site(func, rtol, atol, method, dict(options or {}), dtype, scaling,
-                        _object_with_id(policy_id), checkpoint, is_tuple,
-                        _object_with_id(report_to_id)))
+                        object_with_id(policy_id), checkpoint, is_tuple,
+                        object_with_id(report_to_id)))
     return len(_SITES) - 1
 
 
@@ -101,12 +101,15 @@ def _grad_tensors(func: Any) -> list[Tensor]:
 
 
 def solve_in_graph(func: Any, y0: Any, t: Tensor, *, rtol: Any = 1e-7, atol: Any = 1e-9,
-                   method: str | None,
-                   options: dict[str, Any] | None, dtype: torch.dtype, scaling: str,
-                   policy: PrecisionPolicy | None, checkpoint: str, event_fn: Any,
-                   report_to: Any = None) -> Any:
+                   method: str | None = None, options: dict[str, Any] | None = None,
+                   dtype: torch.dtype, scaling: str, policy: PrecisionPolicy | None,
+                   checkpoint: str, event_fn: Any = None,
+                   report_to_id: int | None = None) -> Any:
     """:func:`rampde_fx.odeint` while dynamo traces: one call of the opaque solve op.
-    ``report_to.last_stats`` receives each run's :class:`SolveStats`."""
+
+    ``report_to_id`` is the ``id`` of a live object (a site of ``rampde_fx.convert``) whose
+    ``last_stats`` receives each run's :class:`SolveStats`: an id, because the registration
+    takes only constants."""
     if event_fn is not None:
         raise NotImplementedError("rampde_fx.odeint does not support event_fn yet")
     if not isinstance(func, (torch.nn.Module, types.MethodType)):
@@ -118,8 +121,8 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, *, rtol: Any = 1e-7, atol: Any
     state = list(y0) if is_tuple else [y0]
     owner, method_name = ((func.__self__, func.__func__.__name__)
                           if isinstance(func, types.MethodType) else (func, None))
-    site = _register(id(owner), method_name, _id_or_none(policy), _id_or_none(report_to), rtol,
-                     atol, method, options, dtype, scaling, checkpoint, is_tuple)
+    site = _register(id(owner), method_name, _id_or_none(policy), report_to_id, rtol, atol,
+                     method, options, dtype, scaling, checkpoint, is_tuple)
     tensors = _grad_tensors(func)
     keep = torch.is_grad_enabled() and any(x.requires_grad for x in [*state, t, *tensors])
     *solution, _ticket = torch.ops.rampde_fx.solve(site, state, t, tensors, keep)
@@ -235,7 +238,12 @@ def _compiled_step(stepper: Stepper, dtype: torch.dtype, device: torch.device,
             velocity = velocity.transformed(_use_cpu_tanh)
         twin = Stepper(velocity, stepper.tableau, stepper.start_nudge, stepper.end_nudge,
                        stepper.time_sign, stepper.interp)
-        per_velocity[key] = torch.compile(twin.step, fullgraph=True, backend=step_backend)
+        # dynamo caches compiled code, and counts recompilations against its limit, per code
+        # object: each velocity's step gets a code object of its own.
+        step = types.FunctionType(Stepper.step.__code__.replace(), Stepper.step.__globals__,
+                                  Stepper.step.__name__, Stepper.step.__defaults__)
+        per_velocity[key] = torch.compile(types.MethodType(step, twin), fullgraph=True,
+                                          backend=step_backend)
     return per_velocity[key]
 
 

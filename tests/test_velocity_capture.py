@@ -1,0 +1,350 @@
+"""Velocities as real code writes them become graphs: autograd inside the velocity, torch.func,
+in-place writes, tensors built from t, weights chosen by t's value, TorchScript helpers, dropout
+and BatchNorm. Each is checked against torchdiffeq (float32 mode, ~1e-6) and float64 (bf16)."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchdiffeq
+from torch import nn
+
+import rampde_fx
+import rampde_fx.compiled
+from models import rel_err
+
+U_BF16 = 2.0 ** -8
+T = torch.tensor([0.0, 0.5, 1.0])
+STEPS = {"method": "rk4", "options": {"step_size": 0.125}}
+
+
+class ExactTraceCNF(nn.Module):
+    """FFJORD-style: hypernetwork gate in t, divergence by one autograd.grad per dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hyper = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.inp = nn.Linear(2, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, t, states):
+        z, _ = states
+        with torch.enable_grad():
+            z = z.requires_grad_(True)
+            gate = torch.sigmoid(self.hyper(t.view(1, 1)))
+            dz = self.out(torch.tanh(self.inp(z)) * gate)
+            divergence = sum(torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0][:, i]
+                             for i in range(z.shape[1]))
+        return dz, -divergence.view(-1, 1)
+
+
+class Hutchinson(nn.Module):
+    """Hutchinson's trace estimator with noise drawn once and kept on the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 8), nn.Softplus(), nn.Linear(8, 2))
+        self.register_buffer("noise", torch.randn(5, 2))
+
+    def forward(self, t, states):
+        z, _ = states
+        with torch.enable_grad():
+            z.requires_grad_(True)
+            dz = self.net(z)
+            e_dz = torch.autograd.grad(dz, z, self.noise, create_graph=True)[0]
+        return dz, -(e_dz * self.noise).sum(1, keepdim=True)
+
+
+class HamiltonianNet(nn.Module):
+    """dH/dx with create_graph, written into a preallocated output in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.energy = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, t, x):
+        with torch.enable_grad():
+            x = x.requires_grad_(True)
+            grad = torch.autograd.grad(self.energy(x).sum(), x, create_graph=True)[0]
+        out = torch.zeros_like(x)
+        out[:, :2] = grad[:, 2:]
+        out[:, 2:] = -grad[:, :2] * torch.tensor(t)
+        return out
+
+
+class PiecewiseWeights(nn.Module):
+    """Weights chosen from a bank by the interval that t's value falls in."""
+
+    def __init__(self, intervals: int = 4) -> None:
+        super().__init__()
+        self.bank = nn.Parameter(torch.randn(intervals, 3, 3) * 0.5)
+        self.intervals = intervals
+
+    def forward(self, t, y):
+        k = min(int(t.item() * self.intervals), self.intervals - 1)
+        return torch.tanh(y @ self.bank[k]) * t
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated
+
+    @torch.jit.script
+    def _scripted_activation(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * 0.5 + x * x * 0.1
+
+
+class ScriptedHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, t, y):
+        return _scripted_activation(self.lin(y))
+
+
+class JacobianPenalty(nn.Module):
+    """A velocity that uses torch.func: the diagonal of its own Jacobian, per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def field(self, x):
+        return torch.tanh(self.lin(x))
+
+    def forward(self, t, y):
+        jacobians = torch.func.vmap(torch.func.jacrev(self.field))(y)
+        return self.field(y) - 0.1 * jacobians.diagonal(dim1=-2, dim2=-1)
+
+
+class Dropped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+class Normalised(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.Tanh(),
+                                 nn.Linear(16, 3))
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+def cnf_state():
+    return torch.randn(5, 2), torch.zeros(5, 1)
+
+
+# name: (velocity factory, initial state factory, bf16 bound in unit roundoffs). Velocities
+# that differentiate themselves amplify the velocity's rounding in their derivative terms.
+PATTERNS = {
+    "exact_trace_cnf": (ExactTraceCNF, cnf_state, 4),
+    "hutchinson": (Hutchinson, cnf_state, 8),
+    "hamiltonian_inplace": (HamiltonianNet, lambda: torch.randn(5, 4), 4),
+    "piecewise_weights": (PiecewiseWeights, lambda: torch.randn(5, 3), 4),
+    "torchscript_helper": (ScriptedHelper, lambda: torch.randn(5, 3), 4),
+    "torch_func": (JacobianPenalty, lambda: torch.randn(5, 3), 4),
+}
+
+
+def solve_and_grads(solver, func, y0, t, seed=None, **kwargs):
+    """Outputs of a solve and the gradients of a fixed loss for y0, t and func's parameters."""
+    y0 = tuple(c.clone().requires_grad_() for c in y0) if isinstance(y0, tuple) \
+        else y0.clone().requires_grad_()
+    t = t.clone().requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = solver(func, y0, t, **STEPS, **kwargs)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+               for o in outs)
+    inputs = [*(y0 if isinstance(y0, tuple) else (y0,)), t, *func.parameters()]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)  # a last bias under d/dx
+    return [*outs, *(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))]
+
+
+def make(name):
+    torch.manual_seed(0)
+    factory, state, _ = PATTERNS[name]
+    return factory(), state()
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_float32_mode_reproduces_torchdiffeq(name):
+    func, y0 = make(name)
+    with rampde_fx.collect_stats() as stats:
+        got = solve_and_grads(rampde_fx.odeint, func, y0, T, dtype=torch.float32)
+    assert stats[0].velocity == "graph"
+    want = solve_and_grads(torchdiffeq.odeint, func, y0, T)
+    n_state = len(y0) if isinstance(y0, tuple) else 1
+    time_grad = n_state * 2
+    for i, (g, w) in enumerate(zip(got, want)):
+        if i == time_grad:  # the sum of every stage's opposite contributions: an absolute bound
+            assert (g - w).abs().max() < 1e-6
+        else:
+            assert rel_err(g, w) < 2e-6 if w.norm() > 0 else g.norm() == 0
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_bfloat16_against_float64(name):
+    func, y0 = make(name)
+    reference = copy.deepcopy(func).double()
+    want = solve_and_grads(torchdiffeq.odeint, reference,
+                           tuple(c.double() for c in y0) if isinstance(y0, tuple) else y0.double(),
+                           T.double())
+    got = solve_and_grads(rampde_fx.odeint, func, y0, T)
+    # The time gradient sums opposite contributions of every stage: leave it out of the bound.
+    time_grad = 2 * (len(y0) if isinstance(y0, tuple) else 1)
+    errors = [rel_err(g, w) for i, (g, w) in enumerate(zip(got, want))
+              if i != time_grad and w.norm() > 0]
+    assert max(errors) < PATTERNS[name][2] * U_BF16
+    assert max(errors) > 1e-5  # bf16's error, not float32's: the low precision ran
+
+
+def test_weights_chosen_by_time_get_one_graph_per_stage_time():
+    func, y0 = make("piecewise_weights")
+    velocity_graphs = []
+    with rampde_fx.collect_stats():
+        rampde_fx.odeint(func, y0, torch.tensor([0.0, 1.0]), method="rk4",
+                         options={"step_size": 0.25})
+    from rampde_fx.capture import _CACHE
+    (velocity,) = _CACHE[func].values()
+    velocity_graphs = velocity._graphs
+    # rk4 (3/8 rule) evaluates at t0, t0 + h/3, t0 + 2h/3, t0 + h: 3 new times per step.
+    assert velocity.time_indexed and len(velocity_graphs) == 3 * 4 + 1
+    assert {round(k * 12) for k in velocity_graphs} == set(range(13))
+
+
+class StateBranch(nn.Module):
+    """Python control flow on the state's value: the one pattern that stays eager."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, t, y):
+        if y.mean() > 0:
+            return torch.tanh(self.lin(y))
+        return torch.sin(self.lin(y))
+
+
+class Network(nn.Module):
+    """An ODE block between two layers: the solve's y0 requires grad."""
+
+    def __init__(self, func: nn.Module) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(3, 3)
+        self.func = func
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        y = rampde_fx.odeint(self.func, self.encoder(x), T, **STEPS)
+        return self.head(y[-1])
+
+
+def test_state_dependent_branch_falls_back_trains_and_compiles():
+    torch.manual_seed(0)
+    model = Network(StateBranch())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.warns(rampde_fx.CaptureWarning,
+                      match=r"Python control flow on the value of a tensor other than the time, "
+                            r"at test_velocity_capture.py:\d+ in forward: if y.mean\(\) > 0:"):
+        model(torch.randn(8, 3))
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 3)).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(8, 3)
+    eager_out = model(x)
+    torch.testing.assert_close(compiled(x), eager_out)
+
+
+def test_dropout_in_the_velocity_is_replayed_in_the_backward_pass():
+    """The recomputed steps draw the forward's masks: float32-mode gradients match
+    torchdiffeq's autograd through the same masks (same seed, same draw order)."""
+    torch.manual_seed(0)
+    func, y0 = Dropped(), torch.randn(5, 3)
+    got = solve_and_grads(rampde_fx.odeint, func, y0, T, seed=7, dtype=torch.float32)
+    want = solve_and_grads(torchdiffeq.odeint, func, y0, T, seed=7)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 2e-6
+    func.eval()  # and in eval mode it is deterministic
+    first = rampde_fx.odeint(func, y0, T, **STEPS)
+    assert torch.equal(first, rampde_fx.odeint(func, y0, T, **STEPS))
+
+
+def test_batch_norm_statistics_change_in_forward_evaluations_only():
+    torch.manual_seed(0)
+    func, y0 = Normalised(), torch.randn(5, 3)
+    reference = copy.deepcopy(func)
+    with rampde_fx.collect_stats() as stats:
+        got = solve_and_grads(rampde_fx.odeint, func, y0, T, dtype=torch.float32)
+    want = solve_and_grads(torchdiffeq.odeint, reference, y0, T)
+    norm, norm_ref = func.net[1], reference.net[1]
+    assert stats[0].nfe_backward > 0
+    assert norm.num_batches_tracked.item() == stats[0].nfe_forward == \
+        norm_ref.num_batches_tracked.item()
+    torch.testing.assert_close(norm.running_mean, norm_ref.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(norm.running_var, norm_ref.running_var, rtol=1e-6, atol=1e-7)
+    for g, w in zip(got, want):
+        # the bias before the normalisation has a zero gradient: compare it absolutely
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_three_training_steps(name):
+    func, y0 = make(name)
+    optimizer = torch.optim.Adam(func.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in func.parameters()]
+    used = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = rampde_fx.odeint(func, y0, T, **STEPS)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum(o[-1].square().mean() for o in outs)
+        loss.backward()
+        used = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in func.parameters()]
+        optimizer.step()
+        assert torch.isfinite(loss)
+    assert sum(used) >= len(used) - 1  # at most a last bias is not seen by a dH/dx velocity
+    assert all(not torch.equal(b, p) for b, p, u in zip(before, func.parameters(), used) if u)
+
+
+class Solved(nn.Module):
+    def __init__(self, func: nn.Module, tuple_state: bool) -> None:
+        super().__init__()
+        self.func = func
+        self.tuple_state = tuple_state
+
+    def forward(self, x):
+        y0 = (x, torch.zeros(x.shape[0], 1)) if self.tuple_state else x
+        out = rampde_fx.odeint(self.func, y0, T, **STEPS)
+        return out[0][-1] if self.tuple_state else out[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PATTERNS)
+def test_compiles_fullgraph(name, monkeypatch):
+    monkeypatch.setattr(rampde_fx.compiled, "step_backend", "aot_eager")
+    func, y0 = make(name)
+    model = Solved(func, isinstance(y0, tuple))
+    x = (y0[0] if isinstance(y0, tuple) else y0).requires_grad_()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    (got_grad,) = torch.autograd.grad(got.sum(), x)
+    want = model(x)
+    (want_grad,) = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
