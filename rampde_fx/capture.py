@@ -32,6 +32,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import threading
 import traceback
 import warnings
 import weakref
@@ -287,10 +288,10 @@ class GraphVelocity:
         if not self.time_indexed:
             return self.graph_module
         key = float(t.item())
-        if key not in self._graphs:
-            example = (t.detach(), tuple(c.detach() for c in y))
-            counters: list[str] = []
-            self._add(_trace(self.func, *example, self.is_tuple, self._slots, counters), example)
+        with _CAPTURING:
+            if key not in self._graphs:
+                example = (t.detach(), tuple(c.detach() for c in y))
+                self._add(_trace(self.func, *example, self.is_tuple, self._slots, []), example)
         return self._graphs[key][1]
 
     def __call__(self, t: torch.Tensor, y: State) -> State:
@@ -476,6 +477,7 @@ def _reason(error: Exception) -> str:
     return reason
 
 
+_CAPTURING = threading.RLock()
 _CACHE: "weakref.WeakKeyDictionary[Any, dict[Any, Velocity]]" = weakref.WeakKeyDictionary()
 
 
@@ -496,28 +498,32 @@ def capture_velocity(func: Any, t: torch.Tensor, y: State, is_tuple: bool,
         per_owner = _CACHE.setdefault(owner, {})
     except TypeError:  # not weak-referenceable: capture every time
         per_owner = {}
-    if key not in per_owner:
-        example = (t.detach(), tuple(c.detach() for c in y))
-        counters: list[str] = []
-        slots = _lifted_slots(module)
-        try:
-            traced = _trace(func, *example, is_tuple, slots, counters)
-        except Exception as error:  # noqa: BLE001 - any failure means: run it eagerly
-            reason = _reason(error)
-            warnings.warn(
-                f"rampde_fx: could not capture {describe(func)} as a graph ({reason}). It will "
-                f"run eagerly on its state cast to {low_dtype}, under autocast; accumulation "
-                "and the adjoint are unchanged, but the precision policy does not apply.",
-                CaptureWarning, stacklevel=3)
-            per_owner[key] = _eager(func, *example, is_tuple, low_dtype, reason)
-        else:
-            _check_output(traced.output, example[1], func)
-            per_owner[key] = GraphVelocity(func, is_tuple, low_dtype, policy, slots, traced,
-                                           example)
-        if counters:
-            warnings.warn(
-                f"rampde_fx: {describe(func)} assigns {sorted(set(counters))} in forward. The "
-                "captured graph ran that Python code once, at capture time, and does not repeat "
-                "it during solves (a counter such as nfe will not advance).", CaptureWarning,
-                stacklevel=3)
+    with _CAPTURING:  # capture changes and restores attributes of the user's modules
+        if key not in per_owner:
+            per_owner[key] = _capture(func, t, y, is_tuple, low_dtype, policy, module)
     return per_owner[key]
+
+
+def _capture(func: Any, t: torch.Tensor, y: State, is_tuple: bool, low_dtype: torch.dtype,
+             policy: PrecisionPolicy, module: torch.nn.Module | None) -> Velocity:
+    example = (t.detach(), tuple(c.detach() for c in y))
+    counters: list[str] = []
+    slots = _lifted_slots(module)
+    try:
+        traced = _trace(func, *example, is_tuple, slots, counters)
+    except Exception as error:  # noqa: BLE001 - any failure means: run it eagerly
+        reason = _reason(error)
+        warnings.warn(
+            f"rampde_fx: could not capture {describe(func)} as a graph ({reason}). It will run "
+            f"eagerly on its state cast to {low_dtype}, under autocast; accumulation and the "
+            "adjoint are unchanged, but the precision policy does not apply.",
+            CaptureWarning, stacklevel=4)
+        return _eager(func, *example, is_tuple, low_dtype, reason)
+    if counters:
+        warnings.warn(
+            f"rampde_fx: {describe(func)} assigns {sorted(set(counters))} in forward. The "
+            "captured graph ran that Python code once, at capture time, and does not repeat it "
+            "during solves (a counter such as nfe will not advance).", CaptureWarning,
+            stacklevel=4)
+    _check_output(traced.output, example[1], func)
+    return GraphVelocity(func, is_tuple, low_dtype, policy, slots, traced, example)
