@@ -16,10 +16,8 @@ Workloads (``--workload``, repeatable; default all, plus the compile-time sectio
 - ``conv``: STL-10-style block (conv3x3, ReLU, InstanceNorm2d, transposed conv3x3), 64 channels,
   32x32, batch 16, 4 rk4 steps.
 - ``cnf``: FFJORD-style CNF on 2-D data, hypernetwork in t, exact trace divergence with
-  ``torch.autograd.grad``, state ``(z, logp)``, batch 1024, 32 rk4 steps. rampde_fx runs this
-  velocity eagerly under autocast (it cannot be captured); dynamo cannot trace
-  ``torch.autograd.grad`` with ``fullgraph=True``, so the compiled variants are skipped with
-  dynamo's reason.
+  ``torch.autograd.grad``, state ``(z, logp)``, batch 1024, 32 rk4 steps; rampde_fx captures
+  the velocity with its derivative ops as one graph.
 - ``odenet``: ODE-Net block (GroupNorm, ReLU, conv with t as a channel), 64 channels, 16x16,
   batch 32, dopri5 with rtol=atol=1e-3.
 
@@ -53,7 +51,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from typing import Any, Callable, Union
 
 import torch
@@ -82,8 +79,8 @@ class Workload:
     solver: dict[str, Any]  # torchdiffeq's keyword arguments: method and options or tolerances
 
 
-# How compiled variants fail, reported instead of ending the run: dynamo cannot trace
-# torch.autograd.grad (the CNF's exact trace).
+# How a compiled variant may fail (a graph break under fullgraph=True), reported instead of
+# ending the run.
 COMPILE_FAILURES = (torch._dynamo.exc.Unsupported,)
 
 
@@ -284,26 +281,23 @@ def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
     # Dynamo would treat a step size that changed since an earlier workload's compile as a
     # dynamic float, which rampde_fx cannot register as a constant solve argument.
     torch._dynamo.reset()
-    with warnings.catch_warnings():
-        # Velocities that cannot be captured (the CNF's exact trace) run eagerly: expected here.
-        warnings.simplefilter("ignore", rampde_fx.CaptureWarning)
-        for name, solve in variants:
-            try:
-                row, step = prepare(name, solve, model, y0, t, reference, device)
-            except COMPILE_FAILURES as error:
-                if "compiled" not in name:
-                    raise
-                rows.append({"variant": name, "skipped": f"{type(error).__name__}: "
-                                                         f"{str(error).splitlines()[0]}"})
-                continue
-            rows.append(row)
-            steps[name] = step
-        timed = [row for row in rows if "skipped" not in row]
-        for row, seconds in zip(timed, time_in_rounds(list(steps.values()), repeats, device)):
-            row["median_ms"] = 1e3 * seconds
-        base = rows[0]["median_ms"]
-        floor = matmul_floor(steps["torchdiffeq fp32"], steps["torchdiffeq autocast bf16"],
-                             1e-3 * base, device)
+    for name, solve in variants:
+        try:
+            row, step = prepare(name, solve, model, y0, t, reference, device)
+        except COMPILE_FAILURES as error:
+            if "compiled" not in name:
+                raise
+            rows.append({"variant": name, "skipped": f"{type(error).__name__}: "
+                                                     f"{str(error).splitlines()[0]}"})
+            continue
+        rows.append(row)
+        steps[name] = step
+    timed = [row for row in rows if "skipped" not in row]
+    for row, seconds in zip(timed, time_in_rounds(list(steps.values()), repeats, device)):
+        row["median_ms"] = 1e3 * seconds
+    base = rows[0]["median_ms"]
+    floor = matmul_floor(steps["torchdiffeq fp32"], steps["torchdiffeq autocast bf16"],
+                         1e-3 * base, device)
     for row in timed:
         row["speedup"] = base / row["median_ms"]
         if "bf16" in row["variant"]:

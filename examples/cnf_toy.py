@@ -1,8 +1,8 @@
 """Train an FFJORD-style continuous normalizing flow on a 2-D toy density, float32 and bfloat16.
 
 The data are 8 Gaussians on a circle. The flow's velocity has a hypernetwork in t and an exact
-trace divergence (``torch.autograd.grad`` inside the velocity), so rampde_fx runs it eagerly
-under autocast in bfloat16 and says so with a ``CaptureWarning``. The same initial model is
+trace divergence (``torch.autograd.grad`` inside the velocity), which rampde_fx captures as one
+graph with its derivative ops and runs under its bfloat16 policy. The same initial model is
 trained twice on the same batches: with ``torchdiffeq.odeint`` in float32, and converted by
 ``rampde_fx.convert`` to bfloat16. Both trained models are then scored on held-out samples with
 the same float32 torchdiffeq solve; the bf16 model also with its own bf16 solve, whose error is
