@@ -7,10 +7,11 @@ adjoint scaling for float16.
 """
 from .adaptive import ToleranceWarning
 from .capture import CaptureWarning
-from .convert import ConversionError, convert
+from .convert import convert
 from .diagnostics import conversion_diff, explain, graph_diff
 from .odeint import odeint
 from .policy import DEFAULT_POLICY, Precision, PrecisionPolicy
+from .sites import ConversionError
 from .stats import SolveStats, collect_stats
 from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, ButcherTableau
 

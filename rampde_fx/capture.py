@@ -45,6 +45,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .policy import PrecisionPolicy
 from .precision_pass import fetch_attr, rewrite_for_precision
@@ -130,18 +131,18 @@ class _TracingHooks(TorchFunctionMode):
     """While tracing: answers reads of the time's value with its real value (and notes that the
     graph is specialised on it), and tags the detaches that user code asked for."""
 
-    def __init__(self, time: torch.Tensor, time_value: float) -> None:
+    def __init__(self, time: torch.Tensor, real_time: torch.Tensor) -> None:
         super().__init__()
         self.time = time
-        self.time_value = time_value
+        self.real_time = real_time  # read only when the velocity reads it (a host sync)
         self.reads_time_value = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         if func in _SCALAR_READS and args and args[0] is self.time:
             self.reads_time_value = True
-            value = torch.tensor(self.time_value, dtype=self.time.dtype)
-            return func(value, *args[1:], **kwargs)
+            with _disable_current_modes():  # the real value, not a traced read of it
+                return func(self.real_time, *args[1:], **kwargs)
         if func not in _GRADIENT_STOPPERS:
             return func(*args, **kwargs)
         graph = get_proxy_mode().tracer.graph
@@ -201,7 +202,7 @@ def _trace(func: Any, t: torch.Tensor, state: State, is_tuple: bool,
 
     def velocity(time, *flat):  # type: ignore[no-untyped-def]
         ys, tensors = flat[:len(state)], flat[len(state):]
-        hooks = _TracingHooks(time, t.item())
+        hooks = _TracingHooks(time, t)
         hooks_box.append(hooks)
         with _substituted(slot_list, tensors), hooks, torch.enable_grad():
             return func(time, tuple(ys) if is_tuple else ys[0])

@@ -1,143 +1,127 @@
-"""``rampde_fx.convert``: find the ODE solves of a float32 model and make them mixed precision.
+"""``rampde_fx.convert``: run the ODE solves of a float32 model in mixed precision.
 
-The model is traced with torch.fx; calls of ``torchdiffeq.odeint``, ``torchdiffeq.odeint_adjoint``
-and ``rampde_fx.odeint`` (however they were imported) are recorded as single nodes, at any depth
-of submodules. Each becomes a call of a :class:`SolveSite` submodule that runs
-:func:`rampde_fx.odeint` with the original method, options, tolerances and output times. The
-rest of the model is left as it was.
+Nothing is traced at convert time. The converted module is a shallow copy of the model whose
+class is ``Converted<Name>``, a subclass of the model's class made once per class: its forward
+runs the original forward, as written, inside the interception of :mod:`rampde_fx.dispatch`.
+Python control flow, default arguments, ``self.training``, helper methods, loops before the
+solve and solvers kept in attributes or passed as arguments all run as the user wrote them, on
+every call. Each call of ``torchdiffeq.odeint``, ``torchdiffeq.odeint_adjoint`` or
+``rampde_fx.odeint`` that the forward makes is routed to a :class:`SolveSite`, made when that
+solve is first met and kept for the next calls: it runs :func:`rampde_fx.odeint` with the
+original method, options, tolerances and output times and ``convert``'s precision settings.
 
-The converted module is a ``GraphModule`` whose submodules, parameters and buffers are the
-original objects: an optimizer built on either model trains both, and ``state_dict`` keys are
-the original ones. The original model is not modified.
+How sites are identified, and which module ``filter_fn`` is asked about, is described in
+:mod:`rampde_fx.sites`.
 
 ``odeint_adjoint`` becomes the discrete adjoint with low-precision checkpoints: memory grows with
 the number of steps (one low-precision state per step, instead of torchdiffeq's constant
 memory), and the gradient is the exact gradient of the discrete solve (torchdiffeq's continuous
 adjoint differs from it by the solver's discretisation error). Its ``adjoint_*`` arguments have
-no counterpart and are dropped, as are the ``dtype``, ``scaling`` and ``policy`` of a
-``rampde_fx.odeint`` call (``convert``'s apply); ``explain`` lists what was dropped.
+no counterpart and are dropped, as are the ``dtype``, ``scaling``, ``policy`` and
+``checkpoint`` of a ``rampde_fx.odeint`` call (``convert``'s apply); ``explain`` lists what was
+dropped.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
-import functools
-import importlib
+import threading
 import types
-import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.fx as fx
 
-from .capture import CaptureWarning, recording_calls, restore_attributes
-from .compiled import solve_in_graph
-from .odeint import odeint
+from . import dispatch
+from .odeint import check_settings
 from .policy import DEFAULT_POLICY, PrecisionPolicy
-from .precision_pass import fetch_attr
-from .stats import SolveStats, collect_stats
-from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS
-
-METHODS = {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}
-
-# Arguments of the original call that the converted solve does not pass on: odeint_adjoint's
-# adjoint settings (no counterpart in the discrete adjoint), and rampde_fx.odeint's precision
-# settings (convert's own take their place).
-_DROPPED_ARGUMENTS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options",
-                      "adjoint_params", "dtype", "scaling", "policy", "checkpoint")
+from .sites import Conversion, ConversionError, class_name
 
 
-def solver_functions() -> dict[Callable[..., Any], str]:
-    """The ODE solver functions whose calls ``convert`` rewrites, with their public names."""
-    found: dict[Callable[..., Any], str] = {odeint: "rampde_fx.odeint"}
+class _ConvertedModule:
+    """The mixin of every ``Converted<Name>(_ConvertedModule, <Name>)`` class."""
+
+    _rampde_original: type[torch.nn.Module]
+    _rampde_conversion: Conversion
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return dispatch.run_within(self, super().forward, *args, **kwargs)  # type: ignore[misc]
+
+    def _rampde_intercept(self, source: str, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> Any:
+        return self._rampde_conversion.solve(self, source, args, kwargs)  # type: ignore[arg-type]
+
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+        # The class is made at run time: pickle and deepcopy rebuild it from the original.
+        return _rebuild, (self._rampde_original, self.__getstate__())
+
+
+_classes: dict[type, type] = {}
+_classes_lock = threading.Lock()
+
+
+def _converted_class(original: type[torch.nn.Module]) -> type:
+    with _classes_lock:
+        if original not in _classes:
+            _classes[original] = type(f"Converted{original.__name__}",
+                                      (_ConvertedModule, original),
+                                      {"_rampde_original": original})
+        return _classes[original]
+
+
+def _rebuild(original: type[torch.nn.Module], state: dict[str, Any]) -> torch.nn.Module:
+    cls = _converted_class(original)
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    return module
+
+
+# nn.Module's own containers (parameters, buffers, submodules, hooks): the copy gets its own.
+_MODULE_CONTAINERS = tuple(name for name, value in vars(torch.nn.Module()).items()
+                           if isinstance(value, (dict, set)))
+
+
+def _refuse_unsupported_calls(model: torch.nn.Module) -> None:
+    """ConversionError for a module class whose methods use ``odeint_event`` or pass
+    ``event_fn=``: found in their code, before anything runs."""
     try:
-        import torchdiffeq
-    except ImportError:  # models without torchdiffeq can only call rampde_fx.odeint
-        return found
-    found[torchdiffeq.odeint] = "torchdiffeq.odeint"
-    found[torchdiffeq.odeint_adjoint] = "torchdiffeq.odeint_adjoint"
-    return found
+        from torchdiffeq import odeint_event
+    except ImportError:
+        odeint_event = None
+    seen: set[type] = set()
+    for qualname, module in model.named_modules():
+        for klass in type(module).__mro__:
+            if klass in seen or klass is object or klass.__module__.partition(".")[0] == "torch":
+                continue
+            seen.add(klass)
+            for name, value in vars(klass).items():
+                function = getattr(value, "__func__", value)  # staticmethod, classmethod
+                if not isinstance(function, types.FunctionType):
+                    continue
+                problem = _unsupported_use(function, odeint_event)
+                if problem is not None:
+                    raise ConversionError(
+                        f"rampde_fx.convert: {klass.__qualname__}.{name} (module "
+                        f"{type(module).__qualname__} at '{qualname or '<root>'}') {problem}, "
+                        "which rampde_fx does not support yet. Convert a model whose solves "
+                        "run to fixed end times, or keep this one in float32.")
 
 
-class ConversionError(ValueError):
-    """A model, or one of its ODE solves, cannot be converted."""
+def _unsupported_use(function: types.FunctionType, odeint_event: Any) -> str | None:
+    for code in _code_objects(function.__code__):
+        if any(name == "odeint_event" or (odeint_event is not None
+                                          and function.__globals__.get(name) is odeint_event)
+               for name in code.co_names):
+            return "uses torchdiffeq.odeint_event"
+        # Keyword names of calls are tuples of constants.
+        if any(isinstance(c, tuple) and "event_fn" in c for c in code.co_consts):
+            return "passes event_fn= to an ODE solve"
+    return None
 
 
-class SolveSite(torch.nn.Module):
-    """One converted ODE solve: calls :func:`rampde_fx.odeint` with the site's precision.
-
-    Holds no parameters; keeps the statistics of its last solve for :func:`rampde_fx.explain`.
-    """
-
-    def __init__(self, *, source: str, qualname: str, owner: str, velocity: str,
-                 dtype: torch.dtype, scaling: str, policy: PrecisionPolicy, checkpoint: str,
-                 dropped: tuple[str, ...]) -> None:
-        super().__init__()
-        self.source = source
-        self.qualname = qualname
-        self.owner = owner
-        self.velocity = velocity
-        self.dtype = dtype
-        self.scaling = scaling
-        self.policy = policy
-        self.checkpoint = checkpoint
-        self.dropped = dropped
-        self.call_arguments: dict[str, Any] = {}
-        self.last_stats: SolveStats | None = None
-
-    def forward(self, func, y0, t, **kwargs):
-        self.call_arguments = kwargs
-        if torch.compiler.is_compiling():  # one opaque op, which reports its statistics here
-            return solve_in_graph(func, y0, t, rtol=kwargs.get("rtol", 1e-7),
-                                  atol=kwargs.get("atol", 1e-9), method=kwargs.get("method"),
-                                  options=kwargs.get("options"), dtype=self.dtype,
-                                  scaling=self.scaling, policy=self.policy,
-                                  checkpoint=self.checkpoint, event_fn=kwargs.get("event_fn"),
-                                  report_to=self)
-        with collect_stats() as solves:
-            solution = odeint(func, y0, t, dtype=self.dtype, scaling=self.scaling,
-                              policy=self.policy, checkpoint=self.checkpoint, **kwargs)
-        self.last_stats = solves[-1]
-        return solution
-
-
-@dataclasses.dataclass
-class Conversion:
-    """What ``convert`` did, kept on the converted module for ``explain`` and graph diffs.
-
-    Attributes:
-        dtype: the low precision of the solves.
-        sites: the converted solves, in the order of the model's forward.
-        traced: for each traced module, its name and its code before and after conversion.
-        notes: what else a reader should know (modules converted piecewise, counters).
-    """
-
-    dtype: torch.dtype
-    sites: list[SolveSite]
-    traced: list[tuple[str, str, str]]
-    notes: list[str]
-
-
-class _SolveCallTracer(fx.Tracer):
-    """Records every call of an ODE solver function as one ``call_function`` node.
-
-    Functions and bound methods passed as arguments (``odeint(self.dynamics, ...)``, an
-    ``event_fn``) become attributes read by ``get_attr`` nodes, as tensor constants do.
-    """
-
-    def __init__(self, solvers: dict[Callable[..., Any], str]) -> None:
-        super().__init__(autowrap_functions=tuple(solvers))  # catches `from ... import odeint`
-        self._callables: dict[int, str] = {}
-
-    def create_arg(self, a: Any) -> Any:
-        if isinstance(a, (types.FunctionType, types.MethodType, functools.partial)):
-            if id(a) not in self._callables:
-                name = f"_callable_{len(self._callables)}"
-                setattr(self.root, name, a)
-                self._callables[id(a)] = name
-            return self.create_node("get_attr", self._callables[id(a)], (), {})
-        return super().create_arg(a)
-
+def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
 
 
 def convert(
@@ -153,159 +137,61 @@ def convert(
 
     Args:
         model: a float32 model whose forward calls ``torchdiffeq.odeint``,
-            ``torchdiffeq.odeint_adjoint`` or ``rampde_fx.odeint``, directly or in submodules.
-            It is left untouched and stays usable as the float32 reference.
+            ``torchdiffeq.odeint_adjoint`` or ``rampde_fx.odeint``, directly or in submodules,
+            however the solver was imported, stored or passed. It is left untouched and stays
+            usable as the float32 reference.
         dtype: the velocity's precision in every converted solve (see :func:`rampde_fx.odeint`).
         scaling: adjoint scaling of every converted solve: 'auto', 'dynamic' or 'none'.
         policy: the precision policy of the velocities; default
             :data:`rampde_fx.DEFAULT_POLICY`.
         checkpoint: 'steps' or 'stages', for every converted solve (see
             :func:`rampde_fx.odeint`).
-        filter_fn: ``filter_fn(module, qualified_name) -> bool`` is called with the module whose
-            forward makes a solve, and its name in ``model`` ('' for ``model`` itself); solves
-            for which it returns False are left as they are.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool`` is called once per solve, when
+            it is first met, with the module whose forward makes it and that module's name in
+            ``model`` ('' for ``model`` itself); solves for which it returns False run as
+            written.
 
     Returns:
-        A module sharing ``model``'s parameters and buffers, with the same ``state_dict`` keys.
+        An instance of a subclass of ``type(model)`` that shares ``model``'s submodules,
+        parameters and buffers (an optimizer on either trains both; ``state_dict`` keys are
+        the same; ``train()``/``eval()`` on either switch the shared submodules). It can be
+        pickled, saved with ``torch.save`` and deep-copied (``filter_fn`` must then be
+        picklable).
 
     Raises:
-        ConversionError: a module that calls a solver cannot be traced, or a solve uses a
-            feature rampde_fx does not support (``event_fn``, an adaptive or implicit method).
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an invalid ``dtype``, ``scaling`` or ``checkpoint``.
+        ConversionError: ``model`` is already converted, or its code uses ``odeint_event`` or
+            passes ``event_fn``. Solves that are not supported (an Adams or unknown method, a
+            runtime ``event_fn``) raise it when first called.
     """
-    if any(isinstance(m, SolveSite) for m in model.modules()):
-        raise ConversionError(f"rampde_fx.convert: {type(model).__qualname__} was already "
-                              "converted; convert the original float32 model instead")
-    policy = DEFAULT_POLICY if policy is None else policy
-    config = dict(dtype=dtype, scaling=scaling, policy=policy, checkpoint=checkpoint,
-                  filter_fn=filter_fn)
-    record = Conversion(dtype=dtype, sites=[], traced=[], notes=[])
-    converted = _convert_module(model, "", config, record)
-    if not record.sites:
-        warnings.warn(f"rampde_fx.convert: found no call of {', '.join(solver_functions().values())} "
-                      f"in {type(model).__qualname__}; nothing was converted", CaptureWarning,
-                      stacklevel=2)
-        return model
-    converted._rampde_conversion = record  # a plain attribute: not part of state_dict
-    return converted
-
-
-def _describe_module(module: torch.nn.Module, qualname: str) -> str:
-    return f"{type(module).__qualname__} at '{qualname or '<root>'}'"
-
-
-def _calls_solver_directly(module: torch.nn.Module, solvers: dict[Callable[..., Any], str]) -> bool:
-    forward = type(module).forward
-    names = forward.__code__.co_names
-    return any(forward.__globals__.get(name) is solver for name in names for solver in solvers) \
-        or any(public.rpartition(".")[2] in names for public in solvers.values())
-
-
-def _convert_module(module: torch.nn.Module, qualname: str, config: dict[str, Any],
-                    record: Conversion) -> torch.nn.Module:
-    """``module`` with its solves converted (``module`` itself if it has none)."""
-    solvers = solver_functions()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"rampde_fx.convert takes an nn.Module, got {type(model).__qualname__}; "
+                        "to solve one ODE, call rampde_fx.odeint")
     try:
-        return _trace_and_convert(module, qualname, config, solvers, record)
-    except ConversionError:
-        raise
-    except Exception as error:  # noqa: BLE001 - an untraceable module is converted piecewise
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-    if _calls_solver_directly(module, solvers):
-        raise ConversionError(
-            f"rampde_fx.convert: {_describe_module(module, qualname)} calls an ODE solver in its "
-            f"forward, which torch.fx cannot trace ({reason}). Move the untraceable code out of "
-            "the module that calls the solver, or call rampde_fx.odeint there directly.")
-    sites_before = len(record.sites)
-    children = {name: _convert_module(child, f"{qualname}.{name}".lstrip("."), config, record)
-                for name, child in module.named_children()}
-    if len(record.sites) == sites_before:
-        return module
-    record.notes.append(f"{_describe_module(module, qualname)} could not be traced ({reason}); "
-                        "its submodules were converted one by one and its own forward runs as "
-                        "written")
-    warnings.warn(f"rampde_fx.convert: {record.notes[-1]}", CaptureWarning, stacklevel=4)
-    shell = copy.copy(module)  # shares parameters and buffers; only the children differ
-    shell._modules = dict(module._modules)
-    shell._modules.update(children)
-    return shell
-
-
-def _trace_and_convert(module: torch.nn.Module, qualname: str, config: dict[str, Any],
-                       solvers: dict[Callable[..., Any], str],
-                       record: Conversion) -> torch.nn.Module:
-    tracer = _SolveCallTracer(solvers)
-    counters: list[str] = []
-    attribute_calls = [(importlib.import_module(public.rpartition(".")[0]), public.rpartition(".")[2])
-                       for public in solvers.values()]  # ``torchdiffeq.odeint(...)`` style
-    before = set(vars(module))
-    with restore_attributes(module, counters), recording_calls(tracer, attribute_calls):
-        graph = tracer.trace(module)
-        # What the tracer attached to `module` (tensor constants, callables) is removed with
-        # the rest of tracing's changes: take it now; read everything else once restored.
-        added = {k: v for k, v in vars(module).items() if k not in before}
-    targets = {node.target: added[node.target] if node.target in added
-               else fetch_attr(module, node.target)
-               for node in graph.nodes if node.op in ("get_attr", "call_module")}
-    original_code = graph.python_code(root_module="self").src
-    sites: dict[str, SolveSite] = {}
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in solvers:
-            continue
-        owner_path = next(reversed(node.meta.get("nn_module_stack", {"": ("", None)}).values()))[0]
-        site_owner = f"{qualname}.{owner_path}".strip(".")
-        owner = module.get_submodule(owner_path) if owner_path else module
-        if config["filter_fn"] is not None and not config["filter_fn"](owner, site_owner):
-            continue
-        name = f"rampde_solve_{len(sites)}"
-        sites[name] = _make_site(node, solvers[node.target], site_owner, owner, config, targets)
-        with graph.inserting_before(node):
-            call = graph.call_module(name, node.args, {k: v for k, v in node.kwargs.items()
-                                                       if k not in _DROPPED_ARGUMENTS})
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
-    if not sites:
-        return module
-    if counters:
-        record.notes.append(f"{_describe_module(module, qualname)} assigns "
-                            f"{sorted(set(counters))} in forward; the converted module does not "
-                            "repeat those Python-side updates")
-        warnings.warn(f"rampde_fx.convert: {record.notes[-1]}", CaptureWarning, stacklevel=5)
-    converted = fx.GraphModule({**targets, **sites}, graph,
-                               class_name=f"Converted{type(module).__name__}")
-    # GraphModule placed the attributes the graph reads in a parallel hierarchy: use the
-    # original modules, parameters and buffers instead (shared state, same state_dict order).
-    # Tensors the graph reads that are not the module's buffers (constants made in forward,
-    # plain tensor attributes) stay as non-persistent buffers: kept out of state_dict.
-    constants = {k: v for k, v in converted._buffers.items() if k not in module._buffers}
-    converted._modules = {**module._modules, **sites}
-    converted._parameters = dict(module._parameters)
-    converted._buffers = {**module._buffers, **constants}
-    converted._non_persistent_buffers_set = set(module._non_persistent_buffers_set) | set(constants)
-    converted.train(module.training)
-    record.sites += sites.values()
-    record.traced.append((qualname, original_code, converted.code))
+        check_settings(dtype, scaling, checkpoint)
+    except ValueError as error:
+        raise ValueError(f"rampde_fx.convert: {error}") from None
+    if policy is not None and not isinstance(policy, PrecisionPolicy):
+        raise TypeError(f"rampde_fx.convert: policy must be a rampde_fx.PrecisionPolicy, got "
+                        f"{type(policy).__qualname__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("rampde_fx.convert: filter_fn must be callable as "
+                        "filter_fn(module, qualified_name)")
+    for name, module in model.named_modules():
+        if isinstance(module, _ConvertedModule):
+            raise ConversionError(f"rampde_fx.convert: {class_name(module)} at "
+                                  f"'{name or '<root>'}' was already converted; convert the "
+                                  "original float32 model instead")
+    _refuse_unsupported_calls(model)
+    dispatch.install()
+    cls = _converted_class(type(model))
+    converted = cls.__new__(cls)
+    state = dict(vars(model))
+    state.pop("_compiled_call_impl", None)  # model.compile() made it for the original
+    state.update((name, copy.copy(state[name])) for name in _MODULE_CONTAINERS if name in state)
+    converted.__dict__.update(state)
+    converted._rampde_conversion = Conversion(
+        dtype=dtype, scaling=scaling, policy=DEFAULT_POLICY if policy is None else policy,
+        checkpoint=checkpoint, filter_fn=filter_fn)
     return converted
-
-
-def _make_site(node: fx.Node, source: str, site_owner: str, owner: torch.nn.Module,
-               config: dict[str, Any], targets: dict[str, Any]) -> SolveSite:
-    where = f"{source} in {type(owner).__qualname__} at '{site_owner or '<root>'}'"
-    kwargs = node.kwargs
-    if kwargs.get("event_fn") is not None:
-        raise ConversionError(f"rampde_fx.convert: {where} uses event_fn, which rampde_fx does "
-                              "not support yet")
-    method = kwargs.get("method")
-    if isinstance(method, fx.Node) or (method is not None and method not in METHODS):
-        raise ConversionError(
-            f"rampde_fx.convert: {where} uses method={method!r}; rampde_fx solves with "
-            f"{list(METHODS)}. Pass filter_fn to leave this solve as it is, or change its "
-            "method.")
-    func = node.args[0] if node.args else kwargs.get("func")
-    velocity = str(func)
-    if isinstance(func, fx.Node) and func.op == "get_attr":
-        value = targets[func.target]
-        velocity = func.target if isinstance(value, torch.nn.Module) else value.__qualname__
-    return SolveSite(source=source, qualname=site_owner, owner=type(owner).__qualname__,
-                     velocity=velocity, dtype=config["dtype"], scaling=config["scaling"],
-                     policy=config["policy"], checkpoint=config["checkpoint"],
-                     dropped=tuple(k for k in kwargs if k in _DROPPED_ARGUMENTS))

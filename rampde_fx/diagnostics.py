@@ -74,45 +74,62 @@ def graph_diff(before: str, after: str, context: int = 1) -> str:
     return "\n".join(line for line in lines if not line.startswith(("---", "+++")))
 
 
+_NOT_MET = "no ODE solve has been met yet: call the module once"
+
+
 def conversion_diff(converted: torch.nn.Module) -> str:
-    """For every module that ``rampde_fx.convert`` traced, the diff of its graph."""
+    """For every solve that :func:`rampde_fx.convert` converted, in the order they were first
+    met: the diff from its velocity's graph as captured to the graph that runs in low
+    precision (casts added, ops changed), from the last solve of each."""
     record = getattr(converted, "_rampde_conversion", None)
     if record is None:
         raise ValueError(f"{type(converted).__qualname__} was not made by rampde_fx.convert")
-    return "\n".join(f"# {name or '<root>'}\n{graph_diff(before, after)}"
-                     for name, before, after in record.traced)
+    if not record.sites:
+        return _NOT_MET
+    parts = []
+    for index, site in enumerate(record.sites):
+        header = f"# solve {index}: {site}, velocity {site.velocity}"
+        stats = site.last_stats
+        if stats is None:
+            parts.append(f"{header}: not run yet")
+        elif stats.graph is None or stats.captured_code is None:
+            parts.append(f"{header}: runs eagerly, no graph")
+        else:
+            parts.append(f"{header}\n{graph_diff(stats.captured_code, stats.graph.code)}")
+    return "\n".join(parts)
 
 
 def explain(converted: torch.nn.Module) -> str:
     """What ran in which precision, and why, for a module made by :func:`rampde_fx.convert`.
 
-    For each converted solve: where it is, the solver call it replaced, method and options,
-    precision and scaling, and, once it has run, its step counts and the velocity's graph with
-    the dtype and reason of every node. The text is stable: suitable for golden tests.
+    For each converted solve, in the order they were first met: where it is, the solver call it
+    replaced, method and options, precision and scaling, and, once it has run, its step counts
+    and the velocity's graph with the dtype and reason of every node. The text is stable:
+    suitable for golden tests.
     """
     record = getattr(converted, "_rampde_conversion", None)
     if record is None:
         return (f"{type(converted).__qualname__} was not converted by rampde_fx.convert: "
                 "everything runs as written")
     dtype = _short(record.dtype)
-    lines = [f"rampde_fx: {len(record.sites)} ODE solve(s) in {dtype}; everything outside them "
-             "runs as written (float32)"]
+    if not record.sites and not record.notes:
+        return f"rampde_fx: converted to {dtype}; {_NOT_MET}"
+    lines = [f"rampde_fx: {len(record.sites)} ODE solve(s) in {dtype} met so far; everything "
+             "outside them runs as written (float32)"]
     lines += [f"note: {note}" for note in record.notes]
     for index, site in enumerate(record.sites):
         lines.append("")
-        lines.append(f"solve {index}: {site.source} in {site.owner} at "
-                     f"'{site.qualname or '<root>'}'")
+        lines.append(f"solve {index}: {site}")
         if site.source.endswith("odeint_adjoint"):
             lines.append(f"  becomes the discrete adjoint, one {dtype} checkpoint per step")
         if site.dropped:
-            lines.append(f"  arguments not passed on: "
-                         f"{', '.join(site.dropped)}")
+            lines.append(f"  arguments not passed on: {', '.join(site.dropped)}")
         lines.append(f"  velocity: {site.velocity}")
         lines.append(f"  dtype: {_short(site.dtype)}, scaling: {site.scaling}, "
                      f"policy: {'default' if site.policy == DEFAULT_POLICY else 'custom'}")
         stats = site.last_stats
         if stats is None:
-            lines.append("  not run yet: call the module once to capture the velocity")
+            lines.append("  not run yet: no call of this solve has completed")
             continue
         arguments = ", ".join(f"{k}={v!r}" for k, v in sorted(site.call_arguments.items()))
         lines.append(f"  arguments: {arguments}")

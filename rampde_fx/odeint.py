@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import dispatch
 from .adaptive import ADAPTIVE_OPTIONS, make_controller
 from .adjoint import MixedPrecisionSolve, SolvePlan, solve_forward
 from .capture import capture_velocity
@@ -89,8 +90,19 @@ def odeint(
         The solution at ``t``, shape ``(len(t), *y0.shape)`` in ``y0``'s dtype (a tuple of such
         for a tuple ``y0``).
 
+    Inside the forward of a module made by :func:`rampde_fx.convert`, the solve is that
+    conversion's: its ``dtype``, ``scaling``, ``policy`` and ``checkpoint`` replace these.
+
     Solve statistics are available through :func:`rampde_fx.collect_stats`.
     """
+    handler = dispatch.active()
+    if handler is not None:
+        given = {name: value for name, value in (
+            ("rtol", rtol), ("atol", atol), ("method", method), ("options", options),
+            ("dtype", dtype), ("scaling", scaling), ("policy", policy),
+            ("checkpoint", checkpoint), ("event_fn", event_fn))
+            if value is not _DEFAULTS[name]}  # what the call passed, for explain
+        return handler._rampde_intercept("rampde_fx.odeint", (func, y0, t), given)
     if torch.compiler.is_compiling():
         from .compiled import solve_in_graph  # import cycle: compiled builds on this module
 
@@ -113,6 +125,25 @@ def odeint(
             solution, _, _ = solve_forward(prepared.plan, prepared.state, prepared.grid,
                                            prepared.times, keep_checkpoints=False)
     return tuple(solution) if prepared.is_tuple else solution[0]
+
+
+_DEFAULTS: dict[str, Any] = odeint.__kwdefaults__
+
+
+def check_settings(dtype: torch.dtype, scaling: str, checkpoint: str) -> bool:
+    """Validate the precision settings of a solve (shared by :func:`odeint` and
+    ``rampde_fx.convert``); returns whether dynamic adjoint scaling is on."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got {dtype}")
+    if scaling not in SCALING_MODES:
+        raise ValueError(f"scaling must be one of {SCALING_MODES}, got {scaling!r}")
+    use_scaling = scaling == "dynamic" or (scaling == "auto" and dtype == torch.float16)
+    if checkpoint not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
+    if checkpoint == "stages" and use_scaling:
+        raise ValueError("checkpoint='stages' has no per-step adjoint scaling; use "
+                         "checkpoint='steps' for float16, or pass scaling='none'")
+    return use_scaling
 
 
 @dataclasses.dataclass
@@ -158,16 +189,7 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
                   event_fn: Callable[..., Any] | None) -> PreparedSolve:
     """Validate the arguments of :func:`odeint`, capture the velocity and plan the steps."""
     tableau = _check_method(method, event_fn)
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got {dtype}")
-    if scaling not in SCALING_MODES:
-        raise ValueError(f"scaling must be one of {SCALING_MODES}, got {scaling!r}")
-    use_scaling = scaling == "dynamic" or (scaling == "auto" and dtype == torch.float16)
-    if checkpoint not in CHECKPOINT_MODES:
-        raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
-    if checkpoint == "stages" and use_scaling:
-        raise ValueError("checkpoint='stages' has no per-step adjoint scaling; use "
-                         "checkpoint='steps' for float16, or pass scaling='none'")
+    use_scaling = check_settings(dtype, scaling, checkpoint)
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     is_tuple, state = _check_state(y0)
@@ -184,10 +206,12 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         t_start = internal[0].detach().to(state[0].dtype)
         velocity = capture_velocity(func, -t_start if reverse else t_start, state, is_tuple,
                                     dtype, policy)
+    captured = getattr(velocity, "original_graph_module", None)
     stats = SolveStats(method=tableau.name, dtype=dtype, scaling=use_scaling,
                        velocity="graph" if velocity.fallback_reason is None
                        else f"eager: {velocity.fallback_reason}",
-                       graph=getattr(velocity, "graph_module", None))
+                       graph=getattr(velocity, "graph_module", None),
+                       captured_code=None if captured is None else captured.code)
     record(stats)
     perturb = bool(opts.get("perturb", False))
     plan = SolvePlan(
@@ -233,6 +257,10 @@ def _check_state(y0: Any) -> tuple[bool, tuple[torch.Tensor, ...]]:
                         f"{type(y0).__name__}")
     for i, c in enumerate(state):
         name = f"y0[{i}]" if is_tuple else "y0"
+        if c.is_complex():
+            raise NotImplementedError(f"{name} is complex ({c.dtype}); rampde_fx does not support "
+                                      "complex states yet (solve the real and imaginary parts as "
+                                      "a tuple state, or use torchdiffeq)")
         if not c.is_floating_point():
             raise ValueError(f"{name} must be a floating point tensor (the high precision of the "
                              f"solve), got {c.dtype}; convert it with .float()")

@@ -31,6 +31,8 @@ class SolveStats:
         scale_log2: log2 of the scale used at each step of the last sweep (step order), on the
             device; ``None`` without scaling.
         graph: the velocity's rewritten graph; ``None`` when it runs eagerly.
+        captured_code: the code of the velocity's graph as captured, before the precision
+            rewrite (see :func:`rampde_fx.conversion_diff`); ``None`` when it runs eagerly.
     """
 
     method: str
@@ -46,6 +48,7 @@ class SolveStats:
     scale_retries: int = 0
     scale_log2: torch.Tensor | None = None
     graph: torch.fx.GraphModule | None = None
+    captured_code: str | None = None
 
 
 _local = threading.local()

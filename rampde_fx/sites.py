@@ -1,0 +1,262 @@
+"""The solves of a converted model: sites made when a solve is first met, and the record that
+routes each intercepted solver call to its site.
+
+A site is identified by the solver and the velocity: the velocity module, or the module and the
+method name of a bound method (bound methods are made anew on every access), or the code of a
+plain function (a lambda or closure may be made anew on every call). The same identity is
+computed while dynamo traces, from ids, so a site first met eagerly is found again under
+``torch.compile`` and the other way round.
+
+``filter_fn`` is asked once per site, with the module whose forward makes the solve. In eager
+mode that is the nearest frame, up from the solver call, whose ``self`` is a module of the
+converted model (a helper method or function called from a forward counts as that forward).
+Dynamo cannot trace frame inspection, so a site first met while compiling takes the module from
+the velocity instead: the module whose method it is, else the parent of the velocity module,
+else the model itself; for the usual ``odeint(self.odefunc, ...)`` in the forward of the module
+holding ``odefunc`` both agree.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from typing import Any, Callable
+
+import torch
+
+from . import dispatch
+from .compiled import object_with_id, solve_in_graph
+from .odeint import odeint
+from .policy import PrecisionPolicy
+from .stats import SolveStats, collect_stats
+from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS
+
+METHODS = {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}
+
+# The positional parameters shared by every intercepted solver.
+_POSITIONAL = ("func", "y0", "t")
+# Arguments of the original call that the converted solve does not pass on: odeint_adjoint's
+# adjoint settings (no counterpart in the discrete adjoint), and rampde_fx.odeint's precision
+# settings (convert's own take their place).
+_DROPPED_ARGUMENTS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options",
+                      "adjoint_params", "dtype", "scaling", "policy", "checkpoint")
+
+
+class ConversionError(ValueError):
+    """A model, or one of its ODE solves, cannot be converted."""
+
+
+class SolveSite:
+    """One converted ODE solve: runs :func:`rampde_fx.odeint` with the conversion's precision.
+
+    Attributes:
+        source: the solver the model calls ('torchdiffeq.odeint', ...).
+        qualname: the name in the model of the module that makes the solve ('' for the root).
+        owner: that module's class name.
+        velocity: how the velocity is named (its name in the model, or its qualified name).
+        dtype, scaling, policy, checkpoint: the settings the solve runs with.
+        dropped: arguments of the last call that were not passed on.
+        call_arguments: the solver arguments of the last call that were passed on.
+        last_stats: the statistics of the last solve (None until one has run).
+    """
+
+    def __init__(self, *, source: str, qualname: str, owner: str, velocity: str,
+                 dtype: torch.dtype, scaling: str, policy: PrecisionPolicy,
+                 checkpoint: str) -> None:
+        self.source = source
+        self.qualname = qualname
+        self.owner = owner
+        self.velocity = velocity
+        self.dtype = dtype
+        self.scaling = scaling
+        self.policy = policy
+        self.checkpoint = checkpoint
+        self.dropped: tuple[str, ...] = ()
+        self.call_arguments: dict[str, Any] = {}
+        self.last_stats: SolveStats | None = None
+
+    def __str__(self) -> str:
+        return f"{self.source} in {self.owner} at '{self.qualname or '<root>'}'"
+
+    def accept(self, arguments: dict[str, Any], dropped: tuple[str, ...]) -> None:
+        """Record a call's arguments, or raise ConversionError for what rampde_fx cannot solve."""
+        feature = ("odeint_event" if self.source == "torchdiffeq.odeint_event"
+                   else "event_fn" if arguments.get("event_fn") is not None else None)
+        if feature is not None:
+            raise ConversionError(
+                f"rampde_fx: {self} uses {feature}, which rampde_fx does not support yet. Pass "
+                "filter_fn to leave this solve as it is, or solve to a fixed end time.")
+        method = arguments.get("method")
+        if method is not None and method not in METHODS:
+            raise ConversionError(
+                f"rampde_fx: {self} uses method={method!r}; rampde_fx solves with "
+                f"{list(METHODS)}. Pass filter_fn to leave this solve as it is, or change its "
+                "method.")
+        self.call_arguments = arguments
+        self.dropped = dropped
+
+    def run(self, func: Any, y0: Any, t: torch.Tensor, arguments: dict[str, Any]) -> Any:
+        """The solve, eagerly; keeps its statistics in :attr:`last_stats`."""
+        with collect_stats() as solves:
+            solution = odeint(func, y0, t, dtype=self.dtype, scaling=self.scaling,
+                              policy=self.policy, checkpoint=self.checkpoint, **arguments)
+        self.last_stats = solves[-1]
+        return solution
+
+
+_UNSEEN = object()
+
+
+class Conversion:
+    """What ``convert`` set up, and the solves met since: kept on the converted module as the
+    plain attribute ``_rampde_conversion`` (not part of ``state_dict``).
+
+    Attributes:
+        dtype, scaling, policy, checkpoint: the settings of every converted solve.
+        filter_fn: chooses the solves that convert (see :func:`rampde_fx.convert`).
+        sites: the converted solves, in the order they were first met.
+        notes: what else a reader should know (solves that ``filter_fn`` left as they are).
+
+    Copies and pickles keep the settings only: sites are found again by the copy's own calls.
+    """
+
+    def __init__(self, *, dtype: torch.dtype, scaling: str, policy: PrecisionPolicy,
+                 checkpoint: str, filter_fn: Callable[[torch.nn.Module, str], bool] | None) -> None:
+        self.dtype = dtype
+        self.scaling = scaling
+        self.policy = policy
+        self.checkpoint = checkpoint
+        self.filter_fn = filter_fn
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sites: list[SolveSite] = []
+        self.notes: list[str] = []
+        self._by_key: dict[tuple[Any, ...], SolveSite | None] = {}
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: self.__dict__[key]
+                for key in ("dtype", "scaling", "policy", "checkpoint", "filter_fn")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def solve(self, root: torch.nn.Module, source: str, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> Any:
+        """Run an intercepted call of ``source`` made inside ``root``'s forward."""
+        if len(args) > len(_POSITIONAL):
+            raise TypeError(f"{source}() takes {len(_POSITIONAL)} positional arguments but "
+                            f"{len(args)} were given")
+        call = dict(zip(_POSITIONAL, args))
+        call.update(kwargs)
+        func, y0, t = call.pop("func", None), call.pop("y0", None), call.pop("t", None)
+        arguments = {k: v for k, v in call.items() if k not in _DROPPED_ARGUMENTS}
+        dropped = tuple(k for k in call if k in _DROPPED_ARGUMENTS)
+        solver = odeint if source == "rampde_fx.odeint" else dispatch.original(source)
+        if torch.compiler.is_compiling():
+            owner, method_name = ((func.__self__, func.__func__.__name__)
+                                  if isinstance(func, types.MethodType) else (func, None))
+            site_id = _site_while_compiling(id(root), source, id(owner), method_name, arguments,
+                                            dropped)
+            if not site_id:
+                return dispatch.run_within(None, solver, *args, **kwargs)
+            return solve_in_graph(func, y0, t, **arguments, dtype=self.dtype,
+                                  scaling=self.scaling, policy=self.policy,
+                                  checkpoint=self.checkpoint, report_to_id=site_id)
+        # Frames up from the caller of the converted module's _rampde_intercept.
+        site = self.site(root, source, func, arguments, dropped, caller=sys._getframe(2))
+        if site is None:
+            return dispatch.run_within(None, solver, *args, **kwargs)
+        return dispatch.run_within(None, site.run, func, y0, t, arguments)
+
+    def site(self, root: torch.nn.Module, source: str, func: Any, arguments: dict[str, Any],
+             dropped: tuple[str, ...], *, caller: types.FrameType | None) -> SolveSite | None:
+        """The site of a solve, made when first met; None for a solve that ``filter_fn`` left
+        as it is. ``caller``: the frame from which to look for the module that makes the solve
+        (None: take it from the velocity)."""
+        key = (source, *_velocity_identity(func))
+        site = self._by_key.get(key, _UNSEEN)
+        if site is _UNSEEN:
+            with self._lock:  # filter_fn is asked once per site, whichever thread meets it
+                site = self._by_key.get(key, _UNSEEN)
+                if site is _UNSEEN:
+                    site = self._by_key[key] = self._new_site(root, source, func, caller)
+        if site is not None:
+            site.accept(arguments, dropped)
+        return site
+
+    def _new_site(self, root: torch.nn.Module, source: str, func: Any,
+                  caller: types.FrameType | None) -> SolveSite | None:
+        modules = {id(m): (name, m) for name, m in root.named_modules()}
+        found = _module_in_frames(caller, modules) if caller is not None else None
+        qualname, owner = found or _module_of_velocity(func, modules, root)
+        site = SolveSite(source=source, qualname=qualname, owner=class_name(owner),
+                         velocity=_velocity_name(func, modules), dtype=self.dtype,
+                         scaling=self.scaling, policy=self.policy, checkpoint=self.checkpoint)
+        if self.filter_fn is not None and not self.filter_fn(owner, qualname):
+            self.notes.append(f"{site} runs as written: filter_fn left it as it is")
+            return None
+        self.sites.append(site)
+        return site
+
+
+@torch.compiler.assume_constant_result
+def _site_while_compiling(root_id: int, source: str, owner_id: int, method_name: str | None,
+                          arguments: dict[str, Any], dropped: tuple[str, ...]) -> int:
+    """Runs once, while dynamo traces a solve: the ``id`` of its site (kept alive by the
+    conversion), or 0 for a solve that runs as written. The velocity is ``owner`` or its
+    method ``method_name``; objects come as ids of objects that the traced frame holds."""
+    root = object_with_id(root_id)
+    owner = object_with_id(owner_id)
+    func = owner if method_name is None else getattr(owner, method_name)
+    site = root._rampde_conversion.site(root, source, func, arguments, dropped, caller=None)
+    return 0 if site is None else id(site)
+
+
+def _velocity_identity(func: Any) -> tuple[Any, Any]:
+    if isinstance(func, types.MethodType):  # bound methods are made anew on every access
+        return id(func.__self__), func.__func__.__name__
+    if isinstance(func, types.FunctionType):  # a lambda or closure may be made on every call
+        return func.__code__, None
+    return id(func), None
+
+
+def _named(obj: Any, modules: dict[int, tuple[str, torch.nn.Module]]) -> tuple[str, Any] | None:
+    found = modules.get(id(obj))
+    return found if found is not None and found[1] is obj else None
+
+
+def _module_in_frames(frame: types.FrameType | None,
+                      modules: dict[int, tuple[str, torch.nn.Module]]) -> tuple[str, Any] | None:
+    while frame is not None:
+        found = _named(frame.f_locals.get("self"), modules)
+        if found is not None:
+            return found
+        frame = frame.f_back
+    return None
+
+
+def _module_of_velocity(func: Any, modules: dict[int, tuple[str, torch.nn.Module]],
+                        root: torch.nn.Module) -> tuple[str, Any]:
+    found = _named(getattr(func, "__self__", None), modules)
+    if found is not None:
+        return found
+    found = _named(func, modules)
+    if found is not None and found[0]:
+        parent = found[0].rpartition(".")[0]
+        return parent, root.get_submodule(parent)
+    return "", root
+
+
+def _velocity_name(func: Any, modules: dict[int, tuple[str, torch.nn.Module]]) -> str:
+    found = _named(func, modules)
+    if found is not None:
+        return found[0] or "<root>"
+    return getattr(func, "__qualname__", type(func).__qualname__)
+
+
+def class_name(module: torch.nn.Module) -> str:
+    """The class name of ``module``; for a converted module, of the class it was made from."""
+    return getattr(type(module), "_rampde_original", type(module)).__qualname__
