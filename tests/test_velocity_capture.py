@@ -13,31 +13,12 @@ from torch import nn
 
 import rampde_fx
 import rampde_fx.compiled
+from field_models import ExactTraceCNF
 from models import rel_err
 
 U_BF16 = 2.0 ** -8
 T = torch.tensor([0.0, 0.5, 1.0])
 STEPS = {"method": "rk4", "options": {"step_size": 0.125}}
-
-
-class ExactTraceCNF(nn.Module):
-    """FFJORD-style: hypernetwork gate in t, divergence by one autograd.grad per dimension."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hyper = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8))
-        self.inp = nn.Linear(2, 8)
-        self.out = nn.Linear(8, 2)
-
-    def forward(self, t, states):
-        z, _ = states
-        with torch.enable_grad():
-            z = z.requires_grad_(True)
-            gate = torch.sigmoid(self.hyper(t.view(1, 1)))
-            dz = self.out(torch.tanh(self.inp(z)) * gate)
-            divergence = sum(torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0][:, i]
-                             for i in range(z.shape[1]))
-        return dz, -divergence.view(-1, 1)
 
 
 class Hutchinson(nn.Module):
