@@ -68,8 +68,8 @@ def collect_stats() -> Iterator[list[SolveStats]]:
     stack.append(collected)
     try:
         yield collected
-    finally:
-        stack.remove(collected)
+    finally:  # by identity: nested collectors can hold equal lists
+        del stack[next(i for i, c in enumerate(stack) if c is collected)]
 
 
 def record(stats: SolveStats) -> None:

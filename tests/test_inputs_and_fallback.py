@@ -163,3 +163,10 @@ def test_ambient_autocast_does_not_reach_the_solve():
 def test_policy_rejects_an_op_in_both_classes():
     with pytest.raises(ValueError, match=r"\['tanh'\] are in both"):
         rampde_fx.PrecisionPolicy(low_ops=frozenset({"tanh"}), full_ops=frozenset({"tanh"}))
+
+
+def test_nested_stat_collectors_each_see_the_solve():
+    with rampde_fx.collect_stats() as outer:
+        with rampde_fx.collect_stats() as inner:
+            rampde_fx.odeint(lambda t, y: -y, Y0, T, method="euler")
+    assert len(outer) == len(inner) == 1 and outer[0] is inner[0]

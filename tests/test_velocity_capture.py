@@ -123,15 +123,14 @@ def cnf_state():
     return torch.randn(5, 2), torch.zeros(5, 1)
 
 
-# name: (velocity factory, initial state factory, bf16 bound in unit roundoffs). Velocities
-# that differentiate themselves amplify the velocity's rounding in their derivative terms.
+# name: (velocity factory, initial state factory)
 PATTERNS = {
-    "exact_trace_cnf": (ExactTraceCNF, cnf_state, 4),
-    "hutchinson": (Hutchinson, cnf_state, 8),
-    "hamiltonian_inplace": (HamiltonianNet, lambda: torch.randn(5, 4), 4),
-    "piecewise_weights": (PiecewiseWeights, lambda: torch.randn(5, 3), 4),
-    "torchscript_helper": (ScriptedHelper, lambda: torch.randn(5, 3), 4),
-    "torch_func": (JacobianPenalty, lambda: torch.randn(5, 3), 4),
+    "exact_trace_cnf": (ExactTraceCNF, cnf_state),
+    "hutchinson": (Hutchinson, cnf_state),
+    "hamiltonian_inplace": (HamiltonianNet, lambda: torch.randn(5, 4)),
+    "piecewise_weights": (PiecewiseWeights, lambda: torch.randn(5, 3)),
+    "torchscript_helper": (ScriptedHelper, lambda: torch.randn(5, 3)),
+    "torch_func": (JacobianPenalty, lambda: torch.randn(5, 3)),
 }
 
 
@@ -153,7 +152,7 @@ def solve_and_grads(solver, func, y0, t, seed=None, **kwargs):
 
 def make(name):
     torch.manual_seed(0)
-    factory, state, _ = PATTERNS[name]
+    factory, state = PATTERNS[name]
     return factory(), state()
 
 
@@ -175,6 +174,8 @@ def test_float32_mode_reproduces_torchdiffeq(name):
 
 @pytest.mark.parametrize("name", PATTERNS)
 def test_bfloat16_against_float64(name):
+    """Bound 4 unit roundoffs of bf16, as for whole models (test_convert): a velocity that
+    differentiates itself adds its derivative's rounding. Measured: at most 1.4 (Hutchinson)."""
     func, y0 = make(name)
     reference = copy.deepcopy(func).double()
     want = solve_and_grads(torchdiffeq.odeint, reference,
@@ -185,7 +186,7 @@ def test_bfloat16_against_float64(name):
     time_grad = 2 * (len(y0) if isinstance(y0, tuple) else 1)
     errors = [rel_err(g, w) for i, (g, w) in enumerate(zip(got, want))
               if i != time_grad and w.norm() > 0]
-    assert max(errors) < PATTERNS[name][2] * U_BF16
+    assert max(errors) < 4 * U_BF16
     assert max(errors) > 1e-5  # bf16's error, not float32's: the low precision ran
 
 
