@@ -80,6 +80,13 @@ def solve_forward(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.T
     for out, c in zip(solution, y0):
         out[0] = c
     if plan.controller is not None:
+        if keep_checkpoints and plan.stepper.velocity.draws_random \
+                and plan.stepper.velocity.fallback_reason is None:
+            warnings.warn("rampde_fx: the velocity draws random numbers (dropout?) and the "
+                          f"method {plan.stats.method!r} is adaptive: its backward pass "
+                          "recomputes the steps with new draws, so gradients do not match the "
+                          "forward's; use a fixed-grid method, or eval() mode.", RuntimeWarning,
+                          stacklevel=4)
         checkpoints = solve_adaptive(plan, y0, grid[0], times, solution, keep_checkpoints)
         grid = grid[0].to(torch.float64) + torch.tensor(
             plan.grid_values, dtype=torch.float64, device=grid.device).sub_(plan.grid_values[0])

@@ -330,3 +330,9 @@ def test_compiles_fullgraph(name, monkeypatch):
     (want_grad,) = torch.autograd.grad(want.sum(), x)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_dropout_in_an_adaptive_solve_is_warned():
+    func, y0 = Dropped(), torch.randn(5, 3, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match=r"draws random numbers .* 'dopri5' is adaptive"):
+        rampde_fx.odeint(func, y0, T, method="dopri5", rtol=1e-3, atol=1e-3)
