@@ -34,6 +34,7 @@ import dataclasses
 import os
 import threading
 import traceback
+import types
 import warnings
 import weakref
 from typing import Any, Callable, Iterator, Sequence
@@ -64,6 +65,16 @@ def describe(func: Any) -> str:
     return f"velocity callable {getattr(func, '__qualname__', type(func).__qualname__)}"
 
 
+def _weakly(func: Any) -> Callable[[], Any]:
+    """A reference to ``func`` that does not keep its module alive: captured velocities are
+    cached per module (a plain function is held as it is)."""
+    if isinstance(func, types.MethodType):
+        return weakref.WeakMethod(func)
+    if isinstance(func, torch.nn.Module):
+        return weakref.ref(func)
+    return lambda: func
+
+
 def _owner(func: Any) -> torch.nn.Module | None:
     """The module whose tensors the velocity reads by attribute: itself, or its method's."""
     owner = getattr(func, "__self__", func)
@@ -73,14 +84,16 @@ def _owner(func: Any) -> torch.nn.Module | None:
 @dataclasses.dataclass(frozen=True)
 class _Slot:
     """Where a lifted tensor lives: ``module.<kind>[key]`` (kind: _parameters, _buffers, or the
-    instance ``__dict__`` for plain tensor attributes)."""
+    instance ``__dict__`` for plain tensor attributes). The module is held weakly: captured
+    velocities are cached per module and must not keep it alive."""
 
-    module: torch.nn.Module
+    module_ref: "weakref.ref[torch.nn.Module]"
     kind: str
     key: str
 
     def _table(self) -> dict[str, Any]:
-        return vars(self.module) if self.kind == "__dict__" else getattr(self.module, self.kind)
+        module = self.module_ref()
+        return vars(module) if self.kind == "__dict__" else getattr(module, self.kind)
 
     def get(self) -> torch.Tensor:
         return self._table()[self.key]
@@ -101,7 +114,7 @@ def _lifted_slots(owner: torch.nn.Module | None) -> dict[str, _Slot]:
             for key, value in table.items():
                 if isinstance(value, torch.Tensor) and id(value) not in seen:
                     seen.add(id(value))
-                    slots[f"{prefix}.{key}".lstrip(".")] = _Slot(module, kind, key)
+                    slots[f"{prefix}.{key}".lstrip(".")] = _Slot(weakref.ref(module), kind, key)
     return slots
 
 
@@ -222,7 +235,7 @@ def _trace(func: Any, t: torch.Tensor, state: State, is_tuple: bool,
 
 
 def _check_output(out: Any, state: State, func: Any) -> None:
-    components = _as_state(out, len(state), func)
+    components = _as_state(out, len(state), lambda: describe(func))
     for i, (k, c) in enumerate(zip(components, state)):
         if tuple(k.shape) != tuple(c.shape):
             where = f"component {i} of the state" if len(state) > 1 else "the state"
@@ -245,16 +258,25 @@ class GraphVelocity:
     def __init__(self, func: Any, is_tuple: bool, low_dtype: torch.dtype,
                  policy: PrecisionPolicy, slots: dict[str, _Slot], first: _Traced,
                  example: tuple[torch.Tensor, State]) -> None:
-        self.func = func
+        self._func = _weakly(func)
         self.is_tuple = is_tuple
         self.low_dtype = low_dtype
         self.policy = policy
         self.fallback_reason: str | None = None
         self._slots = slots
         self._replay = _ReplayFlag()  # shared with transformed twins
+        self.compiled_steps: dict[Any, Callable[..., Any]] = {}  # see compiled._compiled_step
         self.time_indexed = first.reads_time_value
         self._graphs: dict[float | None, tuple[fx.GraphModule, fx.GraphModule]] = {}
         self._add(first, example)
+
+    @property
+    def func(self) -> Any:
+        """The user's velocity (alive while the solve that uses it runs)."""
+        return self._func()
+
+    def name(self) -> str:
+        return describe(self.func)
 
     def _add(self, traced: _Traced, example: tuple[torch.Tensor, State]) -> None:
         t, state = example
@@ -300,7 +322,7 @@ class GraphVelocity:
         if self._replay.on:  # mutations of the velocity's buffers happen in the forward only
             for i in self._buffers:
                 tensors[i] = tensors[i].clone()
-        return _as_state(self._graph_at(t, y)(t, *y, *tensors), len(y), self.func)
+        return _as_state(self._graph_at(t, y)(t, *y, *tensors), len(y), self.name)
 
     @contextlib.contextmanager
     def recomputing(self) -> Iterator[None]:
@@ -344,7 +366,7 @@ class EagerVelocity:
 
     def __init__(self, func: Any, low_dtype: torch.dtype, is_tuple: bool, reason: str,
                  tensors: Sequence[torch.Tensor]) -> None:
-        self.func = func
+        self._func = _weakly(func)
         self.low_dtype = low_dtype
         self.is_tuple = is_tuple
         self.fallback_reason = reason
@@ -353,13 +375,16 @@ class EagerVelocity:
                        if slot.kind == "_buffers"}
         self._replay = _ReplayFlag()
 
+    func = GraphVelocity.func
+    name = GraphVelocity.name
+
     def __call__(self, t: torch.Tensor, y: State) -> State:
         y_low = tuple(c.to(self.low_dtype) for c in y)
         slots = list(self._slots.values()) if self._replay.on else []
         with _autocast_for(y[0].device.type, self.low_dtype), \
                 _substituted(slots, [slot.get().clone() for slot in slots]):
             out = self.func(t, y_low if self.is_tuple else y_low[0])
-        return _as_state(out, len(y), self.func)
+        return _as_state(out, len(y), self.name)
 
     recomputing = GraphVelocity.recomputing
 
@@ -376,15 +401,16 @@ def _autocast_for(device_type: str, low_dtype: torch.dtype) -> contextlib.Abstra
     return torch.autocast(device_type, dtype=low_dtype)
 
 
-def _as_state(out: Any, n_components: int, func: Any) -> State:
+def _as_state(out: Any, n_components: int, name: Callable[[], str]) -> State:
+    """``out`` as a tuple of state components; ``name()`` names the velocity in the error."""
     if isinstance(out, torch.Tensor) and n_components == 1:
         return (out,)
     if isinstance(out, (tuple, list)) and len(out) == n_components and n_components > 1:
         return tuple(out)
     got = f"{type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list)) \
         else type(out).__name__
-    raise TypeError(f"{describe(func)} returned {got} for a state of {n_components} tensor(s); "
-                    "it must return one tensor per state component, in the structure of y")
+    raise TypeError(f"{name()} returned {got} for a state of {n_components} tensor(s); it must "
+                    "return one tensor per state component, in the structure of y")
 
 
 class _TensorReadRecorder(TorchFunctionMode):

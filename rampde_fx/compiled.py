@@ -46,9 +46,12 @@ from .solver import Stepper
 
 @dataclasses.dataclass(frozen=True)
 class _Site:
-    """The non-tensor arguments of a solve, registered once per compiled call site."""
+    """The non-tensor arguments of a solve, registered once per compiled call site. The
+    velocity's module and the reporting object are held weakly: a compiled graph must not keep
+    a deleted model alive."""
 
-    func: Callable[..., Any]
+    owner: "weakref.ref[Any]"
+    method_name: str | None
     rtol: Any
     atol: Any
     method: str | None
@@ -58,7 +61,14 @@ class _Site:
     policy: PrecisionPolicy | None
     checkpoint: str
     is_tuple: bool
-    report_to: Any  # an object whose ``last_stats`` each run sets (a convert site), or None
+    report_to: "weakref.ref[Any] | None"  # whose ``last_stats`` each run sets (a convert site)
+
+    @property
+    def func(self) -> Callable[..., Any]:
+        owner = self.owner()
+        if owner is None:
+            raise RuntimeError("rampde_fx: the velocity of this compiled solve was deleted")
+        return owner if self.method_name is None else getattr(owner, self.method_name)
 
 
 _SITES: list[_Site] = []
@@ -82,11 +92,11 @@ def _register(owner_id: int, method_name: Any, policy_id: Any, report_to_id: Any
     The velocity is ``owner`` itself or its method ``method_name``; ``owner``, the policy and
     the reporting object come as ids (or None) of objects that the traced frame holds, alive
     until this returns."""
-    owner = object_with_id(owner_id)
-    func = owner if method_name is None else getattr(owner, method_name)
-    _SITES.append(_Site(func, rtol, atol, method, dict(options or {}), dtype, scaling,
-                        object_with_id(policy_id), checkpoint, is_tuple,
-                        object_with_id(report_to_id)))
+    report_to = object_with_id(report_to_id)
+    _SITES.append(_Site(weakref.ref(object_with_id(owner_id)), method_name, rtol, atol, method,
+                        dict(options or {}), dtype, scaling, object_with_id(policy_id),
+                        checkpoint, is_tuple,
+                        None if report_to is None else weakref.ref(report_to)))
     return len(_SITES) - 1
 
 
@@ -179,8 +189,6 @@ class _SavedGraph:
 
 _SAVED: dict[int, _Saved | _SavedGraph] = {}
 _TICKETS = itertools.count()
-_COMPILED_STEPS: "weakref.WeakKeyDictionary[Any, dict[Any, Callable[..., Any]]]" = \
-    weakref.WeakKeyDictionary()
 
 
 class _TanhForCPUKernels(torch.autograd.Function):
@@ -230,7 +238,8 @@ def _compiled_step(stepper: Stepper, dtype: torch.dtype, device: torch.device,
     velocity = stepper.velocity
     if not isinstance(velocity, GraphVelocity) or velocity.time_indexed or velocity.draws_random:
         return None
-    per_velocity = _COMPILED_STEPS.setdefault(stepper.velocity, {})
+    # Kept on the velocity, which the capture cache drops with the velocity's module.
+    per_velocity = velocity.compiled_steps
     key = (stepper.tableau, stepper.start_nudge, stepper.end_nudge, stepper.time_sign,
            device.type, keeps_activations, step_backend)
     if key not in per_velocity:
@@ -286,8 +295,9 @@ def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
                                  method=spec.method,
                                  options=spec.options, dtype=spec.dtype, scaling=spec.scaling,
                                  policy=spec.policy, checkpoint=spec.checkpoint, event_fn=None)
-        if spec.report_to is not None:
-            spec.report_to.last_stats = prepared.plan.stats
+        report_to = None if spec.report_to is None else spec.report_to()
+        if report_to is not None:
+            report_to.last_stats = prepared.plan.stats
         prepared.plan.stepper.compiled_step = _compiled_step(prepared.plan.stepper, spec.dtype,
                                                              t.device, keep_stages)
         with torch.autocast(t.device.type, enabled=False):

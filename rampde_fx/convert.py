@@ -61,9 +61,15 @@ _classes_lock = threading.Lock()
 def _converted_class(original: type[torch.nn.Module]) -> type:
     with _classes_lock:
         if original not in _classes:
+            # dynamo caches compiled frames, and counts recompilations against its limit, per
+            # code object: each converted class gets a forward with a code object of its own.
+            shared = _ConvertedModule.forward
+            forward = types.FunctionType(shared.__code__.replace(), shared.__globals__,
+                                         shared.__name__, shared.__defaults__,
+                                         shared.__closure__)
             _classes[original] = type(f"Converted{original.__name__}",
                                       (_ConvertedModule, original),
-                                      {"_rampde_original": original})
+                                      {"_rampde_original": original, "forward": forward})
         return _classes[original]
 
 

@@ -343,3 +343,56 @@ def test_compiled_tensors_outside_parameters_are_warned_about(cheap_steps):
         fullgraph=True, backend="aot_eager")
     with pytest.warns(rampde_fx.CaptureWarning, match=r"1 tensor\(s\) .* get no gradient"):
         solve(torch.randn(2, 4, requires_grad=True)).sum().backward()
+
+
+def _distinct_model(i: int) -> torch.nn.Module:
+    """A model of a class of its own, as a sweep or a notebook makes them."""
+    block = type(f"Block{i}", (ODEBlock,), {})
+    root = type(f"Model{i}", (torch.nn.Module,), {
+        "__init__": lambda self: (torch.nn.Module.__init__(self),
+                                  setattr(self, "block", block(MLPFunc())))[0],
+        "forward": lambda self, x: self.block(x) * (1.0 + i),
+    })
+    return root()
+
+
+@pytest.mark.slow
+def test_twenty_distinct_models_compile_in_one_process(cheap_steps):
+    """Each converted class and each velocity's step has a code object of its own, so
+    dynamo's recompile limit (8 per code object) is never reached by a sweep of models."""
+    for i in range(20):
+        torch.manual_seed(i)
+        converted = rampde_fx.convert(_distinct_model(i))
+        compiled_model = torch.compile(converted, fullgraph=True, backend="aot_eager")
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(compiled_model(x), converted(x))
+
+
+class TooFewSteps(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.func = MLPFunc()
+
+    def forward(self, x):
+        return rampde_fx.odeint(self.func, x, torch.tensor([0.0, 1.0]), rtol=1e-9, atol=1e-9,
+                                options={"max_num_steps": 2})[-1]
+
+
+def test_an_error_inside_a_compiled_solve_keeps_its_type_and_message(cheap_steps):
+    compiled_model = torch.compile(TooFewSteps(), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=r"max_num_steps=2 exceeded"):
+        compiled_model(10 * torch.randn(3, 4))
+
+
+def test_deleting_a_compiled_model_frees_its_velocity(cheap_steps):
+    import gc
+    import weakref
+
+    converted = rampde_fx.convert(MLPODE())
+    velocity = weakref.ref(converted.block.odefunc)
+    compiled_model = torch.compile(converted, fullgraph=True, backend="aot_eager")
+    compiled_model(torch.randn(2, 3)).sum().backward()
+    converted(torch.randn(2, 3)).sum().backward()  # and an eager solve: both caches
+    del converted, compiled_model
+    gc.collect()
+    assert velocity() is None
