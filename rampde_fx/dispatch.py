@@ -40,17 +40,21 @@ class Handler(Protocol):
                           kwargs: dict[str, Any]) -> Any: ...
 
 
-_local = threading.local()
+class _PerThread(threading.local):
+    def __init__(self) -> None:
+        # Made in every thread before its first read: a compiled forward that guarded on
+        # whether the stack exists would be recompiled after the first call.
+        self.stack: list[Handler | None] = []
+
+
+_local = _PerThread()
 _install_lock = threading.Lock()
 _originals: dict[str, Callable[..., Any]] = {}
 _installed = False
 
 
 def _stack() -> list[Handler | None]:
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    return stack
+    return _local.stack
 
 
 def active() -> Handler | None:
