@@ -7,6 +7,7 @@ adjoint scaling for float16.
 """
 from .adaptive import ToleranceWarning
 from .capture import CaptureWarning
+from .check import CheckReport, check
 from .convert import convert
 from .diagnostics import conversion_diff, explain, graph_diff
 from .odeint import odeint
@@ -16,8 +17,9 @@ from .stats import SolveStats, collect_stats
 from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, ButcherTableau
 
 __all__ = [
-    "ADAPTIVE_TABLEAUS", "ButcherTableau", "CaptureWarning", "ConversionError", "DEFAULT_POLICY",
-    "FIXED_GRID_TABLEAUS", "Precision", "PrecisionPolicy", "SolveStats", "ToleranceWarning",
-    "collect_stats", "conversion_diff", "convert", "explain", "graph_diff", "odeint",
+    "ADAPTIVE_TABLEAUS", "ButcherTableau", "CaptureWarning", "CheckReport", "ConversionError",
+    "DEFAULT_POLICY", "FIXED_GRID_TABLEAUS", "Precision", "PrecisionPolicy", "SolveStats",
+    "ToleranceWarning", "check", "collect_stats", "conversion_diff", "convert", "explain",
+    "graph_diff", "odeint",
 ]
 __version__ = "0.1.0"

@@ -10,9 +10,10 @@ classes:
   as soon as one of its floating inputs is low precision, otherwise as it was. This keeps the time
   input in float32 until it meets the state, and casts a weight only where it meets an activation.
 
-Override it with :func:`dataclasses.replace`, e.g. to keep ``tanh`` in float32::
+Override it with :func:`dataclasses.replace`, or keep ops in float32 with
+:meth:`PrecisionPolicy.with_full_ops`, e.g. ``tanh``::
 
-    policy = dataclasses.replace(DEFAULT_POLICY, full_ops=DEFAULT_POLICY.full_ops | {"tanh"})
+    policy = DEFAULT_POLICY.with_full_ops({"tanh"})
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import builtins
 import dataclasses
 import enum
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -83,6 +84,12 @@ class PrecisionPolicy:
         if name in self.full_ops:
             return Precision.FULL, f"'{name}', a precision-sensitive op"
         return Precision.FOLLOW, f"'{name}', which follows its inputs"
+
+    def with_full_ops(self, ops: Iterable[str]) -> PrecisionPolicy:
+        """This policy with the canonical op names ``ops`` evaluated in float32 (and removed
+        from ``low_ops``)."""
+        ops = frozenset(ops)
+        return dataclasses.replace(self, low_ops=self.low_ops - ops, full_ops=self.full_ops | ops)
 
 
 DEFAULT_POLICY = PrecisionPolicy()
