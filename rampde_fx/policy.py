@@ -104,7 +104,7 @@ _OPERATOR_NAMES: dict[Any, str] = {
 
 # aten ops whose names say how they are implemented rather than what they compute.
 _ATEN_ALIASES = {"batch_norm_legit": "batch_norm", "batch_norm_legit_no_training": "batch_norm",
-                 "batch_norm_legit_functional": "batch_norm", "to_copy": "to"}
+                 "batch_norm_legit_functional": "batch_norm", "to_copy": "to", "t": "transpose"}
 
 
 def op_name(node: torch.fx.Node) -> str:

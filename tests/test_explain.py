@@ -30,12 +30,12 @@ solve 0: torchdiffeq.odeint in ODEBlock at 'block'
   last solve: rk4, 4 steps, 16 evaluations forward, 16 backward, adjoint scaling off
   velocity graph (node, dtype, why):
     y_bf16               bfloat16  the state enters the velocity in low precision
-    net_0_weight_t       float32   't', which follows its inputs
+    net_0_weight_t       float32   'transpose', which follows its inputs
     net_0_bias_bf16      bfloat16  input of 'addmm', a matmul-class op
     net_0_weight_t_bf16  bfloat16  input of 'addmm', a matmul-class op
     addmm                bfloat16  'addmm', a matmul-class op
     tanh                 bfloat16  'tanh', which follows its inputs
-    net_2_weight_t       float32   't', which follows its inputs
+    net_2_weight_t       float32   'transpose', which follows its inputs
     net_2_bias_bf16      bfloat16  input of 'addmm', a matmul-class op
     net_2_weight_t_bf16  bfloat16  input of 'addmm', a matmul-class op
     addmm_1              bfloat16  'addmm', a matmul-class op""")
@@ -98,21 +98,21 @@ solve 0: torchdiffeq.odeint in HamiltonianModel at '<root>'
   velocity graph (node, dtype, why):
     y_0_fp16                   float16  the state enters the velocity in low precision
     y_1_fp16                   float16  the state enters the velocity in low precision
-    kinetic_0_weight_t         float32  't', which follows its inputs
+    kinetic_0_weight_t         float32  'transpose', which follows its inputs
     kinetic_0_bias_fp16        float16  input of 'addmm', a matmul-class op
     kinetic_0_weight_t_fp16    float16  input of 'addmm', a matmul-class op
     addmm                      float16  'addmm', a matmul-class op
     tanh                       float16  'tanh', which follows its inputs
-    kinetic_2_weight_t         float32  't', which follows its inputs
+    kinetic_2_weight_t         float32  'transpose', which follows its inputs
     kinetic_2_bias_fp16        float16  input of 'addmm', a matmul-class op
     kinetic_2_weight_t_fp16    float16  input of 'addmm', a matmul-class op
     addmm_1                    float16  'addmm', a matmul-class op
-    potential_0_weight_t       float32  't', which follows its inputs
+    potential_0_weight_t       float32  'transpose', which follows its inputs
     potential_0_bias_fp16      float16  input of 'addmm', a matmul-class op
     potential_0_weight_t_fp16  float16  input of 'addmm', a matmul-class op
     addmm_2                    float16  'addmm', a matmul-class op
     tanh_1                     float16  'tanh', which follows its inputs
-    potential_2_weight_t       float32  't', which follows its inputs
+    potential_2_weight_t       float32  'transpose', which follows its inputs
     potential_2_bias_fp16      float16  input of 'addmm', a matmul-class op
     potential_2_weight_t_fp16  float16  input of 'addmm', a matmul-class op
     addmm_3                    float16  'addmm', a matmul-class op

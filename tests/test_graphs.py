@@ -37,12 +37,12 @@ def forward(self, t, y, net_0_weight, net_0_bias, net_2_weight, net_2_bias):
     return mul""")
         self.assertExpectedInline(precision_table(gm.graph), """\
 y_bf16               bfloat16  the state enters the velocity in low precision
-net_0_weight_t       float32   't', which follows its inputs
+net_0_weight_t       float32   'transpose', which follows its inputs
 net_0_bias_bf16      bfloat16  input of 'addmm', a matmul-class op
 net_0_weight_t_bf16  bfloat16  input of 'addmm', a matmul-class op
 addmm                bfloat16  'addmm', a matmul-class op
 tanh                 bfloat16  'tanh', which follows its inputs
-net_2_weight_t       float32   't', which follows its inputs
+net_2_weight_t       float32   'transpose', which follows its inputs
 net_2_bias_bf16      bfloat16  input of 'addmm', a matmul-class op
 net_2_weight_t_bf16  bfloat16  input of 'addmm', a matmul-class op
 addmm_1              bfloat16  'addmm', a matmul-class op
@@ -90,7 +90,7 @@ convolution            bfloat16                     'convolution', a matmul-clas
         gm = lowered(NormMLP(), torch.randn(3, 4))
         self.assertExpectedInline(precision_table(gm.graph), """\
 y_bf16             bfloat16                     the state enters the velocity in low precision
-inp_weight_t       float32                      't', which follows its inputs
+inp_weight_t       float32                      'transpose', which follows its inputs
 inp_bias_bf16      bfloat16                     input of 'addmm', a matmul-class op
 inp_weight_t_bf16  bfloat16                     input of 'addmm', a matmul-class op
 addmm              bfloat16                     'addmm', a matmul-class op
@@ -100,7 +100,7 @@ native_layer_norm  (float32, float32, float32)  'layer_norm', a precision-sensit
 getitem            float32                      'getitem', which follows its inputs
 getitem_1          float32                      'getitem', which follows its inputs
 getitem_2          float32                      'getitem', which follows its inputs
-out_weight_t       float32                      't', which follows its inputs
+out_weight_t       float32                      'transpose', which follows its inputs
 out_bias_bf16      bfloat16                     input of 'addmm', a matmul-class op
 getitem_bf16       bfloat16                     input of 'addmm', a matmul-class op
 out_weight_t_bf16  bfloat16                     input of 'addmm', a matmul-class op
@@ -142,13 +142,13 @@ def forward(self, t, y_0, y_1, kinetic_0_weight, kinetic_0_bias, kinetic_2_weigh
         gm = lowered(TimeMLP(), torch.randn(5, 3), policy=policy)
         self.assertExpectedInline(precision_table(gm.graph), """\
 y_bf16               bfloat16  the state enters the velocity in low precision
-net_0_weight_t       float32   't', which follows its inputs
+net_0_weight_t       float32   'transpose', which follows its inputs
 net_0_bias_bf16      bfloat16  input of 'addmm', a matmul-class op
 net_0_weight_t_bf16  bfloat16  input of 'addmm', a matmul-class op
 addmm                bfloat16  'addmm', a matmul-class op
 addmm_fp32           float32   input of 'tanh', a precision-sensitive op
 tanh                 float32   'tanh', a precision-sensitive op
-net_2_weight_t       float32   't', which follows its inputs
+net_2_weight_t       float32   'transpose', which follows its inputs
 net_2_bias_bf16      bfloat16  input of 'addmm', a matmul-class op
 tanh_bf16            bfloat16  input of 'addmm', a matmul-class op
 net_2_weight_t_bf16  bfloat16  input of 'addmm', a matmul-class op
