@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from .adaptive import Controller, solve_adaptive
+from .callbacks import StepCallbacks
 from .scaling import RETRY_STEP_LOG2, AdjointScaler
 from .solver import Nudge, RngState, State, Stepper, replayed_rng, rng_state
 from .stats import SolveStats
@@ -51,8 +52,12 @@ class SolvePlan:
     scaling: bool
     stats: SolveStats
     controller: Controller | None = None
+    callbacks: StepCallbacks = dataclasses.field(default_factory=StepCallbacks)
     start_nudges: list[Nudge] | None = None
     rng_states: list[RngState] | None = None
+    # The user's velocity, kept alive while this solve and its backward pass can run: the
+    # captured velocity holds it weakly (its cache must not keep modules alive).
+    func: Any = None
 
     def rng_state_of(self, step: int) -> RngState | None:
         """What the generators were at the start of forward step ``step``, if the velocity
@@ -103,6 +108,8 @@ def solve_forward(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.T
             store[n] = c
         if random:
             plan.rng_states.append(rng_state(grid.device))
+        if plan.callbacks:
+            plan.callbacks("callback_step", grid[n], y, grid[n + 1] - grid[n])
         y, outputs = plan.stepper.advance(grid[n], grid[n + 1], y, plan.outputs_of(n, times),
                                           plan.grid_values[n], plan.grid_values[n + 1])
         for j, value in zip(plan.outputs_per_step[n], outputs):

@@ -21,6 +21,13 @@ Python control flow on any other tensor value (the state's) cannot be a graph: t
 falls back, with a :class:`CaptureWarning` giving the reason and the line, to running ``func``
 eagerly under autocast in the low dtype, with the same float32 accumulation and adjoint.
 
+Capture runs the velocity's Python code (once per graph, and once more to record what an eager
+fallback reads), and undoes what that code changes in user state whether capture succeeds or
+not: attributes of its modules (an ``nfe`` counter) and the contents of the lists, dicts and
+sets its code reaches by name (``self.log.append(y)``, ``ts.append(t.item())`` on a closure or
+global list), which would otherwise keep fake tensors. A graph does not repeat such updates
+during solves: capture warns with a :class:`CaptureWarning` naming them.
+
 Recomputation in the backward pass must reproduce the forward: buffers that the velocity mutates
 (BatchNorm running statistics, counters kept in buffers) are mutated by forward evaluations
 only (:meth:`GraphVelocity.recomputing` gives the graph copies), and :attr:`draws_random` tells
@@ -207,7 +214,7 @@ class _Traced:
 
 
 def _trace(func: Any, t: torch.Tensor, state: State, is_tuple: bool,
-           slots: dict[str, _Slot], counters: list[str]) -> _Traced:
+           slots: dict[str, _Slot], effects: _SideEffects) -> _Traced:
     names = list(slots)
     slot_list = [slots[n] for n in names]
     lifted = [slot.get() for slot in slot_list]
@@ -220,8 +227,7 @@ def _trace(func: Any, t: torch.Tensor, state: State, is_tuple: bool,
         with _substituted(slot_list, tensors), hooks, torch.enable_grad():
             return func(time, tuple(ys) if is_tuple else ys[0])
 
-    owner = _owner(func)
-    with restore_attributes(owner if owner is not None else func, counters):
+    with _undoing_side_effects(func, effects):
         gm = make_fx(velocity, tracing_mode="fake", _allow_non_fake_inputs=True)(
             t, *state, *lifted)
     _drop_autograd_detaches(gm.graph)
@@ -267,6 +273,7 @@ class GraphVelocity:
         self._replay = _ReplayFlag()  # shared with transformed twins
         self.compiled_steps: dict[Any, Callable[..., Any]] = {}  # see compiled._compiled_step
         self.time_indexed = first.reads_time_value
+        self._as_written = False
         self._graphs: dict[float | None, tuple[fx.GraphModule, fx.GraphModule]] = {}
         self._add(first, example)
 
@@ -280,14 +287,15 @@ class GraphVelocity:
 
     def _add(self, traced: _Traced, example: tuple[torch.Tensor, State]) -> None:
         t, state = example
-        original = traced.graph_module
-        inputs = [t, *state, *(self._slots[n].get() for n in traced.names)]
-        with torch.no_grad():
-            new_graph = rewrite_for_precision(
-                original, inputs, self.low_dtype, self.policy,
-                state_placeholders={n.name for n in list(original.graph.find_nodes(
-                    op="placeholder"))[1:1 + len(state)]})
-        rewritten = fx.GraphModule(original, new_graph, class_name="LowPrecisionVelocity")
+        original = rewritten = traced.graph_module
+        if not self._as_written:
+            inputs = [t, *state, *(self._slots[n].get() for n in traced.names)]
+            with torch.no_grad():
+                new_graph = rewrite_for_precision(
+                    original, inputs, self.low_dtype, self.policy,
+                    state_placeholders={n.name for n in list(original.graph.find_nodes(
+                        op="placeholder"))[1:1 + len(state)]})
+            rewritten = fx.GraphModule(original, new_graph, class_name="LowPrecisionVelocity")
         self.names = traced.names
         # Buffers, not only what the graph marks as written: aten.native_batch_norm updates its
         # running statistics without declaring it in its schema.
@@ -314,7 +322,8 @@ class GraphVelocity:
         with _CAPTURING:
             if key not in self._graphs:
                 example = (t.detach(), tuple(c.detach() for c in y))
-                self._add(_trace(self.func, *example, self.is_tuple, self._slots, []), example)
+                self._add(_trace(self.func, *example, self.is_tuple, self._slots,
+                                 _SideEffects()), example)
         return self._graphs[key][1]
 
     def __call__(self, t: torch.Tensor, y: State) -> State:
@@ -333,6 +342,16 @@ class GraphVelocity:
             yield
         finally:
             self._replay.on = False
+
+    def as_written(self) -> "GraphVelocity":
+        """A twin that runs the captured graphs without the precision rewrite: the velocity in
+        the precisions its code was written in, the reference that measures this one's
+        rounding. It reads the same live tensors."""
+        twin = copy.copy(self)
+        twin._as_written = True
+        twin._graphs = {key: (original, original) for key, (original, _) in self._graphs.items()}
+        twin.compiled_steps = {}
+        return twin
 
     def transformed(self, transform: Callable[[fx.Graph], None]) -> "GraphVelocity":
         """A twin whose rewritten graphs are copies changed in place by ``transform``; it reads
@@ -374,17 +393,28 @@ class EagerVelocity:
         self._slots = {name: slot for name, slot in _lifted_slots(_owner(func)).items()
                        if slot.kind == "_buffers"}
         self._replay = _ReplayFlag()
+        self._as_written = False
 
     func = GraphVelocity.func
     name = GraphVelocity.name
 
     def __call__(self, t: torch.Tensor, y: State) -> State:
-        y_low = tuple(c.to(self.low_dtype) for c in y)
+        if self._as_written:
+            precision = torch.autocast(y[0].device.type, enabled=False)
+        else:
+            y, precision = tuple(c.to(self.low_dtype) for c in y), \
+                _autocast_for(y[0].device.type, self.low_dtype)
         slots = list(self._slots.values()) if self._replay.on else []
-        with _autocast_for(y[0].device.type, self.low_dtype), \
-                _substituted(slots, [slot.get().clone() for slot in slots]):
-            out = self.func(t, y_low if self.is_tuple else y_low[0])
+        with precision, _substituted(slots, [slot.get().clone() for slot in slots]):
+            out = self.func(t, y if self.is_tuple else y[0])
         return _as_state(out, len(y), self.name)
+
+    def as_written(self) -> "EagerVelocity":
+        """A twin that runs ``func`` on the state as it is, without autocast (see
+        :meth:`GraphVelocity.as_written`)."""
+        twin = copy.copy(self)
+        twin._as_written = True
+        return twin
 
     recomputing = GraphVelocity.recomputing
 
@@ -405,7 +435,7 @@ def _as_state(out: Any, n_components: int, name: Callable[[], str]) -> State:
     """``out`` as a tuple of state components; ``name()`` names the velocity in the error."""
     if isinstance(out, torch.Tensor) and n_components == 1:
         return (out,)
-    if isinstance(out, (tuple, list)) and len(out) == n_components and n_components > 1:
+    if isinstance(out, (tuple, list)) and len(out) == n_components:
         return tuple(out)
     got = f"{type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list)) \
         else type(out).__name__
@@ -443,33 +473,112 @@ def _mutable_attributes(module: torch.nn.Module) -> dict[tuple[int, str], tuple[
     return snapshot
 
 
-@contextlib.contextmanager
-def restore_attributes(module: Any, counters: list[str]):
-    """Undo attribute assignments that tracing ``module`` makes (an ``nfe`` counter, a tensor
-    re-assigned in forward), so tracing leaves no fake tensors or other traces on the user's
-    modules.
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+_CONTAINERS = (list, dict, set)
 
-    Appends to ``counters`` the names of the non-tensor attributes that were assigned: a graph
-    recomputes tensor values on every call, but cannot repeat Python-side updates.
+
+def _code_of(func: Any) -> types.FunctionType | None:
+    """The Python function that runs when ``func`` is called."""
+    if isinstance(func, torch.nn.Module):
+        code = type(func).forward
+    elif isinstance(func, types.MethodType):
+        code = func.__func__
+    else:
+        code = func if isinstance(func, types.FunctionType) else getattr(type(func), "__call__",
+                                                                         None)
+    return code if isinstance(code, types.FunctionType) else None
+
+
+def _reachable_containers(func: Any) -> dict[int, tuple[str, Any]]:
+    """The lists, dicts and sets that the velocity's code reaches by name, by id: attributes of
+    its modules, and the closure cells and globals of its function (or ``forward``)."""
+    found: dict[int, tuple[str, Any]] = {}
+
+    def add(name: str, value: Any) -> None:
+        if isinstance(value, _CONTAINERS):
+            found.setdefault(id(value), (name, value))
+
+    owner = _owner(func)
+    for qualname, sub in owner.named_modules() if owner is not None else ():
+        for key, value in vars(sub).items():
+            if key not in _MODULE_INTERNALS:
+                add(f"{qualname}.{key}".lstrip("."), value)
+    code = _code_of(func)
+    if code is not None:
+        for name, cell in zip(code.__code__.co_freevars, code.__closure__ or ()):
+            with contextlib.suppress(ValueError):  # a cell not filled yet
+                add(name, cell.cell_contents)
+        for name in code.__code__.co_names:
+            add(name, code.__globals__.get(name))
+    return found
+
+
+def _identities(container: Any) -> list[int]:
+    """The identities of a container's elements (a dict's keys and values), in order."""
+    elements = [*container.keys(), *container.values()] if isinstance(container, dict) \
+        else container
+    return [id(element) for element in elements]
+
+
+@dataclasses.dataclass
+class _SideEffects:
+    """What running the velocity's code at capture changed, by name (and capture undid)."""
+
+    assigned: list[str] = dataclasses.field(default_factory=list)
+    changed: list[str] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.assigned or self.changed)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.assigned:
+            parts.append(f"assigns {sorted(set(self.assigned))}")
+        if self.changed:
+            parts.append(f"changes the contents of {sorted(set(self.changed))}")
+        return " and ".join(parts)
+
+
+@contextlib.contextmanager
+def _undoing_side_effects(func: Any, effects: _SideEffects) -> Iterator[None]:
+    """Undo what running ``func``'s Python code changes in user state: attributes assigned on
+    its modules (an ``nfe`` counter, a tensor re-assigned in forward) and the contents of the
+    lists, dicts and sets it reaches by name (see :func:`_reachable_containers`), so that
+    capture leaves no fake tensors or other traces there, whether it succeeds or not.
+
+    Records in ``effects`` the non-tensor attributes assigned and the containers changed: a
+    graph recomputes tensor values on every call but does not repeat Python-side updates.
+    Containers reached otherwise (through a helper's globals, or nested in others) are not
+    restored.
     """
-    if not isinstance(module, torch.nn.Module):
-        yield
-        return
-    before = _mutable_attributes(module)
+    module = _owner(func)
+    before = _mutable_attributes(module) if module is not None else {}
+    containers = _reachable_containers(func)
+    saved = {key: (copy.copy(container), _identities(container))
+             for key, (_, container) in containers.items()}  # copies keep the elements alive
     try:
         yield
     finally:
-        after = _mutable_attributes(module)
+        after = _mutable_attributes(module) if module is not None else {}
         for key, (sub, name, value) in before.items():
             if key not in after or after[key][2] is not value:
                 setattr(sub, key[1], value)
                 if not isinstance(value, torch.Tensor):
-                    counters.append(name)
+                    effects.assigned.append(name)
         for key, (sub, name, value) in after.items():
             if key not in before:
                 delattr(sub, key[1])
                 if not isinstance(value, torch.Tensor) and not key[1].startswith("_"):
-                    counters.append(name)
+                    effects.assigned.append(name)
+        for key, (name, container) in containers.items():
+            original, identities = saved[key]
+            if _identities(container) != identities:
+                container.clear()
+                if isinstance(container, list):
+                    container.extend(original)
+                else:
+                    container.update(original)
+                effects.changed.append(name)
 
 
 def _eager(func: Any, t: torch.Tensor, state: State, is_tuple: bool, low_dtype: torch.dtype,
@@ -477,7 +586,8 @@ def _eager(func: Any, t: torch.Tensor, state: State, is_tuple: bool, low_dtype: 
     recorder = _TensorReadRecorder([t, *state])
     velocity = EagerVelocity(func, low_dtype, is_tuple, reason, [])
     with torch.no_grad(), recorder, velocity.recomputing(), torch.random.fork_rng(
-            devices=[state[0].device] if state[0].device.type == "cuda" else []):
+            devices=[state[0].device] if state[0].device.type == "cuda" else []), \
+            _undoing_side_effects(func, _SideEffects()):
         velocity(t, state)
     tensors = dict(recorder.seen)
     owner = _owner(func)
@@ -534,10 +644,10 @@ def capture_velocity(func: Any, t: torch.Tensor, y: State, is_tuple: bool,
 def _capture(func: Any, t: torch.Tensor, y: State, is_tuple: bool, low_dtype: torch.dtype,
              policy: PrecisionPolicy, module: torch.nn.Module | None) -> Velocity:
     example = (t.detach(), tuple(c.detach() for c in y))
-    counters: list[str] = []
+    effects = _SideEffects()
     slots = _lifted_slots(module)
     try:
-        traced = _trace(func, *example, is_tuple, slots, counters)
+        traced = _trace(func, *example, is_tuple, slots, effects)
     except Exception as error:  # noqa: BLE001 - any failure means: run it eagerly
         reason = _reason(error)
         warnings.warn(
@@ -546,11 +656,11 @@ def _capture(func: Any, t: torch.Tensor, y: State, is_tuple: bool, low_dtype: to
             "adjoint are unchanged, but the precision policy does not apply.",
             CaptureWarning, stacklevel=4)
         return _eager(func, *example, is_tuple, low_dtype, reason)
-    if counters:
+    if effects:
         warnings.warn(
-            f"rampde_fx: {describe(func)} assigns {sorted(set(counters))} in forward. The "
-            "captured graph ran that Python code once, at capture time, and does not repeat it "
-            "during solves (a counter such as nfe will not advance).", CaptureWarning,
-            stacklevel=4)
+            f"rampde_fx: {describe(func)} {effects} in forward. Capture ran that Python code "
+            "and undid what it changed; the captured graph does not repeat it during solves (a "
+            "counter such as nfe will not advance, a list it appends to stays as it was).",
+            CaptureWarning, stacklevel=4)
     _check_output(traced.output, example[1], func)
     return GraphVelocity(func, is_tuple, low_dtype, policy, slots, traced, example)

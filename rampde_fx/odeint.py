@@ -11,10 +11,11 @@ import torch
 from . import dispatch
 from .adaptive import ADAPTIVE_OPTIONS, make_controller
 from .adjoint import MixedPrecisionSolve, SolvePlan, solve_forward
+from .callbacks import find_callbacks
 from .capture import capture_velocity
 from .grid import check_grid, make_grid, place_outputs
 from .policy import DEFAULT_POLICY, PrecisionPolicy
-from .solver import Nudge, Stepper
+from .solver import Nudge, Stepper, velocity_time
 from .stats import SolveStats, record
 from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, UNSUPPORTED_METHODS, ButcherTableau
 
@@ -197,15 +198,18 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
     opts = _check_options(tableau, options)
     policy = DEFAULT_POLICY if policy is None else policy
 
+    perturb = bool(opts.get("perturb", False))
+    start_nudge = Nudge.NEXT if perturb else Nudge.NONE
     with torch.autocast(state[0].device.type, enabled=False):
         internal, grid, reverse = internal_time(times, opts, func, y0, tableau.adaptive)
         grid_values = grid.detach().tolist()
         internal_values = internal.detach().tolist()
         if not tableau.adaptive:
             check_grid(grid_values, internal_values)
-        t_start = internal[0].detach().to(state[0].dtype)
-        velocity = capture_velocity(func, -t_start if reverse else t_start, state, is_tuple,
-                                    dtype, policy)
+        # Captured at the solver's first evaluation: a velocity that reads the time's value
+        # sees no time the solver would not use.
+        first_time = velocity_time(grid[0].detach(), state, start_nudge, -1.0 if reverse else 1.0)
+        velocity = capture_velocity(func, first_time, state, is_tuple, dtype, policy)
     captured = getattr(velocity, "original_graph_module", None)
     stats = SolveStats(method=tableau.name, dtype=dtype, scaling=use_scaling,
                        velocity="graph" if velocity.fallback_reason is None
@@ -213,10 +217,9 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
                        graph=getattr(velocity, "graph_module", None),
                        captured_code=None if captured is None else captured.code)
     record(stats)
-    perturb = bool(opts.get("perturb", False))
     plan = SolvePlan(
-        stepper=Stepper(velocity, tableau,
-                        start_nudge=Nudge.NEXT if perturb else Nudge.NONE,
+        func=func,
+        stepper=Stepper(velocity, tableau, start_nudge=start_nudge,
                         end_nudge=Nudge.PREV if perturb or tableau.adaptive else Nudge.NONE,
                         time_sign=-1.0 if reverse else 1.0,
                         interp="dense" if tableau.adaptive else opts.get("interp", "linear")),
@@ -230,6 +233,7 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         stats=stats,
         controller=make_controller(tableau, opts, rtol, atol, state, is_tuple, dtype, reverse)
         if tableau.adaptive else None,
+        callbacks=find_callbacks(func, tableau, is_tuple, reverse),
     )
     return PreparedSolve(plan, state, grid, internal, velocity.tensors_requiring_grad(), is_tuple)
 

@@ -58,16 +58,11 @@ class Stepper:
     evaluations: int = 0
     compiled_step: Callable[..., tuple[State, list[State]]] | None = None
 
-    def derivative(self, tau: torch.Tensor, y: State, nudge: Nudge = Nudge.NONE) -> State:
-        """The velocity at internal time ``tau``, upcast to each component's dtype."""
-        t = tau.to(functools.reduce(torch.promote_types, (c.dtype for c in y)))
-        if nudge is not Nudge.NONE:
-            with torch.no_grad():
-                nudged = torch.nextafter(t, t + nudge.value)
-            t = t + (nudged - t).detach()  # the value of nudged, the gradient of t
-        if self.time_sign < 0:
-            t = -t
-        k = self.velocity(t, y)
+    def derivative(self, tau: torch.Tensor, y: State, nudge: Nudge = Nudge.NONE,
+                   velocity: Callable[[torch.Tensor, State], State] | None = None) -> State:
+        """The velocity (``velocity`` where given) at internal time ``tau``, upcast to each
+        component's dtype."""
+        k = (velocity or self.velocity)(velocity_time(tau, y, nudge, self.time_sign), y)
         if self.time_sign < 0:
             return tuple(-k_c.to(y_c.dtype) for k_c, y_c in zip(k, y))
         return tuple(k_c.to(y_c.dtype) for k_c, y_c in zip(k, y))
@@ -85,17 +80,34 @@ class Stepper:
         y_stage = y
         for c, a_row in list(zip(self.tableau.c, self.tableau.a))[len(stages):]:
             y_stage = _combine(y, dt, a_row, stages) if stages else y
-            if c == 0.0:
-                tau = t0
-                nudge = self.start_nudge if start_nudge is None else start_nudge
-            elif c == 1.0:
-                tau, nudge = t1, self.end_nudge
-            else:
-                tau, nudge = t0 + c * dt, Nudge.NONE
+            tau, nudge = self._stage_point(c, t0, t1, dt, start_nudge)
             stages.append(self.derivative(tau, y_stage, nudge))
         if self.tableau.fsal:  # the last stage was evaluated on the new state
             return y_stage, stages
         return _combine(y, dt, self.tableau.b, stages), stages
+
+    def _stage_point(self, c: float, t0: torch.Tensor, t1: torch.Tensor, dt: torch.Tensor,
+                     start_nudge: Nudge | None) -> tuple[torch.Tensor, Nudge]:
+        """The internal time and nudge of a stage at fraction ``c`` of the step."""
+        if c == 0.0:
+            return t0, self.start_nudge if start_nudge is None else start_nudge
+        if c == 1.0:
+            return t1, self.end_nudge
+        return t0 + c * dt, Nudge.NONE
+
+    def reevaluate(self, velocity: Callable[[torch.Tensor, State], State], t0: torch.Tensor,
+                   t1: torch.Tensor, y: State, stages: list[State], start_nudge: Nudge,
+                   which: Sequence[int]) -> list[State]:
+        """Stages ``which`` of the step from ``y`` that gave ``stages`` (its first stage
+        evaluated with ``start_nudge``), evaluated again by ``velocity`` on the same stage states
+        at the same times."""
+        dt = t1 - t0
+        again = []
+        for i in which:
+            y_stage = _combine(y, dt, self.tableau.a[i], stages[:i]) if i else y
+            tau, nudge = self._stage_point(self.tableau.c[i], t0, t1, dt, start_nudge)
+            again.append(self.derivative(tau, y_stage, nudge, velocity))
+        return again
 
     def take_step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None = None,
                   start_nudge: Nudge | None = None) -> tuple[State, list[State]]:
@@ -131,6 +143,18 @@ class Stepper:
         """A step, and the state at each output time ``(t, t_value)`` that falls inside it."""
         y1, stages = self.take_step(t0, t1, y0, start_nudge=start_nudge)
         return y1, self.interpolate(t0, t1, y0, y1, stages, outputs, t0_value, t1_value)
+
+
+def velocity_time(tau: torch.Tensor, y: State, nudge: Nudge, time_sign: float) -> torch.Tensor:
+    """The time the velocity receives at internal time ``tau``: in the state's dtype, moved to
+    the adjacent representable time by ``nudge``, negated when integrating backwards (the
+    velocity sees the user's time)."""
+    t = tau.to(functools.reduce(torch.promote_types, (c.dtype for c in y)))
+    if nudge is not Nudge.NONE:
+        with torch.no_grad():
+            nudged = torch.nextafter(t, t + nudge.value)
+        t = t + (nudged - t).detach()  # the value of nudged, the gradient of t
+    return -t if time_sign < 0 else t
 
 
 RngState = tuple[torch.Tensor, torch.Tensor | None]

@@ -170,3 +170,14 @@ def test_nested_stat_collectors_each_see_the_solve():
         with rampde_fx.collect_stats() as inner:
             rampde_fx.odeint(lambda t, y: -y, Y0, T, method="euler")
     assert len(outer) == len(inner) == 1 and outer[0] is inner[0]
+
+
+def test_a_velocity_module_made_for_one_solve_lives_until_its_backward_pass():
+    """Captured velocities hold modules weakly; the solve itself keeps its velocity alive."""
+    import gc
+
+    y0 = Y0.clone().requires_grad_()
+    out = rampde_fx.odeint(TimeMLP(), y0, T, method="rk4", dtype=torch.float32)
+    gc.collect()
+    out.sum().backward()
+    assert torch.isfinite(y0.grad).all() and y0.grad.abs().sum() > 0
