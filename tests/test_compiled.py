@@ -3,7 +3,6 @@ synchronisation, bounded recompilation. Compile tests are few and small: inducto
 per graph on two cores."""
 from __future__ import annotations
 
-import functools
 import re
 
 import pytest
