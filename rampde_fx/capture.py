@@ -7,8 +7,8 @@ backward ops, ``torch.func`` transforms are traced through, in-place writes into
 tensors are plain aten ops, ``torch.tensor(t)`` is a copy of ``t``, and TorchScript helpers run
 their ops through the dispatcher like any other code. The graph is what the precision policy is
 written in (``addmm``, ``convolution``, ``group_norm``...), what :func:`rampde_fx.explain` prints,
-and what dynamo and inductor compile later. torch.fx symbolic tracing (the earlier mechanism)
-stops at all of these; dynamo guards Python branches but breaks on ``torch.autograd.grad``.
+and what dynamo and inductor compile later. torch.fx symbolic tracing stops at all of these;
+dynamo guards Python branches but breaks on ``torch.autograd.grad``.
 
 Inputs: the tensors of the module that owns the velocity (parameters, buffers and plain tensor
 attributes, found by name) are placeholders of the graph, fetched live on every call: parameters
@@ -274,6 +274,12 @@ class GraphVelocity:
         self.compiled_steps: dict[Any, Callable[..., Any]] = {}  # see compiled._compiled_step
         self.time_indexed = first.reads_time_value
         self._as_written = False
+        self.names = first.names  # every graph takes the same lifted tensors, in this order
+        # Buffers, not only what the graph marks as written: aten.native_batch_norm updates its
+        # running statistics without declaring it in its schema.
+        self._buffers = [i for i, name in enumerate(self.names)
+                         if slots[name].kind != "_parameters"]
+        self.draws_random = False
         self._graphs: dict[float | None, tuple[fx.GraphModule, fx.GraphModule]] = {}
         self._add(first, example)
 
@@ -296,12 +302,8 @@ class GraphVelocity:
                     state_placeholders={n.name for n in list(original.graph.find_nodes(
                         op="placeholder"))[1:1 + len(state)]})
             rewritten = fx.GraphModule(original, new_graph, class_name="LowPrecisionVelocity")
-        self.names = traced.names
-        # Buffers, not only what the graph marks as written: aten.native_batch_norm updates its
-        # running statistics without declaring it in its schema.
-        self._buffers = [i for i, name in enumerate(traced.names)
-                         if self._slots[name].kind != "_parameters"]
-        self.draws_random = _draws_random(original.graph)
+        # Any graph that draws makes the solve replay the generators (graphs per time differ).
+        self.draws_random = self.draws_random or _draws_random(original.graph)
         key = float(t.item()) if self.time_indexed else None
         self._graphs[key] = (original, rewritten)
 
