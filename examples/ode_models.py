@@ -26,6 +26,17 @@ class MLPVelocity(nn.Module):
         return self.net(y)
 
 
+class TinyMLPVelocity(nn.Module):
+    """``dim -> width -> dim`` tanh MLP, autonomous: small enough that launches set its time."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, dim))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(y)
+
+
 class ConvBlockVelocity(nn.Module):
     """STL-10-style ODE block: conv3x3, ReLU, InstanceNorm2d, transposed conv3x3 (same size)."""
 

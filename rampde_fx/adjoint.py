@@ -188,59 +188,59 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
            times: torch.Tensor, checkpoints: list[torch.Tensor],
            velocity_tensors: Sequence[torch.Tensor], solution_grads: Sequence[torch.Tensor],
            wants: _Wants, scaler: AdjointScaler | None) -> list[torch.Tensor | None]:
-    """One backward pass over all steps; returns the gradients of the Function's inputs."""
+    """One backward pass over all steps; returns the gradients of the Function's inputs.
+
+    A step runs as one compiled backward kernel where the stepper has kernels, every wanted
+    tensor is one the kernel reads as an input, and the step's outputs (if any) are at its end
+    (their cotangents then add to the adjoint); otherwise it is recomputed under autograd."""
     n = plan.n_components
     stepper = plan.stepper
     adjoint = [torch.zeros(g.shape[1:], dtype=d, device=g.device)
                for g, d in zip(solution_grads, state_dtypes)]
-    tensor_grads: list[torch.Tensor | None] = [None] * len(velocity_tensors)
+    # float32 (the tensors' own dtype) accumulators, added to in place by every step
+    tensor_grads = {i: torch.zeros_like(velocity_tensors[i]) for i in wants.tensors}
     grid_grad = torch.zeros_like(grid) if wants.grid else None
     times_grad = torch.zeros_like(times) if wants.times else None
-    wanted_tensors = [velocity_tensors[i] for i in wants.tensors]
+    kernel_tensors = _kernel_positions(stepper, velocity_tensors, wants.tensors)
     evaluations_before = stepper.evaluations
 
     for step in reversed(range(plan.steps)):
         indices = plan.outputs_per_step[step]
-        cotangents = list(adjoint) + [solution_grads[c][j] for j in indices for c in range(n)]
+        fused = kernel_tensors is not None and all(
+            plan.time_values[j] == plan.grid_values[step + 1] for j in indices) and not (
+            indices and wants.times)
+        if fused:  # outputs at the step's end are its new state
+            cotangents = list(adjoint)
+            for j in indices:
+                cotangents = [a + g[j] for a, g in zip(cotangents, solution_grads)]
+        else:
+            cotangents = list(adjoint) + [solution_grads[c][j] for j in indices for c in range(n)]
         for attempt in range(MAX_FIRST_STEP_RETRIES + 1):
             scale = scaler.scale_for(cotangents) if scaler is not None else None
-            with torch.enable_grad(), stepper.velocity.recomputing(), \
-                    replayed_rng(plan.rng_state_of(step), grid.device):
-                y_start = tuple(store[step].to(d).detach().requires_grad_()
-                                for store, d in zip(checkpoints, state_dtypes))
-                t0 = grid[step].detach().requires_grad_(wants.grid)
-                t1 = grid[step + 1].detach().requires_grad_(wants.grid)
-                output_times = [(times[j].detach().requires_grad_(wants.times),
-                                 plan.time_values[j]) for j in indices]
-                y_end, outputs = stepper.advance(t0, t1, y_start, output_times,
-                                                 plan.grid_values[step], plan.grid_values[step + 1],
-                                                 plan.start_nudge(step))
-                produced = list(y_end) + [c for value in outputs for c in value]
-                inputs = [*y_start, *wanted_tensors]
-                inputs += [t0, t1] if wants.grid else []
-                inputs += [t for t, _ in output_times] if wants.times else []
-                seeds = cotangents if scale is None else [g * scale for g in cotangents]
-                live = [(out, seed) for out, seed in zip(produced, seeds) if out.requires_grad]
-                results = list(torch.autograd.grad([o for o, _ in live], inputs,
-                                                   [s for _, s in live], allow_unused=True))
+            if fused:
+                results, largest = _kernel_step(plan, step, grid, state_dtypes, checkpoints,
+                                                cotangents, scale, kernel_tensors, wants,
+                                                None if scaler else list(tensor_grads.values()))
+            else:
+                results, largest = _recomputed_step(plan, step, grid, times, state_dtypes,
+                                                    checkpoints, cotangents, scale,
+                                                    [velocity_tensors[i] for i in wants.tensors],
+                                                    wants)
             if scaler is None:
                 break
-            overflowed = scaler.observe(results)
+            overflowed = scaler.observe(largest)
             # The first step has no observed gain yet: check it at once (a bounded number of
             # synchronisations per sweep); later overflows are caught at the sweep's end.
             if step != plan.steps - 1 or attempt == MAX_FIRST_STEP_RETRIES or not bool(overflowed):
                 break
             scaler.assume_more_gain()
             plan.stats.scale_retries += 1
-        if scale is not None:
-            results = [None if r is None else r / scale for r in results]
-        adjoint = [torch.zeros_like(y) if r is None else r for r, y in zip(results[:n], y_start)]
-        adjoint = [a.detach() for a in adjoint]
+        adjoint = [a.detach() for a in results[:n]]
         rest = results[n:]
-        for i, r in zip(wants.tensors, rest[:len(wanted_tensors)]):
+        for i, r in zip(wants.tensors, rest[:len(wants.tensors)]):
             if r is not None:
-                tensor_grads[i] = r if tensor_grads[i] is None else tensor_grads[i] + r
-        rest = rest[len(wanted_tensors):]
+                tensor_grads[i].add_(r)
+        rest = rest[len(wants.tensors):]
         if wants.grid:
             for index, r in zip((step, step + 1), rest[:2]):
                 if r is not None:
@@ -257,5 +257,66 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
         grid_grad = grid_grad.sum(0, keepdim=True).to(times.dtype)
     state_grads = [(a + g[0]) if wants.state else None for a, g in zip(adjoint, solution_grads)]
     return [*state_grads, grid_grad, times_grad,
-            *[tensor_grads[i] if i in wants.tensors else None
-              for i in range(len(velocity_tensors))]]
+            *[tensor_grads.get(i) for i in range(len(velocity_tensors))]]
+
+
+def _kernel_positions(stepper: Stepper, velocity_tensors: Sequence[torch.Tensor],
+                      wanted: list[int]) -> list[int] | None:
+    """For each wanted velocity tensor, its position among the tensors the stepper's kernels
+    take; None if there are no kernels or a wanted tensor is not among them."""
+    if stepper.kernels is None:
+        return None
+    lifted = stepper.kernels.lifted()
+    positions = [next((k for k, x in enumerate(lifted) if x is velocity_tensors[i]), None)
+                 for i in wanted]
+    return None if None in positions else positions
+
+
+def _kernel_step(plan: SolvePlan, step: int, grid: torch.Tensor,
+                 state_dtypes: Sequence[torch.dtype], checkpoints: list[torch.Tensor],
+                 cotangents: list[torch.Tensor], scale: torch.Tensor | None,
+                 positions: list[int], wants: _Wants,
+                 accumulators: list[torch.Tensor] | None
+                 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+    """A step by the stepper's backward kernel; the results are unscaled, and the tensors'
+    gradients are None where the kernel added them to ``accumulators``."""
+    adjoint, grads, extra = plan.stepper.kernels.backward_step(
+        grid[step], grid[step + 1], [store[step] for store in checkpoints], state_dtypes,
+        cotangents, scale, plan.start_nudge(step), positions, accumulators, wants.grid)
+    plan.stepper.evaluations += plan.stepper.tableau.stages
+    largest = extra[-1:] if scale is not None else []
+    return [*adjoint, *(grads or [None] * len(positions)),
+            *(extra[:2] if wants.grid else [])], largest
+
+
+def _recomputed_step(plan: SolvePlan, step: int, grid: torch.Tensor, times: torch.Tensor,
+                     state_dtypes: Sequence[torch.dtype], checkpoints: list[torch.Tensor],
+                     cotangents: list[torch.Tensor], scale: torch.Tensor | None,
+                     wanted_tensors: list[torch.Tensor], wants: _Wants
+                     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """A step recomputed under autograd and its vector-Jacobian product; returns the unscaled
+    results and the scaled ones (to watch for overflow)."""
+    stepper = plan.stepper
+    indices = plan.outputs_per_step[step]
+    with torch.enable_grad(), stepper.velocity.recomputing(), \
+            replayed_rng(plan.rng_state_of(step), grid.device):
+        y_start = tuple(store[step].to(d).detach().requires_grad_()
+                        for store, d in zip(checkpoints, state_dtypes))
+        t0 = grid[step].detach().requires_grad_(wants.grid)
+        t1 = grid[step + 1].detach().requires_grad_(wants.grid)
+        output_times = [(times[j].detach().requires_grad_(wants.times), plan.time_values[j])
+                        for j in indices]
+        y_end, outputs = stepper.advance(t0, t1, y_start, output_times, plan.grid_values[step],
+                                         plan.grid_values[step + 1], plan.start_nudge(step))
+        produced = list(y_end) + [c for value in outputs for c in value]
+        inputs = [*y_start, *wanted_tensors]
+        inputs += [t0, t1] if wants.grid else []
+        inputs += [t for t, _ in output_times] if wants.times else []
+        seeds = cotangents if scale is None else [g * scale for g in cotangents]
+        live = [(out, seed) for out, seed in zip(produced, seeds) if out.requires_grad]
+        scaled = list(torch.autograd.grad([o for o, _ in live], inputs, [s for _, s in live],
+                                          allow_unused=True))
+    results = scaled if scale is None else [None if r is None else r / scale for r in scaled]
+    n = plan.n_components
+    results[:n] = [torch.zeros_like(y) if r is None else r for r, y in zip(results[:n], y_start)]
+    return results, scaled

@@ -271,14 +271,14 @@ class GraphVelocity:
         self.fallback_reason: str | None = None
         self._slots = slots
         self._replay = _ReplayFlag()  # shared with transformed twins
-        self.compiled_steps: dict[Any, Callable[..., Any]] = {}  # see compiled._compiled_step
+        self.compiled_steps: dict[Any, Any] = {}  # see step_kernels.kernels_for
         self.time_indexed = first.reads_time_value
         self._as_written = False
         self.names = first.names  # every graph takes the same lifted tensors, in this order
         # Buffers, not only what the graph marks as written: aten.native_batch_norm updates its
         # running statistics without declaring it in its schema.
-        self._buffers = [i for i, name in enumerate(self.names)
-                         if slots[name].kind != "_parameters"]
+        self.buffer_positions = [i for i, name in enumerate(self.names)
+                                 if slots[name].kind != "_parameters"]
         self.draws_random = False
         self._graphs: dict[float | None, tuple[fx.GraphModule, fx.GraphModule]] = {}
         self._add(first, example)
@@ -328,12 +328,24 @@ class GraphVelocity:
                                  _SideEffects()), example)
         return self._graphs[key][1]
 
+    def live_tensors(self) -> list[torch.Tensor]:
+        """The lifted tensors as they are now, in the graphs' placeholder order."""
+        return [self._slots[name].get() for name in self.names]
+
     def __call__(self, t: torch.Tensor, y: State) -> State:
-        tensors = [self._slots[name].get() for name in self.names]
+        tensors = self.live_tensors()
         if self._replay.on:  # mutations of the velocity's buffers happen in the forward only
-            for i in self._buffers:
+            for i in self.buffer_positions:
                 tensors[i] = tensors[i].clone()
+        return self._run(t, y, tensors)
+
+    def _run(self, t: torch.Tensor, y: State, tensors: Sequence[torch.Tensor]) -> State:
         return _as_state(self._graph_at(t, y)(t, *y, *tensors), len(y), self.name)
+
+    def reading(self, tensors: Sequence[torch.Tensor]) -> Callable[[torch.Tensor, State], State]:
+        """The velocity with ``tensors`` in place of its lifted tensors (for tracing a step
+        whose parameters are inputs)."""
+        return lambda t, y: self._run(t, y, tensors)
 
     @contextlib.contextmanager
     def recomputing(self) -> Iterator[None]:

@@ -5,19 +5,20 @@ another, ``rampde_fx::solve_backward``: dynamo and AOTAutograd see a single node
 whatever the number of steps, so the model compiles as one graph with no breaks, in a time that
 does not grow with the steps, and the data-dependent parts of a solve (the grid from
 ``step_size``, the fp16 scaler's retries) stay out of the graph. Inside the ops the step loop is
-plain Python around one RK step compiled by ``torch.compile``: inductor generates the velocity's
-low-precision kernels, and AOTAutograd those of its vector-Jacobian product for the backward
-recomputation. Compilation is per velocity and method, cached, and independent of the steps.
+plain Python around two compiled kernels per step (``step_kernels``): the forward step, and the
+backward step with its recomputation, vector-Jacobian product and gradient accumulation.
+Compilation is per velocity and method, cached, and independent of the steps.
 
 This was chosen over a loop operator (``torch._higher_order_ops.scan``) inside the graph: the
 ops are public API, let the forward keep its low-precision checkpoints outside the graph (their
-number depends on the values of ``t``), and share the eager engine unchanged.
+number depends on the values of ``t``), and share the eager engine.
 
-The non-tensor arguments of a solve (the velocity, method, options, dtype, scaling, policy) are
-registered once while dynamo traces, so they must be constants of the compiled code: options
-computed from changing Python numbers cannot be registered. Modules reach the registration as
-their ``id``, and so does the policy (dynamo guards ids by identity): dynamo before torch 2.13
-cannot pass such objects to a constant-result function at all.
+The non-tensor arguments of a solve (the velocity, method, dtype, scaling, policy, and the
+structure of its options) are registered while dynamo traces and named in the graph by an
+integer key; the site they make is held by the velocity's module and goes with it. Python
+numbers among the tolerances and options (a step size, say) are a tensor input instead: a new
+value runs the same graph (dynamo may recompile once, when it first sees the number change).
+Objects reach the registration as they are, which needs dynamo of torch 2.13 or later.
 
 The forward op returns the solution and a *ticket*, a 0-dim int64 tensor naming the solve's
 saved plan and checkpoints; the backward op takes the ticket. The saved entry lives as long as
@@ -26,7 +27,6 @@ the ticket tensor, which autograd keeps until the backward pass is done with it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import itertools
 import types
@@ -40,15 +40,47 @@ from torch import Tensor
 from .adjoint import SolvePlan, _backward_with_retries, _Wants, solve_forward
 from .odeint import internal_time, prepare_solve
 from .policy import PrecisionPolicy
-from .capture import CaptureWarning, GraphVelocity, describe
-from .solver import Stepper
+from .capture import CaptureWarning, describe
+from .step_kernels import kernels_for
+
+
+# Python numbers among a solve's tolerances and options are inputs of the op, not constants of
+# the graph, so a new step size or tolerance needs no recompilation. In the registered
+# arguments each is replaced by a marker ``(_NUMBER, position in the op's numbers, is int)``:
+# a plain tuple, which dynamo passes to the registration as a constant.
+_NUMBER = "rampde_fx.number"
+
+
+def _lift_numbers(value: Any, numbers: list[Any]) -> Any:
+    """``value`` with its Python numbers, at any depth of lists, tuples and dicts, replaced by
+    markers; the numbers are appended to ``numbers``."""
+    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) \
+            and not isinstance(value, bool):
+        numbers.append(value)
+        return (_NUMBER, len(numbers) - 1, isinstance(value, (int, torch.SymInt)))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_lift_numbers(v, numbers) for v in value)
+    if isinstance(value, dict):
+        return {k: _lift_numbers(v, numbers) for k, v in value.items()}
+    return value
+
+
+def _lower_numbers(value: Any, numbers: list[float]) -> Any:
+    """The inverse of :func:`_lift_numbers`, with the numbers of this call."""
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == _NUMBER:
+        return int(numbers[value[1]]) if value[2] else numbers[value[1]]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_lower_numbers(v, numbers) for v in value)
+    if isinstance(value, dict):
+        return {k: _lower_numbers(v, numbers) for k, v in value.items()}
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
 class _Site:
-    """The non-tensor arguments of a solve, registered once per compiled call site. The
-    velocity's module and the reporting object are held weakly: a compiled graph must not keep
-    a deleted model alive."""
+    """The non-tensor arguments of a solve, registered once per compiled call site (numbers
+    as markers, see :func:`_lift_numbers`). The velocity's module and the reporting object are held
+    weakly: a compiled graph must not keep a deleted model alive."""
 
     owner: "weakref.ref[Any]"
     method_name: str | None
@@ -71,33 +103,50 @@ class _Site:
         return owner if self.method_name is None else getattr(owner, self.method_name)
 
 
-_SITES: list[_Site] = []
+_DYNAMO_PASSES_OBJECTS = tuple(int(part) for part in
+                               torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+# Objects that compiled graphs name by an integer key (sites), held weakly: an entry goes with
+# its object. Each velocity module holds its own solve sites, so they live as long as it.
+_BY_KEY: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+_KEY_OF: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+_SITES_OF: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, _Site]]" = \
+    weakref.WeakKeyDictionary()
+_KEYS = itertools.count(1)
 
 
-def _id_or_none(x: Any) -> int | None:
-    return None if x is None else id(x)
+def key_of(obj: Any) -> int:
+    """A key, a constant of compiled graphs, that names ``obj`` (hashed by identity) while it
+    lives."""
+    key = _KEY_OF.get(obj)
+    if key is None:
+        key = _KEY_OF[obj] = next(_KEYS)
+        _BY_KEY[key] = obj
+    return key
 
 
-def object_with_id(address: int | None) -> Any:
-    """The object whose ``id()`` is ``address`` (None for None); only for objects known to be
-    alive."""
-    return None if address is None else ctypes.cast(address, ctypes.py_object).value
+def object_of(key: int) -> Any:
+    """The live object named by ``key``; None if it was freed."""
+    return _BY_KEY.get(key)
 
 
 @torch.compiler.assume_constant_result
-def _register(owner_id: int, method_name: Any, policy_id: Any, report_to_id: Any, rtol: Any,
-              atol: Any, method: Any, options: Any, dtype: Any, scaling: Any, checkpoint: Any,
-              is_tuple: Any) -> int:
-    """Runs once, while dynamo traces a solve: the site's index is a constant of the graph.
-    The velocity is ``owner`` itself or its method ``method_name``; ``owner``, the policy and
-    the reporting object come as ids (or None) of objects that the traced frame holds, alive
-    until this returns."""
-    report_to = object_with_id(report_to_id)
-    _SITES.append(_Site(weakref.ref(object_with_id(owner_id)), method_name, rtol, atol, method,
-                        dict(options or {}), dtype, scaling, object_with_id(policy_id),
-                        checkpoint, is_tuple,
-                        None if report_to is None else weakref.ref(report_to)))
-    return len(_SITES) - 1
+def _register(owner: torch.nn.Module, method_name: Any, policy: Any, report_to_key: Any,
+              rtol: Any, atol: Any, method: Any, options: Any, dtype: Any, scaling: Any,
+              checkpoint: Any, is_tuple: Any) -> int:
+    """Runs while dynamo traces a solve: the key of its site, a constant of the graph. The
+    velocity is ``owner`` itself or its method ``method_name``; an equal site of the same
+    module is reused, so recompilation registers nothing new."""
+    report_to = None if report_to_key is None else object_of(report_to_key)
+    site = _Site(weakref.ref(owner), method_name, rtol, atol, method, dict(options or {}),
+                 dtype, scaling, policy, checkpoint, is_tuple,
+                 None if report_to is None else weakref.ref(report_to))
+    sites = _SITES_OF.setdefault(owner, {})
+    key = next((key for key, known in sites.items() if known == site), None)
+    if key is None:
+        key = next(_KEYS)
+        sites[key] = _BY_KEY[key] = site
+    return key
 
 
 def _grad_tensors(func: Any) -> list[Tensor]:
@@ -114,14 +163,18 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, *, rtol: Any = 1e-7, atol: Any
                    method: str | None = None, options: dict[str, Any] | None = None,
                    dtype: torch.dtype, scaling: str, policy: PrecisionPolicy | None,
                    checkpoint: str, event_fn: Any = None,
-                   report_to_id: int | None = None) -> Any:
+                   report_to_key: int | None = None) -> Any:
     """:func:`rampde_fx.odeint` while dynamo traces: one call of the opaque solve op.
 
-    ``report_to_id`` is the ``id`` of a live object (a site of ``rampde_fx.convert``) whose
-    ``last_stats`` receives each run's :class:`SolveStats`: an id, because the registration
-    takes only constants."""
+    ``report_to_key`` names (see :func:`key_of`) a live object (a site of
+    ``rampde_fx.convert``) whose ``last_stats`` receives each run's :class:`SolveStats`."""
     if event_fn is not None:
         raise NotImplementedError("rampde_fx.odeint does not support event_fn yet")
+    if not _DYNAMO_PASSES_OBJECTS:
+        raise NotImplementedError(
+            f"rampde_fx under torch.compile needs torch 2.13 or later (this is "
+            f"{torch.__version__}): its dynamo passes the velocity module to the solve's "
+            "registration. Run the converted model without torch.compile, or upgrade torch.")
     if not isinstance(func, (torch.nn.Module, types.MethodType)):
         raise NotImplementedError(
             "rampde_fx.odeint under torch.compile: func must be an nn.Module or a method of "
@@ -131,11 +184,14 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, *, rtol: Any = 1e-7, atol: Any
     state = list(y0) if is_tuple else [y0]
     owner, method_name = ((func.__self__, func.__func__.__name__)
                           if isinstance(func, types.MethodType) else (func, None))
-    site = _register(id(owner), method_name, _id_or_none(policy), report_to_id, rtol, atol,
-                     method, options, dtype, scaling, checkpoint, is_tuple)
+    numbers: list[Any] = []
+    rtol, atol, options = _lift_numbers((rtol, atol, options), numbers)
+    site = _register(owner, method_name, policy, report_to_key, rtol, atol, method, options,
+                     dtype, scaling, checkpoint, is_tuple)
     tensors = _grad_tensors(func)
     keep = torch.is_grad_enabled() and any(x.requires_grad for x in [*state, t, *tensors])
-    *solution, _ticket = torch.ops.rampde_fx.solve(site, state, t, tensors, keep)
+    *solution, _ticket = torch.ops.rampde_fx.solve(
+        site, torch.tensor(numbers, dtype=torch.float64), state, t, tensors, keep)
     return tuple(solution) if is_tuple else solution[0]
 
 
@@ -166,17 +222,14 @@ def _as_from_python() -> Iterator[None]:
 
 @dataclasses.dataclass
 class _Saved:
-    site: int
+    site: _Site
+    options: dict[str, Any]  # with this call's numbers
     plan: SolvePlan
     grid: Tensor
     times: Tensor
     checkpoints: list[Tensor]
     velocity_tensors: list[Tensor | None]  # aligned with the op's tensor inputs
 
-
-# The backend that compiles the RK step inside the ops: "inductor" for real use; tests may set
-# "aot_eager" to check structure without paying for code generation.
-step_backend: str | Callable[..., Any] = "inductor"
 
 @dataclasses.dataclass
 class _SavedGraph:
@@ -225,35 +278,13 @@ def _use_cpu_tanh(graph: torch.fx.Graph) -> None:
         node.target = tanh_for_cpu_kernels
 
 
-def _compiled_step(stepper: Stepper, dtype: torch.dtype, device: torch.device,
-                   keeps_activations: bool) -> Callable[..., Any] | None:
-    """The stepper's RK step compiled once per velocity, method, perturb and direction; None
-    (the step runs as it is) for a velocity that is not one graph of plain ops: an eager
-    fallback, graphs per time value, or random draws, which the backward pass replays from the
-    generator states of eager kernels.
-
-    On CPU a 16-bit velocity gets :func:`tanh_for_cpu_kernels`, unless the solve keeps its
-    stage activations (checkpoint='stages'): its float32 internals would be kept too.
-    """
-    velocity = stepper.velocity
-    if not isinstance(velocity, GraphVelocity) or velocity.time_indexed or velocity.draws_random:
-        return None
-    # Kept on the velocity, which the capture cache drops with the velocity's module.
-    per_velocity = velocity.compiled_steps
-    key = (stepper.tableau, stepper.start_nudge, stepper.end_nudge, stepper.time_sign,
-           device.type, keeps_activations, step_backend)
-    if key not in per_velocity:
-        if device.type == "cpu" and dtype.itemsize == 2 and not keeps_activations:
-            velocity = velocity.transformed(_use_cpu_tanh)
-        twin = Stepper(velocity, stepper.tableau, stepper.start_nudge, stepper.end_nudge,
-                       stepper.time_sign, stepper.interp)
-        # dynamo caches compiled code, and counts recompilations against its limit, per code
-        # object: each velocity's step gets a code object of its own.
-        step = types.FunctionType(Stepper.step.__code__.replace(), Stepper.step.__globals__,
-                                  Stepper.step.__name__, Stepper.step.__defaults__)
-        per_velocity[key] = torch.compile(types.MethodType(step, twin), fullgraph=True,
-                                          backend=step_backend)
-    return per_velocity[key]
+def _graph_transform(dtype: torch.dtype, device: torch.device,
+                     keeps_activations: bool) -> Callable[[torch.fx.Graph], None] | None:
+    """On CPU a 16-bit velocity gets :func:`tanh_for_cpu_kernels`, unless the solve keeps its
+    stage activations (checkpoint='stages'): its float32 internals would be kept too."""
+    if device.type == "cpu" and dtype.itemsize == 2 and not keeps_activations:
+        return _use_cpu_tanh
+    return None
 
 
 def held_checkpoints() -> list[Tensor]:
@@ -283,23 +314,28 @@ def _align(inputs: list[Tensor], read: list[Tensor], func: Any) -> list[Tensor |
 
 
 @torch.library.custom_op("rampde_fx::solve", mutates_args=())
-def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
+def _solve(site: int, numbers: Tensor, state: list[Tensor], t: Tensor, tensors: list[Tensor],
            keep: bool) -> list[Tensor]:
     """The whole forward solve; returns the solution components and a ticket."""
-    spec = _SITES[site]
+    spec = object_of(site)
+    if spec is None:
+        raise RuntimeError("rampde_fx: the model of this compiled solve was deleted; compile "
+                           "the model that is called")
+    rtol, atol, options = _lower_numbers((spec.rtol, spec.atol, spec.options), numbers.tolist())
     keep_stages = keep and spec.checkpoint == "stages"
     with _as_from_python(), torch.set_grad_enabled(keep_stages):
         leaves = [x.detach().requires_grad_(keep_stages) for x in (*state, t)]
         y0 = tuple(leaves[:-1]) if spec.is_tuple else leaves[0]
-        prepared = prepare_solve(spec.func, y0, leaves[-1], rtol=spec.rtol, atol=spec.atol,
+        prepared = prepare_solve(spec.func, y0, leaves[-1], rtol=rtol, atol=atol,
                                  method=spec.method,
-                                 options=spec.options, dtype=spec.dtype, scaling=spec.scaling,
+                                 options=options, dtype=spec.dtype, scaling=spec.scaling,
                                  policy=spec.policy, checkpoint=spec.checkpoint, event_fn=None)
         report_to = None if spec.report_to is None else spec.report_to()
         if report_to is not None:
             report_to.last_stats = prepared.plan.stats
-        prepared.plan.stepper.compiled_step = _compiled_step(prepared.plan.stepper, spec.dtype,
-                                                             t.device, keep_stages)
+        prepared.plan.stepper.kernels = kernels_for(
+            prepared.plan.stepper, spec.dtype, t.device, keep_stages,
+            _graph_transform(spec.dtype, t.device, keep_stages))
         with torch.autocast(t.device.type, enabled=False):
             solution, checkpoints, steps = solve_forward(
                 prepared.plan, prepared.state, prepared.grid, prepared.times,
@@ -311,14 +347,14 @@ def _solve(site: int, state: list[Tensor], t: Tensor, tensors: list[Tensor],
         aligned = _align(tensors, prepared.tensors, spec.func)
         _SAVED[number] = (_SavedGraph(list(solution), [*leaves, *aligned])
                           if keep_stages else
-                          _Saved(site, prepared.plan, steps.detach(),
+                          _Saved(spec, options, prepared.plan, steps.detach(),
                                  prepared.times.detach(), checkpoints, aligned))
         weakref.finalize(ticket, _SAVED.pop, number, None)
     return [c.detach() for c in solution] + [ticket]
 
 
 @_solve.register_fake
-def _(site, state, t, tensors, keep):
+def _(site, numbers, state, t, tensors, keep):
     return [*(c.new_empty((t.shape[0], *c.shape)) for c in state),
             torch.empty((), dtype=torch.int64)]
 
@@ -355,9 +391,9 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
         if needs[n]:
             with torch.enable_grad():
                 leaf = t.detach().requires_grad_()
-                spec = _SITES[saved.site]
+                spec = saved.site
                 y0 = tuple(state) if spec.is_tuple else state[0]
-                internal, grid, _ = internal_time(leaf, spec.options, spec.func, y0,
+                internal, grid, _ = internal_time(leaf, saved.options, spec.func, y0,
                                                   saved.plan.controller is not None)
                 t_grad = torch.autograd.grad([grid, internal], leaf, [grid_grad, times_grad],
                                              allow_unused=True)[0]
@@ -380,7 +416,7 @@ def _(ticket, solution_grads, state, t, tensors, needs):
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
-    _site, state, t, tensors, _keep = inputs
+    _site, _numbers, state, t, tensors, _keep = inputs
     ctx.n_components = len(state)
     ctx.needs = [x.requires_grad for x in (*state, t, *tensors)]
     ctx.save_for_backward(output[-1], t, *state, *tensors)
@@ -395,7 +431,7 @@ def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
     result = torch.ops.rampde_fx.solve_backward(ticket, solution_grads, list(state), t,
                                                 list(tensors), ctx.needs)
     result = [g if need else None for g, need in zip(result, ctx.needs)]
-    return None, result[:n], result[n], result[n + 1:], None
+    return None, None, result[:n], result[n], result[n + 1:], None
 
 
 _solve.register_autograd(_backward, setup_context=_setup_context)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from . import dispatch
-from .compiled import object_with_id, solve_in_graph
+from .compiled import key_of, solve_in_graph
 from .odeint import odeint
 from .policy import PrecisionPolicy
 from .stats import SolveStats, collect_stats
@@ -158,13 +158,13 @@ class Conversion:
         if torch.compiler.is_compiling():
             owner, method_name = ((func.__self__, func.__func__.__name__)
                                   if isinstance(func, types.MethodType) else (func, None))
-            site_id = _site_while_compiling(id(root), source, id(owner), method_name, arguments,
-                                            dropped)
-            if not site_id:
+            site_key = _site_while_compiling(root, source, owner, method_name, arguments,
+                                             dropped)
+            if not site_key:
                 return dispatch.run_within(None, solver, *args, **kwargs)
             return solve_in_graph(func, y0, t, **arguments, dtype=self.dtype,
                                   scaling=self.scaling, policy=self.policy,
-                                  checkpoint=self.checkpoint, report_to_id=site_id)
+                                  checkpoint=self.checkpoint, report_to_key=site_key)
         # Frames up from the caller of the converted module's _rampde_intercept.
         site = self.site(root, source, func, arguments, dropped, caller=sys._getframe(2))
         if site is None:
@@ -203,16 +203,15 @@ class Conversion:
 
 
 @torch.compiler.assume_constant_result
-def _site_while_compiling(root_id: int, source: str, owner_id: int, method_name: str | None,
-                          arguments: dict[str, Any], dropped: tuple[str, ...]) -> int:
-    """Runs once, while dynamo traces a solve: the ``id`` of its site (kept alive by the
-    conversion), or 0 for a solve that runs as written. The velocity is ``owner`` or its
-    method ``method_name``; objects come as ids of objects that the traced frame holds."""
-    root = object_with_id(root_id)
-    owner = object_with_id(owner_id)
+def _site_while_compiling(root: torch.nn.Module, source: str, owner: Any,
+                          method_name: str | None, arguments: dict[str, Any],
+                          dropped: tuple[str, ...]) -> int:
+    """Runs while dynamo traces a solve: the key (``compiled.key_of``) of its site, which the
+    conversion keeps alive, or 0 for a solve that runs as written. The velocity is ``owner``
+    or its method ``method_name``."""
     func = owner if method_name is None else getattr(owner, method_name)
     site = root._rampde_conversion.site(root, source, func, arguments, dropped, caller=None)
-    return 0 if site is None else id(site)
+    return 0 if site is None else key_of(site)
 
 
 def _velocity_identity(func: Any) -> tuple[Any, Any]:

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -46,7 +46,8 @@ class Stepper:
         interp: outputs inside a step: 'linear' or 'cubic' (fixed grids), or 'dense' (the
             adaptive methods' 4th-order interpolant through the step's midpoint).
         evaluations: counter of velocity evaluations.
-        compiled_step: a compiled twin of :meth:`step` to use instead (see ``compiled``).
+        kernels: the compiled steps of this stepper's velocity, used instead of :meth:`step`
+            where set (a ``step_kernels.StepKernels``).
     """
 
     velocity: Callable[[torch.Tensor, State], State]
@@ -56,7 +57,7 @@ class Stepper:
     time_sign: float
     interp: str
     evaluations: int = 0
-    compiled_step: Callable[..., tuple[State, list[State]]] | None = None
+    kernels: Any = None
 
     def derivative(self, tau: torch.Tensor, y: State, nudge: Nudge = Nudge.NONE,
                    velocity: Callable[[torch.Tensor, State], State] | None = None) -> State:
@@ -111,8 +112,8 @@ class Stepper:
 
     def take_step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None = None,
                   start_nudge: Nudge | None = None) -> tuple[State, list[State]]:
-        """:meth:`step`, compiled where a compiled twin is set; counts the evaluations."""
-        result = (self.compiled_step or self.step)(t0, t1, y, first, start_nudge)
+        """:meth:`step`, compiled where kernels are set; counts the evaluations."""
+        result = (self.kernels.step if self.kernels else self.step)(t0, t1, y, first, start_nudge)
         self.evaluations += self.tableau.stages - (first is not None)
         return result
 

@@ -15,7 +15,7 @@ import torchdiffeq
 from torch import nn
 
 import rampde_fx
-from rampde_fx import adaptive, compiled
+from rampde_fx import adaptive, step_kernels
 from models import Hamiltonian, ODENetFunc, TimeMLP, rel_err
 
 U_BF16, U_FP16 = 2.0**-8, 2.0**-11
@@ -612,7 +612,7 @@ def test_convert_odenet_with_default_method():
 
 
 def test_adaptive_solve_compiles_as_one_graph(monkeypatch):
-    monkeypatch.setattr(compiled, "step_backend", "aot_eager")
+    monkeypatch.setattr(step_kernels, "backend", "aot_eager")
     torch._dynamo.reset()
     torch.manual_seed(0)
     model, x = AdaptiveBlock(), torch.randn(2, 1, 8, 8)

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rampde_fx
 from field_models import HamiltonianModel, MLPFunc, MLPODE, ODEBlock
 from models import rel_err
-from rampde_fx import compiled
+from rampde_fx import compiled, step_kernels
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,7 @@ def fresh_dynamo():
 @pytest.fixture
 def cheap_steps(monkeypatch):
     """Compile the inner step with aot_eager: the structure is the same, codegen is skipped."""
-    monkeypatch.setattr(compiled, "step_backend", "aot_eager")
+    monkeypatch.setattr(step_kernels, "backend", "aot_eager")
 
 
 def outputs_and_grads(model, *inputs):
@@ -85,9 +85,17 @@ class StepRecorder:
         return compile_fx(gm, example_inputs, inner_compile=inner)
 
 
+def _matmuls(graph: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [node for node in graph.graph.nodes
+            if node.op == "call_function" and "mm" in str(node.target)]
+
+
 def _matmul_dtypes(graph: torch.fx.GraphModule) -> set[torch.dtype]:
-    return {node.meta["val"].dtype for node in graph.graph.nodes
-            if node.op == "call_function" and "mm" in str(node.target)}
+    return {node.meta["val"].dtype for node in _matmuls(graph)}
+
+
+def _matmul_count(graph: torch.fx.GraphModule) -> int:
+    return len(_matmuls(graph))
 
 
 @pytest.mark.slow
@@ -96,7 +104,8 @@ def test_inductor_compiles_velocity_and_its_vjp_in_bfloat16(monkeypatch):
     one, and inductor lowered the step's forward and backward with bf16 matmuls only."""
     torch.manual_seed(0)
     recorder = StepRecorder()
-    monkeypatch.setattr(compiled, "step_backend", recorder)
+    monkeypatch.setattr(step_kernels, "backend", recorder)
+    monkeypatch.setattr(step_kernels, "SMALL_MATMUL", 0)  # every product a library call
     model = rampde_fx.convert(MLPODE())
     x = torch.randn(6, 3)
     # Caches would hand back kernels compiled by an earlier run without lowering anything.
@@ -107,8 +116,10 @@ def test_inductor_compiles_velocity_and_its_vjp_in_bfloat16(monkeypatch):
     # equal within one bf16 unit roundoff.
     for g, w in zip(got, outputs_and_grads(model, x)):
         assert rel_err(g, w) < 2.0 ** -8
-    # The forward solve's step (inference), its recomputation for backward, and the VJP.
-    assert sorted(is_backward for is_backward, _ in recorder.graphs) == [False, False, True]
+    # Two inference graphs: the forward step, and the backward step (recomputation and VJP in
+    # one graph, with the VJP's matmuls: no autograd graph is compiled for the engine).
+    assert [is_backward for is_backward, _ in recorder.graphs] == [False, False]
+    assert _matmul_count(recorder.graphs[1][1]) > _matmul_count(recorder.graphs[0][1])
     assert all(_matmul_dtypes(g) == {torch.bfloat16} for _, g in recorder.graphs)
 
 
@@ -357,8 +368,9 @@ def _distinct_model(i: int) -> torch.nn.Module:
 
 @pytest.mark.slow
 def test_twenty_distinct_models_compile_in_one_process(cheap_steps):
-    """Each converted class and each velocity's step has a code object of its own, so
-    dynamo's recompile limit (8 per code object) is never reached by a sweep of models."""
+    """Each converted class has a code object of its own and the step kernels are compiled
+    without dynamo, so dynamo's recompile limit (8 per code object) is never reached by a
+    sweep of models."""
     for i in range(20):
         torch.manual_seed(i)
         converted = rampde_fx.convert(_distinct_model(i))
@@ -392,6 +404,46 @@ def test_deleting_a_compiled_model_frees_its_velocity(cheap_steps):
     compiled_model = torch.compile(converted, fullgraph=True, backend="aot_eager")
     compiled_model(torch.randn(2, 3)).sum().backward()
     converted(torch.randn(2, 3)).sum().backward()  # and an eager solve: both caches
+    sites = len(compiled._BY_KEY)
     del converted, compiled_model
     gc.collect()
     assert velocity() is None
+    assert len(compiled._BY_KEY) < sites  # its registered sites went with it
+
+
+class StepSizeArgument(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.func = MLPFunc()
+
+    def forward(self, x, step_size, rtol):
+        t = torch.tensor([0.0, 1.0])
+        fixed = rampde_fx.odeint(self.func, x, t, method="rk4", options={"step_size": step_size},
+                                 dtype=torch.float32)
+        adaptive = rampde_fx.odeint(self.func, x, t, rtol=rtol, atol=rtol, dtype=torch.float32)
+        return fixed[-1], adaptive[-1]
+
+
+def test_numbers_that_change_between_calls_run_without_new_sites(cheap_steps):
+    """A step size or a tolerance is an input of the compiled solve: each new value solves
+    with that value (dynamo recompiles once, when the number first changes), and no call
+    registers a new site."""
+    model = StepSizeArgument()
+    compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    adaptive_steps = set()
+    for step_size, rtol in [(0.5, 1e-3), (0.25, 1e-5), (0.1, 1e-7), (0.5, 1e-3)]:
+        with rampde_fx.collect_stats() as solves:
+            got = compiled_model(x, step_size, rtol)
+            want = model(x, step_size, rtol)
+        # float32 mode, the same steps: rounding differences only (the compiled kernels sum
+        # small products in another order)
+        for a, b in zip(got, want):
+            assert rel_err(a, b) < 1e-5
+        fixed, adaptive, fixed_eager, adaptive_eager = solves
+        assert fixed.steps == fixed_eager.steps == round(1 / step_size)
+        assert adaptive.steps == adaptive_eager.steps
+        adaptive_steps.add(adaptive.steps)
+        assert len(compiled._SITES_OF[model.func]) == 2  # the fixed and the adaptive solve
+    assert len(adaptive_steps) > 1

@@ -22,7 +22,7 @@ from field_models import (AdjointODE, AugmentedODEBlock, CNFModel, DropoutODE, H
                           LatentODE, MLPFunc, MLPODE, ODEBlock, ODENetClassifier, PassedSolver,
                           Simulator, StoredSolver, ffjord)
 from models import rel_err
-from rampde_fx import compiled, dispatch
+from rampde_fx import dispatch, step_kernels
 
 U_BF16 = 2.0 ** -8
 
@@ -193,7 +193,7 @@ def fresh_dynamo():
 @pytest.fixture
 def cheap_steps(monkeypatch, fresh_dynamo):
     """Compile the inner step with aot_eager: the structure is the same, codegen is skipped."""
-    monkeypatch.setattr(compiled, "step_backend", "aot_eager")
+    monkeypatch.setattr(step_kernels, "backend", "aot_eager")
 
 
 class RecordingBackend:

@@ -103,7 +103,9 @@ def test_benchmark_cnf_and_adaptive(tmp_path):
     # the exact trace's torch.autograd.grad is part of the captured graph: it compiles
     compiled = rows["rampde_fx bf16 compiled"]
     assert "skipped" not in compiled
-    assert compiled["grad_err"] == pytest.approx(rows["rampde_fx bf16"]["grad_err"], rel=0.1)
+    # inductor keeps fused intermediates (and small products) in float32 where eager rounds
+    # each op's result to bf16: no less accurate than the eager bf16 solve
+    assert compiled["grad_err"] < 1.1 * rows["rampde_fx bf16"]["grad_err"]
     # dopri5 at rtol=1e-3 against a tight float64 solve: the float32 rows carry the method's
     # error; rampde_fx's float32 mode takes torchdiffeq's steps, bfloat16 adds its roundoff.
     odenet = {row["variant"]: row for row in report["workloads"]["odenet"]}

@@ -12,7 +12,7 @@ import torchdiffeq
 from torch import nn
 
 import rampde_fx
-import rampde_fx.compiled
+import rampde_fx.step_kernels
 from field_models import ExactTraceCNF
 from models import rel_err
 
@@ -319,7 +319,7 @@ class Solved(nn.Module):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PATTERNS)
 def test_compiles_fullgraph(name, monkeypatch):
-    monkeypatch.setattr(rampde_fx.compiled, "step_backend", "aot_eager")
+    monkeypatch.setattr(rampde_fx.step_kernels, "backend", "aot_eager")
     func, y0 = make(name)
     model = Solved(func, isinstance(y0, tuple))
     x = (y0[0] if isinstance(y0, tuple) else y0).requires_grad_()

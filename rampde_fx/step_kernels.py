@@ -1,0 +1,212 @@
+"""One compiled region per step and direction, for solves inside ``rampde_fx::solve``.
+
+The forward kernel is the RK step: ``(t0, t1, *y, *lifted) -> (*y1, *stages)``. The backward
+kernel is a whole step of the discrete adjoint: it rebuilds the step's start from its
+low-precision checkpoint, recomputes the step, takes the vector-Jacobian product with the
+adjoint (times the fp16 scale, where there is one) and accumulates the parameter gradients in
+float32 into buffers it is given:
+
+    (t0, t1, *checkpoint, *cotangent, [scale], *lifted, *accumulators)
+        -> (*adjoint, [grad t0, grad t1], [largest scaled result])
+
+Both are traced to aten graphs with ``make_fx`` (through ``torch.autograd.grad``, so the
+backward kernel holds the derivative ops themselves: no autograd graph is built and no autograd
+engine runs per step) and compiled by ``torch.compile`` with ``backend`` (inductor). Each traced
+graph is a module of its own, so dynamo's recompilation limit counts per kernel, never across
+models. Kernels are cached on the velocity, which the capture cache drops with its module.
+
+Only velocities that are one graph of plain ops get kernels: an eager fallback, graphs per time
+value, or random draws (replayed from the generators of eager kernels) run as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import torch
+from torch._dynamo.backends.registry import lookup_backend
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .capture import GraphVelocity
+from .solver import Nudge, State, Stepper
+
+# The backend that compiles the kernels: "inductor" for real use; tests may set "aot_eager" to
+# check structure without paying for code generation.
+backend: str | Callable[..., Any] = "inductor"
+
+# On CPU, matrix products of at most this many multiply-adds are traced as broadcast products
+# summed in float32 (rounded to the operands' dtype, as a BLAS kernel rounds its result), which
+# inductor fuses with their neighbours: a library call costs more than the arithmetic there.
+SMALL_MATMUL = 4096
+
+
+def _small_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``a @ b`` accumulated in float32 (or wider), or None where a library call is due."""
+    if a.device.type != "cpu" or a.shape[0] * a.shape[1] * b.shape[1] > SMALL_MATMUL:
+        return None
+    wide = torch.promote_types(a.dtype, torch.float32)
+    return (a.unsqueeze(2).to(wide) * b.unsqueeze(0).to(wide)).sum(1)
+
+
+def _small_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | Any:
+    product = _small_product(a, b)
+    return NotImplemented if product is None else product.to(a.dtype)
+
+
+def _small_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any = 1,
+                 alpha: Any = 1) -> torch.Tensor | Any:
+    product = _small_product(a, b)
+    if product is None or beta != 1 or alpha != 1:
+        return NotImplemented
+    return (product + bias.to(product.dtype)).to(a.dtype)
+
+
+_INLINED = {torch.ops.aten.mm.default: _small_mm,
+            torch.ops.aten.addmm.default: _small_addmm}
+
+
+class _Kernel:
+    """A step function traced and compiled per input signature: the shapes, strides, dtypes
+    and devices of its tensors, and whether autograd records the call (the things dynamo would
+    guard on, checked here without dynamo's per-call cost)."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+        self.compiled: dict[Any, Callable[..., Any]] = {}
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        recording = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+        key = (recording, *[(x.shape, x.stride(), x.dtype, x.device) for x in inputs])
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            graph = make_fx(self.function, decomposition_table=_INLINED, tracing_mode="fake",
+                            _allow_non_fake_inputs=True)(*inputs)
+            compile_graph = lookup_backend(backend) if isinstance(backend, str) else backend
+            compiled = self.compiled[key] = compile_graph(graph, list(inputs))
+        return compiled(*inputs)
+
+
+@dataclasses.dataclass
+class StepKernels:
+    """The compiled forward and backward steps of one velocity and stepper, made per variant
+    (a known first stage, the first stage's nudge, which gradients, fp16 scaling) when first
+    needed."""
+
+    stepper: Stepper  # whose velocity is the GraphVelocity (possibly transformed) to run
+    lifted: Callable[[], list[torch.Tensor]]  # the velocity's live tensors, in its order
+    buffers: list[int]  # positions of buffers among them: passed as copies to the backward
+    _forward: dict[Any, _Kernel] = dataclasses.field(default_factory=dict)
+    _backward: dict[Any, _Kernel] = dataclasses.field(default_factory=dict)
+
+    def _stepper_reading(self, tensors: Sequence[torch.Tensor]) -> Stepper:
+        """The stepper with a velocity that reads ``tensors`` instead of the live ones."""
+        velocity: GraphVelocity = self.stepper.velocity
+        return dataclasses.replace(self.stepper, velocity=velocity.reading(tensors),
+                                   evaluations=0, kernels=None)
+
+    def step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None,
+             start_nudge: Nudge | None) -> tuple[State, list[State]]:
+        """:meth:`Stepper.step`, compiled."""
+        n = len(y)
+        lifted = self.lifted()
+        known = 0 if first is None else len(first)
+        key = (known, start_nudge)
+        if key not in self._forward:
+            def forward(t0, t1, *flat):  # type: ignore[no-untyped-def]
+                state, given, tensors = flat[:n], flat[n:n + known], flat[n + known:]
+                y1, stages = self._stepper_reading(tensors).step(
+                    t0, t1, tuple(state), tuple(given) if known else None, start_nudge)
+                return [*y1, *(c for k in stages for c in k)]
+            self._forward[key] = _Kernel(forward)
+        out = self._forward[key](t0, t1, *y, *(first or ()), *lifted)
+        stages = [tuple(out[i:i + n]) for i in range(n, len(out), n)]
+        return tuple(out[:n]), stages
+
+    def backward_step(self, t0: torch.Tensor, t1: torch.Tensor, checkpoint: Sequence[torch.Tensor],
+                      state_dtypes: Sequence[torch.dtype], cotangent: Sequence[torch.Tensor],
+                      scale: torch.Tensor | None, start_nudge: Nudge | None, wanted: list[int],
+                      accumulators: list[torch.Tensor] | None, times: bool
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """One step of the discrete adjoint.
+
+        ``wanted``: positions, among the lifted tensors, of those whose gradients are wanted;
+        ``accumulators`` (float32, one per wanted tensor) receive them in place, or, where None,
+        the gradients are returned. ``times``: also the gradients for ``t0`` and ``t1``.
+
+        Returns the adjoint at the step's start, the tensors' gradients (where not accumulated)
+        and ``[grad t0, grad t1]`` (where ``times``), all divided by ``scale``; with a scale,
+        the last returned list ends with the largest scaled result (for overflow checks).
+        """
+        n = len(checkpoint)
+        lifted = self.lifted()
+        for i in self.buffers:  # mutations of buffers happen in the forward only
+            lifted[i] = lifted[i].clone()
+        accumulate = accumulators is not None
+        key = (start_nudge, tuple(wanted), accumulate, times, scale is not None,
+               tuple(state_dtypes))
+        if key not in self._backward:
+            self._backward[key] = _Kernel(self._backward_function(
+                n, len(lifted), state_dtypes, start_nudge, wanted, accumulate, times,
+                scale is not None))
+        with torch.no_grad():
+            out = self._backward[key](t0, t1, *checkpoint, *cotangent,
+                                      *([] if scale is None else [scale]), *lifted,
+                                      *(accumulators or []))
+        adjoint, rest = list(out[:n]), list(out[n:])
+        grads = [] if accumulate else rest[:len(wanted)]
+        return adjoint, grads, rest[len(grads):]
+
+    def _backward_function(self, n: int, n_lifted: int, state_dtypes: Sequence[torch.dtype],
+                           start_nudge: Nudge | None, wanted: list[int], accumulate: bool,
+                           times: bool, scaled: bool) -> Callable[..., Any]:
+        def backward(t0, t1, *flat):  # type: ignore[no-untyped-def]
+            checkpoint, cotangent, rest = flat[:n], flat[n:2 * n], list(flat[2 * n:])
+            scale = rest.pop(0) if scaled else None
+            tensors, accumulators = rest[:n_lifted], rest[n_lifted:]
+            with torch.enable_grad():
+                y = tuple(c.to(d).detach().requires_grad_() for c, d in zip(checkpoint,
+                                                                           state_dtypes))
+                leaves = list(tensors)
+                for i in wanted:
+                    leaves[i] = tensors[i].detach().requires_grad_()
+                ends = [t.detach().requires_grad_(times) for t in (t0, t1)]
+                y1, _ = self._stepper_reading(leaves).step(*ends, y, None, start_nudge)
+                inputs = [*y, *(leaves[i] for i in wanted), *(ends if times else [])]
+                seeds = cotangent if scale is None else [c * scale for c in cotangent]
+                live = [(out, seed) for out, seed in zip(y1, seeds) if out.requires_grad]
+                found = torch.autograd.grad([o for o, _ in live], inputs, [s for _, s in live],
+                                            allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs)]
+            largest = []
+            if scale is not None:
+                largest = [torch.stack([g.detach().abs().amax().float() for g in grads
+                                        if g.numel()]).amax()]
+                grads = [g / scale for g in grads]
+            adjoint, tensor_grads, time_grads = grads[:n], grads[n:n + len(wanted)], \
+                grads[n + len(wanted):]
+            if accumulate:
+                for accumulator, g in zip(accumulators, tensor_grads):
+                    accumulator.add_(g)
+                tensor_grads = []
+            return [*adjoint, *tensor_grads, *time_grads, *largest]
+        return backward
+
+
+def kernels_for(stepper: Stepper, dtype: torch.dtype, device: torch.device,
+                keeps_activations: bool,
+                transform: Callable[[Any], None] | None) -> StepKernels | None:
+    """The stepper's kernels, made once per velocity, method, perturb, direction and device;
+    None for a velocity that is not one graph of plain ops (see the module docstring).
+    ``transform`` changes the velocity's graph for this device's kernels (see ``compiled``)."""
+    velocity = stepper.velocity
+    if not isinstance(velocity, GraphVelocity) or velocity.time_indexed or velocity.draws_random:
+        return None
+    per_velocity = velocity.compiled_steps
+    key = (stepper.tableau, stepper.start_nudge, stepper.end_nudge, stepper.time_sign,
+           device.type, keeps_activations, backend, dtype)
+    if key not in per_velocity:
+        own = velocity if transform is None else velocity.transformed(transform)
+        twin = Stepper(own, stepper.tableau, stepper.start_nudge, stepper.end_nudge,
+                       stepper.time_sign, stepper.interp)
+        per_velocity[key] = StepKernels(twin, velocity.live_tensors, velocity.buffer_positions)
+    return per_velocity[key]
