@@ -28,7 +28,8 @@ import torch
 from .adaptive import Controller, solve_adaptive
 from .callbacks import StepCallbacks
 from .scaling import RETRY_STEP_LOG2, AdjointScaler
-from .solver import Nudge, RngState, State, Stepper, replayed_rng, rng_state
+from .solver import (Nudge, RngState, State, Stepper, replayed_rng, rng_state,
+                     vector_jacobian_product)
 from .stats import SolveStats
 
 MAX_SWEEP_RETRIES = 4
@@ -312,10 +313,7 @@ def _recomputed_step(plan: SolvePlan, step: int, grid: torch.Tensor, times: torc
         inputs = [*y_start, *wanted_tensors]
         inputs += [t0, t1] if wants.grid else []
         inputs += [t for t, _ in output_times] if wants.times else []
-        seeds = cotangents if scale is None else [g * scale for g in cotangents]
-        live = [(out, seed) for out, seed in zip(produced, seeds) if out.requires_grad]
-        scaled = list(torch.autograd.grad([o for o, _ in live], inputs, [s for _, s in live],
-                                          allow_unused=True))
+        scaled = vector_jacobian_product(produced, inputs, cotangents, scale)
     results = scaled if scale is None else [None if r is None else r / scale for r in scaled]
     n = plan.n_components
     results[:n] = [torch.zeros_like(y) if r is None else r for r, y in zip(results[:n], y_start)]

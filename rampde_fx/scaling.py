@@ -21,7 +21,8 @@ RETRY_STEP_LOG2 = 4.0
 _EXPONENT_LIMIT = 100.0
 
 
-def _largest(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+def largest_magnitude(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """The largest absolute value among ``tensors`` as a float32 0-dim tensor (0 for none)."""
     values = [t.detach().abs().amax().float() for t in tensors if t is not None and t.numel()]
     if not values:
         return torch.zeros((), device=device)
@@ -41,7 +42,7 @@ class AdjointScaler:
 
     def scale_for(self, cotangents: list[torch.Tensor | None]) -> torch.Tensor:
         """The float32 power of two to multiply this step's cotangents by."""
-        largest = _largest(cotangents, self.device)
+        largest = largest_magnitude(cotangents, self.device)
         magnitude_log2 = torch.floor(torch.log2(torch.where(largest > 0, largest, 1.0)))
         exponent = torch.clamp(torch.round(self.target_log2 - self.gain_log2) - magnitude_log2,
                                -_EXPONENT_LIMIT, _EXPONENT_LIMIT)
@@ -53,7 +54,7 @@ class AdjointScaler:
 
     def observe(self, scaled_results: list[torch.Tensor | None]) -> torch.Tensor:
         """Record the step's scaled results; returns whether they overflowed (on the device)."""
-        largest = _largest(scaled_results, self.device)
+        largest = largest_magnitude(scaled_results, self.device)
         finite = torch.isfinite(largest)
         usable = finite & (largest > 0) & (self._scaled_input_max > 0)
         gain = torch.log2(torch.where(usable, largest, 1.0)) - torch.log2(

@@ -180,6 +180,17 @@ def replayed_rng(state: RngState | None, device: torch.device) -> Iterator[None]
         yield
 
 
+def vector_jacobian_product(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                            cotangents: Sequence[torch.Tensor],
+                            scale: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The gradients for ``inputs`` of ``sum_i <cotangents[i] * scale, outputs[i]>`` (None for
+    inputs the outputs do not reach); outputs that do not require grad are left out."""
+    seeds = cotangents if scale is None else [c * scale for c in cotangents]
+    live = [(out, seed) for out, seed in zip(outputs, seeds) if out.requires_grad]
+    return list(torch.autograd.grad([o for o, _ in live], inputs, [s for _, s in live],
+                                    allow_unused=True))
+
+
 def weighted_sum(weights: Sequence[float], values: Sequence[torch.Tensor]) -> torch.Tensor:
     """``sum_i weights[i] * values[i]``, skipping zero weights (at least one is not zero)."""
     terms = [w * v for w, v in zip(weights, values) if w != 0.0]

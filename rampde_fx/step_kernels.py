@@ -11,9 +11,10 @@ float32 into buffers it is given:
 
 Both are traced to aten graphs with ``make_fx`` (through ``torch.autograd.grad``, so the
 backward kernel holds the derivative ops themselves: no autograd graph is built and no autograd
-engine runs per step) and compiled by ``torch.compile`` with ``backend`` (inductor). Each traced
-graph is a module of its own, so dynamo's recompilation limit counts per kernel, never across
-models. Kernels are cached on the velocity, which the capture cache drops with its module.
+engine runs per step) and compiled by the dynamo backend ``backend`` (inductor) called on the
+graph directly: no dynamo frame runs per call, and dynamo's recompilation limit never counts
+kernels. Each kernel is compiled per input signature (see :class:`_Kernel`) and cached on the
+velocity, which the capture cache drops with its module.
 
 Only velocities that are one graph of plain ops get kernels: an eager fallback, graphs per time
 value, or random draws (replayed from the generators of eager kernels) run as they are.
@@ -28,7 +29,8 @@ from torch._dynamo.backends.registry import lookup_backend
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .capture import GraphVelocity
-from .solver import Nudge, State, Stepper
+from .scaling import largest_magnitude
+from .solver import Nudge, State, Stepper, vector_jacobian_product
 
 # The backend that compiles the kernels: "inductor" for real use; tests may set "aot_eager" to
 # check structure without paying for code generation.
@@ -55,8 +57,12 @@ def _small_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | Any:
 
 def _small_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any = 1,
                  alpha: Any = 1) -> torch.Tensor | Any:
+    # Decide before computing: what a decomposition computes is traced, even when it then
+    # hands the op back.
+    if beta != 1 or alpha != 1:
+        return NotImplemented
     product = _small_product(a, b)
-    if product is None or beta != 1 or alpha != 1:
+    if product is None:
         return NotImplemented
     return (product + bias.to(product.dtype)).to(a.dtype)
 
@@ -172,15 +178,11 @@ class StepKernels:
                 ends = [t.detach().requires_grad_(times) for t in (t0, t1)]
                 y1, _ = self._stepper_reading(leaves).step(*ends, y, None, start_nudge)
                 inputs = [*y, *(leaves[i] for i in wanted), *(ends if times else [])]
-                seeds = cotangent if scale is None else [c * scale for c in cotangent]
-                live = [(out, seed) for out, seed in zip(y1, seeds) if out.requires_grad]
-                found = torch.autograd.grad([o for o, _ in live], inputs, [s for _, s in live],
-                                            allow_unused=True)
+                found = vector_jacobian_product(y1, inputs, cotangent, scale)
             grads = [torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs)]
             largest = []
             if scale is not None:
-                largest = [torch.stack([g.detach().abs().amax().float() for g in grads
-                                        if g.numel()]).amax()]
+                largest = [largest_magnitude(grads, scale.device)]
                 grads = [g / scale for g in grads]
             adjoint, tensor_grads, time_grads = grads[:n], grads[n:n + len(wanted)], \
                 grads[n + len(wanted):]

@@ -48,7 +48,7 @@ def reference(func, y0, t, method, options):
                            func64, y0.double(), t.double())
 
 
-def compiled_solve(dtype, method, options, t_requires_grad=True):
+def compiled_solve(dtype, method, options):
     return torch.compile(lambda f, y, tt: rampde_fx.odeint(f, y, tt, method=method,
                                                            options=options, dtype=dtype),
                          fullgraph=True, backend="aot_eager")
