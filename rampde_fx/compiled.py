@@ -189,9 +189,10 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, *, rtol: Any = 1e-7, atol: Any
     site = _register(owner, method_name, policy, report_to_key, rtol, atol, method, options,
                      dtype, scaling, checkpoint, is_tuple)
     tensors = _grad_tensors(func)
-    keep = torch.is_grad_enabled() and any(x.requires_grad for x in [*state, t, *tensors])
+    recording = torch.is_grad_enabled()
+    needs = [recording and x.requires_grad for x in [*state, t, *tensors]]
     *solution, _ticket = torch.ops.rampde_fx.solve(
-        site, torch.tensor(numbers, dtype=torch.float64), state, t, tensors, keep)
+        site, torch.tensor(numbers, dtype=torch.float64), state, t, tensors, needs)
     return tuple(solution) if is_tuple else solution[0]
 
 
@@ -315,16 +316,22 @@ def _align(inputs: list[Tensor], read: list[Tensor], func: Any) -> list[Tensor |
 
 @torch.library.custom_op("rampde_fx::solve", mutates_args=())
 def _solve(site: int, numbers: Tensor, state: list[Tensor], t: Tensor, tensors: list[Tensor],
-           keep: bool) -> list[Tensor]:
-    """The whole forward solve; returns the solution components and a ticket."""
+           needs: list[bool]) -> list[Tensor]:
+    """The whole forward solve; returns the solution components and a ticket. ``needs``: which
+    of ``[*state, t, *tensors]`` want gradients (the solve keeps what its backward needs for
+    those only)."""
     spec = object_of(site)
     if spec is None:
         raise RuntimeError("rampde_fx: the model of this compiled solve was deleted; compile "
                            "the model that is called")
     rtol, atol, options = _lower_numbers((spec.rtol, spec.atol, spec.options), numbers.tolist())
+    keep = any(needs)
     keep_stages = keep and spec.checkpoint == "stages"
     with _as_from_python(), torch.set_grad_enabled(keep_stages):
-        leaves = [x.detach().requires_grad_(keep_stages) for x in (*state, t)]
+        # Only the inputs that want gradients are recorded: a time that requires grad would
+        # keep every stage in float32 for its gradient.
+        leaves = [x.detach().requires_grad_(keep_stages and need)
+                  for x, need in zip((*state, t), needs)]
         y0 = tuple(leaves[:-1]) if spec.is_tuple else leaves[0]
         prepared = prepare_solve(spec.func, y0, leaves[-1], rtol=rtol, atol=atol,
                                  method=spec.method,
@@ -354,7 +361,7 @@ def _solve(site: int, numbers: Tensor, state: list[Tensor], t: Tensor, tensors: 
 
 
 @_solve.register_fake
-def _(site, numbers, state, t, tensors, keep):
+def _(site, numbers, state, t, tensors, needs):
     return [*(c.new_empty((t.shape[0], *c.shape)) for c in state),
             torch.empty((), dtype=torch.int64)]
 
@@ -416,9 +423,9 @@ def _(ticket, solution_grads, state, t, tensors, needs):
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
-    _site, _numbers, state, t, tensors, _keep = inputs
+    _site, _numbers, state, t, tensors, needs = inputs
     ctx.n_components = len(state)
-    ctx.needs = [x.requires_grad for x in (*state, t, *tensors)]
+    ctx.needs = list(needs)
     ctx.save_for_backward(output[-1], t, *state, *tensors)
 
 

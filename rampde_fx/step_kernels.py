@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils.checkpoint import CheckpointPolicy
 
 from .capture import GraphVelocity
 from .scaling import largest_magnitude
@@ -50,43 +51,74 @@ def _small_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     return (a.unsqueeze(2).to(wide) * b.unsqueeze(0).to(wide)).sum(1)
 
 
-def _small_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | Any:
+def _cpu_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | Any:
     product = _small_product(a, b)
     return NotImplemented if product is None else product.to(a.dtype)
 
 
-def _small_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any = 1,
-                 alpha: Any = 1) -> torch.Tensor | Any:
+def _cpu_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any = 1,
+               alpha: Any = 1) -> torch.Tensor | Any:
+    """A small product as fused arithmetic; a larger 16-bit one as a library ``mm`` whose bias
+    is added by the kernel that reads the product (CPU ``addmm`` first copies the broadcast
+    bias into its output, a pass over memory as long as a 16-bit product's own). The sum is
+    written in float32, so that inductor does not match it back into an ``addmm``."""
     # Decide before computing: what a decomposition computes is traced, even when it then
     # hands the op back.
-    if beta != 1 or alpha != 1:
+    if beta != 1 or alpha != 1 or a.device.type != "cpu":
         return NotImplemented
     product = _small_product(a, b)
-    if product is None:
-        return NotImplemented
-    return (product + bias.to(product.dtype)).to(a.dtype)
+    if product is not None:
+        return (product + bias.to(product.dtype)).to(a.dtype)
+    if a.dtype.itemsize == 2:
+        return (torch.mm(a, b).float() + bias.float()).to(a.dtype)
+    return NotImplemented
 
 
-_INLINED = {torch.ops.aten.mm.default: _small_mm,
-            torch.ops.aten.addmm.default: _small_addmm}
+_CPU_PRODUCTS = {torch.ops.aten.mm.default: _cpu_mm,
+            torch.ops.aten.addmm.default: _cpu_addmm}
+
+
+# Ops that only convert or view a tensor: cheap to redo in the backward pass.
+_CASTS_AND_VIEWS = {torch.ops.aten._to_copy.default, torch.ops.aten.t.default,
+                    torch.ops.aten.transpose.int, torch.ops.aten.permute.default,
+                    torch.ops.aten.view.default, torch.ops.aten.unsqueeze.default,
+                    torch.ops.aten.expand.default}
+
+
+def _recompute_casts_of_lifted(graph: torch.fx.Graph, n_lifted: int) -> None:
+    """Marks the casts and views of the last ``n_lifted`` inputs (the velocity's parameters and
+    buffers) for recomputation in the backward: autograd then keeps the tensors themselves,
+    alive anyway, instead of a low-precision copy per step."""
+    placeholders = graph.find_nodes(op="placeholder")
+    of_lifted = set(placeholders[len(placeholders) - n_lifted:])
+    for node in graph.nodes:
+        if (node.op == "call_function" and node.target in _CASTS_AND_VIEWS
+                and all(x in of_lifted for x in node.all_input_nodes)):
+            node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+            of_lifted.add(node)
 
 
 class _Kernel:
     """A step function traced and compiled per input signature: the shapes, strides, dtypes
-    and devices of its tensors, and whether autograd records the call (the things dynamo would
-    guard on, checked here without dynamo's per-call cost)."""
+    and devices of its tensors, and, where autograd records the call, which of them require
+    grad (the things dynamo would guard on, checked here without dynamo's per-call cost). The
+    last ``n_lifted`` inputs of a kernel that autograd records are the velocity's tensors."""
 
-    def __init__(self, function: Callable[..., Any]) -> None:
+    def __init__(self, function: Callable[..., Any], n_lifted: int = 0) -> None:
         self.function = function
+        self.n_lifted = n_lifted
         self.compiled: dict[Any, Callable[..., Any]] = {}
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         recording = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
-        key = (recording, *[(x.shape, x.stride(), x.dtype, x.device) for x in inputs])
+        key = (recording, *[(x.shape, x.stride(), x.dtype, x.device,
+                             recording and x.requires_grad) for x in inputs])
         compiled = self.compiled.get(key)
         if compiled is None:
-            graph = make_fx(self.function, decomposition_table=_INLINED, tracing_mode="fake",
+            graph = make_fx(self.function, decomposition_table=_CPU_PRODUCTS, tracing_mode="fake",
                             _allow_non_fake_inputs=True)(*inputs)
+            if recording:
+                _recompute_casts_of_lifted(graph.graph, self.n_lifted)
             compile_graph = lookup_backend(backend) if isinstance(backend, str) else backend
             compiled = self.compiled[key] = compile_graph(graph, list(inputs))
         return compiled(*inputs)
@@ -123,7 +155,7 @@ class StepKernels:
                 y1, stages = self._stepper_reading(tensors).step(
                     t0, t1, tuple(state), tuple(given) if known else None, start_nudge)
                 return [*y1, *(c for k in stages for c in k)]
-            self._forward[key] = _Kernel(forward)
+            self._forward[key] = _Kernel(forward, len(lifted))
         out = self._forward[key](t0, t1, *y, *(first or ()), *lifted)
         stages = [tuple(out[i:i + n]) for i in range(n, len(out), n)]
         return tuple(out[:n]), stages

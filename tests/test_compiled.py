@@ -216,6 +216,32 @@ def test_compiled_checkpoints_are_counted_as_saved(cheap_steps):
     assert saved_tensor_bytes(lambda: solve(y0)) >= 8 * y0.numel() * 2  # 8 bf16 states
 
 
+def test_compiled_stages_keep_no_more_than_autocast(cheap_steps):
+    """checkpoint='stages' keeps the 16-bit activations autocast keeps: a time that wants no
+    gradient keeps no float32 stage, and the parameters' casts are redone in the backward
+    instead of being kept once per step."""
+    import torchdiffeq
+    from rampde_fx.diagnostics import saved_tensor_bytes
+
+    torch.manual_seed(0)
+    velocity = MLPFunc(8, 32)
+    y0, t = torch.randn(64, 8), torch.tensor([0.0, 1.0])
+    options = {"method": "rk4", "options": {"step_size": 0.125}}
+    solve = torch.compile(lambda y: rampde_fx.odeint(velocity, y, t, checkpoint="stages",
+                                                     **options),
+                          fullgraph=True, backend="aot_eager")
+    solve(y0)
+    ours = saved_tensor_bytes(lambda: solve(y0))
+
+    def autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torchdiffeq.odeint(velocity, y0, t, **options)
+
+    # Each of the 8 steps' 4 stages: the first layer's 16-bit input and the tanh output.
+    activations = 8 * 4 * 64 * (8 + 32) * 2
+    assert activations <= ours <= saved_tensor_bytes(autocast)
+
+
 def test_cpu_tanh_lowering_against_float64():
     """The compiled CPU steps' tanh: within 2e-6 of float64 tanh in float32 (also far into
     the tails and near 0, where the exponential form alone would cancel), bitwise the rounded
@@ -274,7 +300,11 @@ class Reordered(torch.nn.Module):
 
 
 @pytest.mark.parametrize("checkpoint", ["steps", "stages"])
-def test_compiled_gradients_reach_the_right_parameters(cheap_steps, checkpoint):
+@pytest.mark.parametrize("y0_wants_grad", [True, False])
+def test_compiled_gradients_reach_the_right_parameters(cheap_steps, checkpoint, y0_wants_grad):
+    """Also where only the parameters want gradients (the usual training step): under
+    checkpoint='stages' the first step's state then does not require grad and later ones do,
+    and each step kernel is compiled for what its inputs require."""
     torch.manual_seed(0)
     func = Reordered()
 
@@ -286,15 +316,17 @@ def test_compiled_gradients_reach_the_right_parameters(cheap_steps, checkpoint):
     names = [name for name, _ in func.named_parameters()]
 
     def grads(solver):
-        y = y0.clone().requires_grad_()
+        y = y0.clone().requires_grad_(y0_wants_grad)
         out = solver(y)
         found = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
-                                    [y, *func.parameters()], allow_unused=True)
+                                    [y, *func.parameters()] if y0_wants_grad
+                                    else list(func.parameters()), allow_unused=True)
         return [torch.zeros(()) if g is None else g for g in found]
 
     eager = grads(solve)
     compiled_solve = torch.compile(solve, fullgraph=True, backend="aot_eager")
-    for name, got, want in zip(["y0", *names], grads(compiled_solve), eager):
+    for name, got, want in zip(["y0", *names] if y0_wants_grad else names,
+                               grads(compiled_solve), eager):
         assert torch.allclose(got, want, rtol=2.0 ** -8, atol=1e-7), name
 
 
