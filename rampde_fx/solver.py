@@ -111,9 +111,15 @@ class Stepper:
         return again
 
     def take_step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None = None,
-                  start_nudge: Nudge | None = None) -> tuple[State, list[State]]:
-        """:meth:`step`, compiled where kernels are set; counts the evaluations."""
-        result = (self.kernels.step if self.kernels else self.step)(t0, t1, y, first, start_nudge)
+                  start_nudge: Nudge | None = None, stages_read: bool = True
+                  ) -> tuple[State, list[State]]:
+        """:meth:`step`, compiled where kernels are set; counts the evaluations. Where the
+        caller does not read the stages (``stages_read=False``), compiled kernels do not store
+        them and return none."""
+        if self.kernels:
+            result = self.kernels.step(t0, t1, y, first, start_nudge, stages_read)
+        else:
+            result = self.step(t0, t1, y, first, start_nudge)
         self.evaluations += self.tableau.stages - (first is not None)
         return result
 
@@ -142,7 +148,8 @@ class Stepper:
                 outputs: list[tuple[torch.Tensor, float]], t0_value: float, t1_value: float,
                 start_nudge: Nudge | None = None) -> tuple[State, list[State]]:
         """A step, and the state at each output time ``(t, t_value)`` that falls inside it."""
-        y1, stages = self.take_step(t0, t1, y0, start_nudge=start_nudge)
+        stages_read = bool(outputs) and self.interp != "linear"
+        y1, stages = self.take_step(t0, t1, y0, start_nudge=start_nudge, stages_read=stages_read)
         return y1, self.interpolate(t0, t1, y0, y1, stages, outputs, t0_value, t1_value)
 
 

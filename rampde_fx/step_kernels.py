@@ -143,18 +143,19 @@ class StepKernels:
                                    evaluations=0, kernels=None)
 
     def step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None,
-             start_nudge: Nudge | None) -> tuple[State, list[State]]:
-        """:meth:`Stepper.step`, compiled."""
+             start_nudge: Nudge | None, stages_read: bool) -> tuple[State, list[State]]:
+        """:meth:`Stepper.step`, compiled; without the stages (``[]``) where they are not
+        read, so that the kernel does not store them."""
         n = len(y)
         lifted = self.lifted()
         known = 0 if first is None else len(first)
-        key = (known, start_nudge)
+        key = (known, start_nudge, stages_read)
         if key not in self._forward:
             def forward(t0, t1, *flat):  # type: ignore[no-untyped-def]
                 state, given, tensors = flat[:n], flat[n:n + known], flat[n + known:]
                 y1, stages = self._stepper_reading(tensors).step(
                     t0, t1, tuple(state), tuple(given) if known else None, start_nudge)
-                return [*y1, *(c for k in stages for c in k)]
+                return [*y1, *(c for k in stages if stages_read for c in k)]
             self._forward[key] = _Kernel(forward, len(lifted))
         out = self._forward[key](t0, t1, *y, *(first or ()), *lifted)
         stages = [tuple(out[i:i + n]) for i in range(n, len(out), n)]

@@ -56,16 +56,18 @@ def compiled_solve(dtype, method, options):
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 2e-6), (torch.bfloat16, 4 * 2.0 ** -8),
                                           (torch.float16, 4 * 2.0 ** -11)])
-def test_kernel_steps_against_float64(dtype, bound):
+@pytest.mark.parametrize("interp", ["linear", "cubic"])
+def test_kernel_steps_against_float64(dtype, bound, interp):
     """Outputs between grid points (their steps recompute under autograd) and at grid points
     (their steps run the backward kernel), gradients for y0, every output time and the
     parameters: within a few unit roundoffs of float64 (float32 mode: of the exact discrete
-    gradient)."""
+    gradient). Cubic interpolation reads the step's first stage, which the forward kernel
+    then returns; linear interpolation reads none."""
     torch.manual_seed(0)
     func = Tiny()
     y0 = torch.randn(16, 2)
     t = torch.tensor([0.0, 0.35, 0.5, 1.0])
-    options = {"step_size": 0.1}
+    options = {"step_size": 0.1, "interp": interp}
     got = solve_and_grads(compiled_solve(dtype, "rk4", options), func, y0, t)
     want = reference(func, y0, t, "rk4", options)
     for g, w in zip(got, want):
