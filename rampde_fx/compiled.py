@@ -40,6 +40,7 @@ from torch import Tensor
 from .adjoint import SolvePlan, _backward_with_retries, _Wants, solve_forward
 from .odeint import internal_time, prepare_solve
 from .policy import PrecisionPolicy
+from .solver import vector_jacobian_product
 from .capture import CaptureWarning, describe
 from .step_kernels import kernels_for
 
@@ -153,7 +154,9 @@ def _grad_tensors(func: Any) -> list[Tensor]:
     """Tensors the velocity may read that require grad: the parameters and buffers of the
     module it is, or whose method it is. (Closure tensors of plain functions cannot be found
     while tracing; capture them as module attributes.)"""
-    owner = func if isinstance(func, torch.nn.Module) else getattr(func, "__self__", None)
+    # An isinstance test and plain attribute access: dynamo answers getattr(method,
+    # "__self__", None) with the default.
+    owner = func.__self__ if isinstance(func, types.MethodType) else func
     if not isinstance(owner, torch.nn.Module):
         return []
     return [x for x in itertools.chain(owner.parameters(), owner.buffers()) if x.requires_grad]
@@ -376,11 +379,15 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
                            "run twice without retain_graph, or on a solve made without grad?")
     if isinstance(saved, _SavedGraph):
         wanted = [need and x is not None for x, need in zip(saved.inputs, needs)]
-        with _as_from_python():
-            found = iter(torch.autograd.grad(
-                saved.outputs, [x for x, want in zip(saved.inputs, wanted) if want],
-                solution_grads, allow_unused=True))
-        grads = [next(found) if want else None for want in wanted]
+        chosen = [x for x, want in zip(saved.inputs, wanted) if want]
+        # Outputs that no wanted input reaches (a constant component of a tuple state, a
+        # velocity whose read tensors are all frozen) have no graph to differentiate.
+        found: list[Tensor | None] = [None] * len(chosen)
+        if chosen and any(out.requires_grad for out in saved.outputs):
+            with _as_from_python():
+                found = vector_jacobian_product(saved.outputs, chosen, solution_grads, None)
+        found_of = iter(found)
+        grads = [next(found_of) if want else None for want in wanted]
         return [_laid_out_like(g, x) for g, x in zip(grads, [*state, t, *tensors])]
     plan = saved.plan
     n = plan.n_components

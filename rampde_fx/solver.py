@@ -123,12 +123,17 @@ class Stepper:
         self.evaluations += self.tableau.stages - (first is not None)
         return result
 
+    def interpolation_reads_stages(self, outputs: list[tuple[torch.Tensor, float]]) -> bool:
+        """Whether :meth:`interpolate` reads the step's stages for these outputs."""
+        return bool(outputs) and self.interp != "linear"
+
     def interpolate(self, t0: torch.Tensor, t1: torch.Tensor, y0: State, y1: State,
                     stages: list[State], outputs: list[tuple[torch.Tensor, float]],
                     t0_value: float, t1_value: float) -> list[State]:
         """The state at each output time ``(t, t_value)`` inside the step from ``y0`` to ``y1``."""
         if not outputs:
             return []
+        # Keep interpolation_reads_stages in step with the branches below.
         if self.interp == "dense":
             dt = t1 - t0
             mid = _combine(y0, dt, self.tableau.mid, stages)
@@ -148,8 +153,8 @@ class Stepper:
                 outputs: list[tuple[torch.Tensor, float]], t0_value: float, t1_value: float,
                 start_nudge: Nudge | None = None) -> tuple[State, list[State]]:
         """A step, and the state at each output time ``(t, t_value)`` that falls inside it."""
-        stages_read = bool(outputs) and self.interp != "linear"
-        y1, stages = self.take_step(t0, t1, y0, start_nudge=start_nudge, stages_read=stages_read)
+        y1, stages = self.take_step(t0, t1, y0, start_nudge=start_nudge,
+                                    stages_read=self.interpolation_reads_stages(outputs))
         return y1, self.interpolate(t0, t1, y0, y1, stages, outputs, t0_value, t1_value)
 
 

@@ -61,7 +61,9 @@ def _cpu_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: An
     """A small product as fused arithmetic; a larger 16-bit one as a library ``mm`` whose bias
     is added by the kernel that reads the product (CPU ``addmm`` first copies the broadcast
     bias into its output, a pass over memory as long as a 16-bit product's own). The sum is
-    written in float32, so that inductor does not match it back into an ``addmm``."""
+    written in float32, so that inductor does not match it back into an ``addmm``. The product
+    is rounded before the bias is added: a float16 product beyond 65504 is inf even where the
+    biased sum would fit."""
     # Decide before computing: what a decomposition computes is traced, even when it then
     # hands the op back.
     if beta != 1 or alpha != 1 or a.device.type != "cpu":
@@ -75,7 +77,7 @@ def _cpu_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: An
 
 
 _CPU_PRODUCTS = {torch.ops.aten.mm.default: _cpu_mm,
-            torch.ops.aten.addmm.default: _cpu_addmm}
+                 torch.ops.aten.addmm.default: _cpu_addmm}
 
 
 # Ops that only convert or view a tensor: cheap to redo in the backward pass.
@@ -155,7 +157,7 @@ class StepKernels:
                 state, given, tensors = flat[:n], flat[n:n + known], flat[n + known:]
                 y1, stages = self._stepper_reading(tensors).step(
                     t0, t1, tuple(state), tuple(given) if known else None, start_nudge)
-                return [*y1, *(c for k in stages if stages_read for c in k)]
+                return [*y1, *((c for k in stages for c in k) if stages_read else ())]
             self._forward[key] = _Kernel(forward, len(lifted))
         out = self._forward[key](t0, t1, *y, *(first or ()), *lifted)
         stages = [tuple(out[i:i + n]) for i in range(n, len(out), n)]

@@ -330,6 +330,47 @@ def test_compiled_gradients_reach_the_right_parameters(cheap_steps, checkpoint, 
         assert torch.allclose(got, want, rtol=2.0 ** -8, atol=1e-7), name
 
 
+class GatedCell(torch.nn.Module):
+    """A velocity written as a method of the model, on a state ``(h, c)`` whose second part is
+    carried along unchanged (its derivative is zero): the constant part's output has no
+    gradient path."""
+
+    def __init__(self, frozen: bool) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4).requires_grad_(not frozen)
+        self.unread = torch.nn.Parameter(torch.ones(1))  # trainable, never read by the velocity
+        self.head = torch.nn.Linear(8, 1)
+
+    def velocity(self, t, state):
+        h, c = state
+        return torch.tanh(self.lin(torch.cat([h, c], -1))), torch.zeros_like(c)
+
+    def forward(self, x, c, checkpoint):
+        h, carried = rampde_fx.odeint(self.velocity, (x, c), torch.tensor([0.0, 1.0]),
+                                      method="rk4", options={"step_size": 0.25},
+                                      checkpoint=checkpoint)
+        return self.head(torch.cat([h[-1], carried[-1]], -1))
+
+
+@pytest.mark.parametrize("checkpoint", ["steps", "stages"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_compiled_method_velocity_with_a_constant_state_part(cheap_steps, checkpoint, frozen):
+    """The method's module parameters get their gradients under torch.compile as in eager, and
+    a backward runs where some outputs, or all of the velocity, want no gradient."""
+    torch.manual_seed(0)
+    model = GatedCell(frozen)
+    x, c = torch.randn(3, 4), torch.randn(3, 4)
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(run):
+        found = torch.autograd.grad(run(x, c, checkpoint).sum(), trained, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(found, trained)]
+
+    compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for got, want in zip(grads(compiled_model), grads(model)):
+        assert torch.allclose(got, want, rtol=2.0 ** -8, atol=1e-6)
+
+
 class ConvVelocity(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
