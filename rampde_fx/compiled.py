@@ -150,13 +150,19 @@ def _register(owner: torch.nn.Module, method_name: Any, policy: Any, report_to_k
     return key
 
 
-def _grad_tensors(func: Any) -> list[Tensor]:
+def velocity_owner(func: Any) -> tuple[Any, str | None]:
+    """The object a velocity belongs to and the name of its method (``func`` itself and None
+    where it is no method). An isinstance test and plain attribute access, which dynamo
+    traces: it answers ``getattr(method, "__self__", None)`` with the default."""
+    if isinstance(func, types.MethodType):
+        return func.__self__, func.__func__.__name__
+    return func, None
+
+
+def _grad_tensors(owner: Any) -> list[Tensor]:
     """Tensors the velocity may read that require grad: the parameters and buffers of the
-    module it is, or whose method it is. (Closure tensors of plain functions cannot be found
-    while tracing; capture them as module attributes.)"""
-    # An isinstance test and plain attribute access: dynamo answers getattr(method,
-    # "__self__", None) with the default.
-    owner = func.__self__ if isinstance(func, types.MethodType) else func
+    module it is, or whose method it is (``owner``). (Closure tensors of plain functions cannot
+    be found while tracing; capture them as module attributes.)"""
     if not isinstance(owner, torch.nn.Module):
         return []
     return [x for x in itertools.chain(owner.parameters(), owner.buffers()) if x.requires_grad]
@@ -185,13 +191,12 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, *, rtol: Any = 1e-7, atol: Any
             "tensors it reads as attributes of the module")
     is_tuple = isinstance(y0, tuple)
     state = list(y0) if is_tuple else [y0]
-    owner, method_name = ((func.__self__, func.__func__.__name__)
-                          if isinstance(func, types.MethodType) else (func, None))
+    owner, method_name = velocity_owner(func)
     numbers: list[Any] = []
     rtol, atol, options = _lift_numbers((rtol, atol, options), numbers)
     site = _register(owner, method_name, policy, report_to_key, rtol, atol, method, options,
                      dtype, scaling, checkpoint, is_tuple)
-    tensors = _grad_tensors(func)
+    tensors = _grad_tensors(owner)
     recording = torch.is_grad_enabled()
     needs = [recording and x.requires_grad for x in [*state, t, *tensors]]
     *solution, _ticket = torch.ops.rampde_fx.solve(
@@ -379,15 +384,11 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
                            "run twice without retain_graph, or on a solve made without grad?")
     if isinstance(saved, _SavedGraph):
         wanted = [need and x is not None for x, need in zip(saved.inputs, needs)]
-        chosen = [x for x, want in zip(saved.inputs, wanted) if want]
-        # Outputs that no wanted input reaches (a constant component of a tuple state, a
-        # velocity whose read tensors are all frozen) have no graph to differentiate.
-        found: list[Tensor | None] = [None] * len(chosen)
-        if chosen and any(out.requires_grad for out in saved.outputs):
-            with _as_from_python():
-                found = vector_jacobian_product(saved.outputs, chosen, solution_grads, None)
-        found_of = iter(found)
-        grads = [next(found_of) if want else None for want in wanted]
+        with _as_from_python():
+            found = iter(vector_jacobian_product(
+                saved.outputs, [x for x, want in zip(saved.inputs, wanted) if want],
+                solution_grads, None))
+        grads = [next(found) if want else None for want in wanted]
         return [_laid_out_like(g, x) for g, x in zip(grads, [*state, t, *tensors])]
     plan = saved.plan
     n = plan.n_components

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from . import dispatch
-from .compiled import key_of, solve_in_graph
+from .compiled import key_of, solve_in_graph, velocity_owner
 from .odeint import odeint
 from .policy import PrecisionPolicy
 from .stats import SolveStats, collect_stats
@@ -156,8 +156,7 @@ class Conversion:
         dropped = tuple(k for k in call if k in _DROPPED_ARGUMENTS)
         solver = odeint if source == "rampde_fx.odeint" else dispatch.original(source)
         if torch.compiler.is_compiling():
-            owner, method_name = ((func.__self__, func.__func__.__name__)
-                                  if isinstance(func, types.MethodType) else (func, None))
+            owner, method_name = velocity_owner(func)
             site_key = _site_while_compiling(root, source, owner, method_name, arguments,
                                              dropped)
             if not site_key:
