@@ -70,7 +70,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .solver import Nudge, State, Stepper, replayed_rng, rng_state, weighted_sum
+from .solver import (Nudge, State, Stepper, all_finite, replayed_rng, rng_state,
+                     weighted_sum)
 from .tableaus import ButcherTableau
 
 if TYPE_CHECKING:
@@ -485,7 +486,7 @@ def _next_step(controller: Controller, floor: RoundingFloor | None, judged: _Jud
 
 
 def _check_finite_start(plan: SolvePlan, f: State, t_value: float) -> None:
-    if not bool(torch.stack([torch.isfinite(c).all() for c in f]).all()):
+    if not all_finite(f):
         raise FloatingPointError(
             f"rampde_fx: {plan.stepper.velocity.name()} is not finite at the start of the solve "
             f"(t={plan.stepper.time_sign * t_value:g}) in {plan.stats.dtype}: it overflows there "

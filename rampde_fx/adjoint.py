@@ -28,7 +28,7 @@ import torch
 from .adaptive import Controller, solve_adaptive
 from .callbacks import StepCallbacks
 from .scaling import RETRY_STEP_LOG2, AdjointScaler
-from .solver import (Nudge, RngState, State, Stepper, replayed_rng, rng_state,
+from .solver import (Nudge, RngState, State, Stepper, all_finite, replayed_rng, rng_state,
                      vector_jacobian_product)
 from .stats import SolveStats
 
@@ -174,7 +174,7 @@ def _backward_with_retries(plan: SolvePlan, state_dtypes, grid, times, checkpoin
         plan.stats.scale_log2 = torch.stack(scaler.exponents[::-1]) if scaler.exponents else None
         if not bool(scaler.overflow):  # one host synchronisation per sweep
             return grads
-        if not all(bool(torch.isfinite(g).all()) for g in solution_grads):
+        if not all_finite(solution_grads):
             return grads  # the incoming cotangent itself is not finite: nothing to rescale
         target = scaler.target_log2 - RETRY_STEP_LOG2  # growth exceeded the headroom
         plan.stats.scale_retries += 1

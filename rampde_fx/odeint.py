@@ -15,7 +15,7 @@ from .callbacks import find_callbacks
 from .capture import capture_velocity
 from .grid import check_grid, make_grid, place_outputs
 from .policy import DEFAULT_POLICY, PrecisionPolicy
-from .solver import Nudge, Stepper, velocity_time
+from .solver import Nudge, Stepper, all_finite, velocity_time
 from .stats import SolveStats, record
 from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, UNSUPPORTED_METHODS, ButcherTableau
 
@@ -268,9 +268,7 @@ def _check_state(y0: Any) -> tuple[bool, tuple[torch.Tensor, ...]]:
         if not c.is_floating_point():
             raise ValueError(f"{name} must be a floating point tensor (the high precision of the "
                              f"solve), got {c.dtype}; convert it with .float()")
-        with torch.no_grad():
-            finite = bool(torch.isfinite(c).all())
-        if not finite:
+        if not all_finite([c]):
             raise ValueError(f"{name} contains inf or nan")
         if c.device != state[0].device:
             raise ValueError(f"all components of y0 must be on one device, got {c.device} and "

@@ -207,6 +207,14 @@ def vector_jacobian_product(outputs: Sequence[torch.Tensor], inputs: Sequence[to
                                     allow_unused=True))
 
 
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite, with one host synchronisation. Reads
+    each tensor's extremes (nan propagates into them, an infinity is one): a reduction, with no
+    boolean tensor of the tensor's size as ``isfinite`` would write."""
+    extremes = [torch.stack(torch.aminmax(x.detach())) for x in tensors if x.numel()]
+    return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
+
+
 def weighted_sum(weights: Sequence[float], values: Sequence[torch.Tensor]) -> torch.Tensor:
     """``sum_i weights[i] * values[i]``, skipping zero weights (at least one is not zero)."""
     terms = [w * v for w, v in zip(weights, values) if w != 0.0]
