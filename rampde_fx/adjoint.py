@@ -202,6 +202,7 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
     tensor_grads = {i: torch.zeros_like(velocity_tensors[i]) for i in wants.tensors}
     grid_grad = torch.zeros_like(grid) if wants.grid else None
     times_grad = torch.zeros_like(times) if wants.times else None
+    wanted_tensors = [velocity_tensors[i] for i in wants.tensors]
     kernel_tensors = _kernel_positions(stepper, velocity_tensors, wants.tensors)
     evaluations_before = stepper.evaluations
 
@@ -225,8 +226,7 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
             else:
                 results, largest = _recomputed_step(plan, step, grid, times, state_dtypes,
                                                     checkpoints, cotangents, scale,
-                                                    [velocity_tensors[i] for i in wants.tensors],
-                                                    wants)
+                                                    wanted_tensors, wants)
             if scaler is None:
                 break
             overflowed = scaler.observe(largest)

@@ -277,8 +277,8 @@ class GraphVelocity:
         self.names = first.names  # every graph takes the same lifted tensors, in this order
         # Buffers, not only what the graph marks as written: aten.native_batch_norm updates its
         # running statistics without declaring it in its schema.
-        self.buffer_positions = [i for i, name in enumerate(self.names)
-                                 if slots[name].kind != "_parameters"]
+        self._buffers = [i for i, name in enumerate(self.names)
+                         if slots[name].kind != "_parameters"]
         self.draws_random = False
         self._graphs: dict[float | None, tuple[fx.GraphModule, fx.GraphModule]] = {}
         self._add(first, example)
@@ -328,16 +328,18 @@ class GraphVelocity:
                                  _SideEffects()), example)
         return self._graphs[key][1]
 
-    def live_tensors(self) -> list[torch.Tensor]:
-        """The lifted tensors as they are now, in the graphs' placeholder order."""
-        return [self._slots[name].get() for name in self.names]
+    def live_tensors(self, replaying: bool = False) -> list[torch.Tensor]:
+        """The lifted tensors as they are now, in the graphs' placeholder order; ``replaying``
+        a step, the buffers as copies: mutations of the velocity's buffers happen in the
+        forward only."""
+        tensors = [self._slots[name].get() for name in self.names]
+        if replaying:
+            for i in self._buffers:
+                tensors[i] = tensors[i].clone()
+        return tensors
 
     def __call__(self, t: torch.Tensor, y: State) -> State:
-        tensors = self.live_tensors()
-        if self._replay.on:  # mutations of the velocity's buffers happen in the forward only
-            for i in self.buffer_positions:
-                tensors[i] = tensors[i].clone()
-        return self._run(t, y, tensors)
+        return self._run(t, y, self.live_tensors(replaying=self._replay.on))
 
     def _run(self, t: torch.Tensor, y: State, tensors: Sequence[torch.Tensor]) -> State:
         return _as_state(self._graph_at(t, y)(t, *y, *tensors), len(y), self.name)

@@ -10,13 +10,16 @@ import contextlib
 import dataclasses
 import enum
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
 from .grid import (dense_output_coefficients, evaluate_polynomial, interpolate_cubic,
                    interpolate_linear)
 from .tableaus import ButcherTableau
+
+if TYPE_CHECKING:
+    from .step_kernels import StepKernels
 
 State = tuple[torch.Tensor, ...]
 
@@ -57,7 +60,7 @@ class Stepper:
     time_sign: float
     interp: str
     evaluations: int = 0
-    kernels: Any = None
+    kernels: StepKernels | None = None
 
     def derivative(self, tau: torch.Tensor, y: State, nudge: Nudge = Nudge.NONE,
                    velocity: Callable[[torch.Tensor, State], State] | None = None) -> State:
@@ -116,7 +119,7 @@ class Stepper:
         """:meth:`step`, compiled where kernels are set; counts the evaluations. Where the
         caller does not read the stages (``stages_read=False``), compiled kernels do not store
         them and return none."""
-        if self.kernels:
+        if self.kernels is not None:
             result = self.kernels.step(t0, t1, y, first, start_nudge, stages_read)
         else:
             result = self.step(t0, t1, y, first, start_nudge)

@@ -133,8 +133,7 @@ class StepKernels:
     needed."""
 
     stepper: Stepper  # whose velocity is the GraphVelocity (possibly transformed) to run
-    lifted: Callable[[], list[torch.Tensor]]  # the velocity's live tensors, in its order
-    buffers: list[int]  # positions of buffers among them: passed as copies to the backward
+    lifted: Callable[..., list[torch.Tensor]]  # GraphVelocity.live_tensors
     _forward: dict[Any, _Kernel] = dataclasses.field(default_factory=dict)
     _backward: dict[Any, _Kernel] = dataclasses.field(default_factory=dict)
 
@@ -179,9 +178,7 @@ class StepKernels:
         the last returned list ends with the largest scaled result (for overflow checks).
         """
         n = len(checkpoint)
-        lifted = self.lifted()
-        for i in self.buffers:  # mutations of buffers happen in the forward only
-            lifted[i] = lifted[i].clone()
+        lifted = self.lifted(replaying=True)
         accumulate = accumulators is not None
         key = (start_nudge, tuple(wanted), accumulate, times, scale is not None,
                tuple(state_dtypes))
@@ -245,5 +242,5 @@ def kernels_for(stepper: Stepper, dtype: torch.dtype, device: torch.device,
         own = velocity if transform is None else velocity.transformed(transform)
         twin = Stepper(own, stepper.tableau, stepper.start_nudge, stepper.end_nudge,
                        stepper.time_sign, stepper.interp)
-        per_velocity[key] = StepKernels(twin, velocity.live_tensors, velocity.buffer_positions)
+        per_velocity[key] = StepKernels(twin, velocity.live_tensors)
     return per_velocity[key]
