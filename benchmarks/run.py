@@ -2,7 +2,7 @@
 
 Every variant of a workload runs in one process, on the same model and data, and is measured
 the same way: median forward+backward time (consecutive steps, in rounds), bytes kept for
-backward (``rampde_fx.diagnostics.saved_tensor_bytes``), the step's peak CUDA memory above what
+backward (``rampde_fx.tools.memory.saved_tensor_bytes``), the step's peak CUDA memory above what
 was allocated before it (on cuda), and the relative error of the final state and of all
 parameter gradients (one vector) against a float64 torchdiffeq solve with the same method and
 options (for adaptive methods, with tolerances of 1e-8).
@@ -68,7 +68,7 @@ import torchdiffeq
 from torch import nn
 
 import rampde_fx
-from rampde_fx.diagnostics import saved_tensor_bytes
+from rampde_fx.tools.memory import saved_tensor_bytes
 
 # The workload velocities are the examples' own models.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))

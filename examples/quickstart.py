@@ -21,7 +21,7 @@ import torchdiffeq
 from torch import nn
 
 import rampde_fx
-from rampde_fx.diagnostics import saved_tensor_bytes
+from rampde_fx.tools.memory import saved_tensor_bytes
 
 FEATURES, WIDTH, CLASSES, BATCH = 16, 64, 8, 256
 

@@ -3,10 +3,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
+import enum
 from typing import Iterator
 
 import torch
+
+from . import runtime
+
+
+class VelocityKind(enum.Enum):
+    """How a solve's velocity runs."""
+
+    GRAPH = "graph"  # captured graphs, rewritten under the precision policy
+    EAGER = "eager"  # the velocity's Python, under autocast (capture fell back; see the reason)
 
 
 @dataclasses.dataclass
@@ -17,7 +26,8 @@ class SolveStats:
     Attributes:
         method: the Runge-Kutta method.
         dtype: the velocity's precision.
-        velocity: ``"graph"``, or ``"eager: <reason>"`` when capture fell back.
+        velocity: how the velocity runs.
+        fallback_reason: why capture fell back to :attr:`VelocityKind.EAGER` (None for a graph).
         scaling: whether dynamic adjoint scaling is on.
         steps: time steps taken (accepted steps, for adaptive methods).
         rejected_steps: steps an adaptive method rejected (each cost an evaluation of all stages).
@@ -37,7 +47,8 @@ class SolveStats:
 
     method: str
     dtype: torch.dtype
-    velocity: str
+    velocity: VelocityKind
+    fallback_reason: str | None
     scaling: bool
     steps: int = 0
     rejected_steps: int = 0
@@ -51,9 +62,6 @@ class SolveStats:
     captured_code: str | None = None
 
 
-_local = threading.local()
-
-
 @contextlib.contextmanager
 def collect_stats() -> Iterator[list[SolveStats]]:
     """Collect a :class:`SolveStats` for every solve started inside the block::
@@ -64,7 +72,7 @@ def collect_stats() -> Iterator[list[SolveStats]]:
         print(solves[0].steps, solves[0].nfe_backward)
     """
     collected: list[SolveStats] = []
-    stack = _local.__dict__.setdefault("collectors", [])
+    stack = runtime.per_thread().collectors
     stack.append(collected)
     try:
         yield collected
@@ -73,5 +81,5 @@ def collect_stats() -> Iterator[list[SolveStats]]:
 
 
 def record(stats: SolveStats) -> None:
-    for collected in getattr(_local, "collectors", ()):
+    for collected in runtime.per_thread().collectors:
         collected.append(stats)

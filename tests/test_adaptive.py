@@ -15,7 +15,7 @@ import torchdiffeq
 from torch import nn
 
 import rampde_fx
-from rampde_fx import adaptive, step_kernels
+from rampde_fx.tools import debug
 from models import Hamiltonian, ODENetFunc, TimeMLP, rel_err
 
 U_BF16, U_FP16 = 2.0**-8, 2.0**-11
@@ -208,7 +208,7 @@ def test_too_tight_tolerance_warns_once_and_finishes():
     torch.manual_seed(0)
     func, y0 = TimeMLP(dim=4, width=32), torch.randn(16, 4)
     reference = float64_reference(func, y0, T)
-    adaptive._warned_tolerances.clear()
+    debug.forget_tolerance_warnings()
     with pytest.warns(rampde_fx.ToleranceWarning, match=r"rtol=1e-10, atol=1e-10 ask for more "
                       r"than a torch.bfloat16 velocity resolves.*measured rounding noise"
                       r".*attainable") as caught:
@@ -611,9 +611,7 @@ def test_convert_odenet_with_default_method():
                      r"rounding floor", rampde_fx.explain(converted))
 
 
-def test_adaptive_solve_compiles_as_one_graph(monkeypatch):
-    monkeypatch.setattr(step_kernels, "backend", "aot_eager")
-    torch._dynamo.reset()
+def test_adaptive_solve_compiles_as_one_graph(cheap_steps):
     torch.manual_seed(0)
     model, x = AdaptiveBlock(), torch.randn(2, 1, 8, 8)
     converted = rampde_fx.convert(model)
@@ -627,4 +625,3 @@ def test_adaptive_solve_compiles_as_one_graph(monkeypatch):
 
     for got, want in zip(outputs_and_grads(compiled_model), outputs_and_grads(converted)):
         assert rel_err(got, want) < 2.0**-8
-    torch._dynamo.reset()

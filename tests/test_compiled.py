@@ -16,20 +16,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rampde_fx
 from field_models import HamiltonianModel, MLPFunc, MLPODE, ODEBlock
 from models import rel_err
-from rampde_fx import compiled, step_kernels
+from rampde_fx import runtime
+from rampde_fx.passes.cpu import tanh_for_cpu_kernels
+from rampde_fx.tools import debug
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@pytest.fixture
-def cheap_steps(monkeypatch):
-    """Compile the inner step with aot_eager: the structure is the same, codegen is skipped."""
-    monkeypatch.setattr(step_kernels, "backend", "aot_eager")
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def outputs_and_grads(model, *inputs):
@@ -101,17 +93,17 @@ def _matmul_count(graph: torch.fx.GraphModule) -> int:
 
 
 @pytest.mark.slow
-def test_inductor_compiles_velocity_and_its_vjp_in_bfloat16(monkeypatch):
+def test_inductor_compiles_velocity_and_its_vjp_in_bfloat16():
     """The whole path with inductor: the converted model under torch.compile matches the eager
     one, and inductor lowered the step's forward and backward with bf16 matmuls only."""
     torch.manual_seed(0)
     recorder = StepRecorder()
-    monkeypatch.setattr(step_kernels, "backend", recorder)
-    monkeypatch.setattr(step_kernels, "SMALL_MATMUL", 0)  # every product a library call
     model = rampde_fx.convert(MLPODE())
     x = torch.randn(6, 3)
     # Caches would hand back kernels compiled by an earlier run without lowering anything.
-    with torch._inductor.config.patch(fx_graph_cache=False), \
+    # small_matmul=0: every product a library call.
+    with runtime.patch(kernel_backend=recorder, small_matmul=0), \
+            torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         got = outputs_and_grads(torch.compile(model, fullgraph=True), x)
     # Inductor keeps fused pointwise intermediates in float32 where eager rounds each to bf16:
@@ -184,7 +176,7 @@ def test_inference_stores_no_checkpoints_and_modes_switch(cheap_steps):
     x = torch.randn(4, 3)
     with torch.no_grad():
         compiled_model(x)
-    assert not compiled._SAVED
+    assert not debug.saved_compiled_solves()
     compiled_model.eval()
     with torch.no_grad():
         evaluated = compiled_model(x)
@@ -193,7 +185,7 @@ def test_inference_stores_no_checkpoints_and_modes_switch(cheap_steps):
     trained.sum().backward()
     assert torch.allclose(evaluated, trained.detach())
     del trained
-    assert not compiled._SAVED  # the ticket went with the autograd graph
+    assert not debug.saved_compiled_solves()  # the ticket went with the autograd graph
 
 
 def test_stage_checkpoints_compile(cheap_steps):
@@ -203,11 +195,11 @@ def test_stage_checkpoints_compile(cheap_steps):
     compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
     for got, want in zip(outputs_and_grads(compiled_model, x), outputs_and_grads(model, x)):
         assert rel_err(got, want) < 2.0 ** -8
-    assert not compiled._SAVED
+    assert not debug.saved_compiled_solves()
 
 
 def test_compiled_checkpoints_are_counted_as_saved(cheap_steps):
-    from rampde_fx.diagnostics import saved_tensor_bytes
+    from rampde_fx.tools.memory import saved_tensor_bytes
 
     func = MLPFunc()
     y0 = torch.randn(16, 4, requires_grad=True)
@@ -222,7 +214,7 @@ def test_compiled_stages_keep_no_more_than_autocast(cheap_steps):
     """checkpoint='stages' keeps the 16-bit activations autocast keeps: a time that wants no
     gradient keeps no float32 stage, and the parameters' casts are redone in the backward
     instead of being kept once per step."""
-    from rampde_fx.diagnostics import saved_tensor_bytes
+    from rampde_fx.tools.memory import saved_tensor_bytes
 
     torch.manual_seed(0)
     velocity = MLPFunc(8, 32)
@@ -250,13 +242,13 @@ def test_cpu_tanh_lowering_against_float64():
     x = torch.cat([torch.randn(4096) * 3, torch.logspace(-30, 1.5, 200),
                    -torch.logspace(-30, 1.5, 200), torch.tensor([0.0, 0.0625, -0.0625])])
     exact = torch.tanh(x.double())
-    y = compiled.tanh_for_cpu_kernels(x)
+    y = tanh_for_cpu_kernels(x)
     assert ((y.double() - exact).abs() <= 2e-6 * exact.abs()).all()
     x_bf16 = x.to(torch.bfloat16)
-    assert torch.equal(compiled.tanh_for_cpu_kernels(x_bf16),
+    assert torch.equal(tanh_for_cpu_kernels(x_bf16),
                        torch.tanh(x_bf16.double()).to(torch.bfloat16))
     leaf = x.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(compiled.tanh_for_cpu_kernels(leaf).sum(), leaf)
+    (grad,) = torch.autograd.grad(tanh_for_cpu_kernels(leaf).sum(), leaf)
     assert torch.allclose(grad.double(), 1 - exact**2, rtol=0, atol=1e-6)
 
 
@@ -495,11 +487,11 @@ def test_deleting_a_compiled_model_frees_its_velocity(cheap_steps):
     compiled_model = torch.compile(converted, fullgraph=True, backend="aot_eager")
     compiled_model(torch.randn(2, 3)).sum().backward()
     converted(torch.randn(2, 3)).sum().backward()  # and an eager solve: both caches
-    sites = len(compiled._BY_KEY)
+    sites = debug.named_objects()
     del converted, compiled_model
     gc.collect()
     assert velocity() is None
-    assert len(compiled._BY_KEY) < sites  # its registered sites went with it
+    assert debug.named_objects() < sites  # its registered sites went with it
 
 
 class StepSizeArgument(torch.nn.Module):
@@ -536,5 +528,5 @@ def test_numbers_that_change_between_calls_run_without_new_sites(cheap_steps):
         assert fixed.steps == fixed_eager.steps == round(1 / step_size)
         assert adaptive.steps == adaptive_eager.steps
         adaptive_steps.add(adaptive.steps)
-        assert len(compiled._SITES_OF[model.func]) == 2  # the fixed and the adaptive solve
+        assert debug.compiled_specs_of(model.func) == 2  # the fixed and the adaptive solve
     assert len(adaptive_steps) > 1

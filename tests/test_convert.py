@@ -22,7 +22,8 @@ from field_models import (AdjointODE, AugmentedODEBlock, CNFModel, DropoutODE, H
                           LatentODE, MLPFunc, MLPODE, ODEBlock, ODENetClassifier, PassedSolver,
                           Simulator, StoredSolver, ffjord)
 from models import rel_err
-from rampde_fx import dispatch, step_kernels
+from rampde_fx import runtime
+from rampde_fx.tools import debug
 
 U_BF16 = 2.0 ** -8
 
@@ -164,7 +165,7 @@ def test_solver_passed_as_argument_is_converted():
     converted = rampde_fx.convert(model, dtype=torch.float32)
     got = converted(*x, solver=torchdiffeq.odeint_adjoint)
     assert rel_err(got, model(*x)) < 1e-6
-    (site,) = converted._rampde_conversion.sites
+    (site,) = debug.sites(converted)
     assert site.source == "torchdiffeq.odeint_adjoint"
 
 
@@ -182,19 +183,6 @@ def test_outer_dropout_follows_train_and_eval():
 
 
 # --- torch.compile: at most one compilation per test, small models ---------------------------
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@pytest.fixture
-def cheap_steps(monkeypatch, fresh_dynamo):
-    """Compile the inner step with aot_eager: the structure is the same, codegen is skipped."""
-    monkeypatch.setattr(step_kernels, "backend", "aot_eager")
-
 
 class RecordingBackend:
     """aot_eager, keeping the graphs dynamo hands over."""
@@ -231,7 +219,7 @@ def test_ffjord_compiles_in_both_directions(cheap_steps):
     assert_compiled_matches_eager(compiled_model, converted, [z, logp])
     assert_compiled_matches_eager(compiled_model, converted, [z], reverse=True)
     assert backend.solve_ops() == [2, 2]
-    assert [site.qualname for site in converted._rampde_conversion.sites] == ["chain.0", "chain.1"]
+    assert [site.module_name for site in debug.sites(converted)] == ["chain.0", "chain.1"]
 
 
 @pytest.mark.slow
@@ -349,7 +337,7 @@ def test_no_conversion_stays_active_after_an_exception(model, error):
     converted = rampde_fx.convert(model)
     with pytest.raises(error):
         converted(torch.randn(3, 3 if isinstance(model, MLPODE) else 4))
-    assert dispatch.active() is None
+    assert runtime.active_handler() is None
     original = ODEBlock(MLPFunc())
     with rampde_fx.collect_stats() as solves:  # converted solves would be recorded
         original(torch.randn(2, 4))
@@ -373,7 +361,7 @@ def test_pickle_save_load_and_deepcopy():
         assert not any(p is q for p, q in zip(clone.parameters(), model.parameters()))
         assert "no ODE solve has been met yet" in rampde_fx.explain(clone)
         assert torch.equal(clone(*x), want)
-        (site,) = clone._rampde_conversion.sites
+        (site,) = debug.sites(clone)
         assert site.source == "torchdiffeq.odeint_adjoint" and site.last_stats is not None
 
 
@@ -442,7 +430,7 @@ def test_filter_fn_chooses_the_solves():
             out = converted(x)
         assert len(solves) == 1  # the first block ran torchdiffeq
     assert seen == [("ODEBlock", "first"), ("ODEBlock", "second")]
-    assert [site.qualname for site in converted._rampde_conversion.sites] == ["second"]
+    assert [site.module_name for site in debug.sites(converted)] == ["second"]
     assert rel_err(out, model(x)) < 1e-6
     assert ("note: torchdiffeq.odeint in ODEBlock at 'first' runs as written: filter_fn left it "
             "as it is") in rampde_fx.explain(converted)
@@ -608,7 +596,7 @@ def test_rampde_odeint_calls_take_the_conversion_dtype():
     x = torch.randn(3, 4)
     exact = torchdiffeq.odeint(model.func, x, torch.tensor([0.0, 1.0]), method="rk4")[-1]
     assert rel_err(converted(x), exact) < 1e-6
-    (site,) = converted._rampde_conversion.sites
+    (site,) = debug.sites(converted)
     assert site.source == "rampde_fx.odeint" and site.dropped == ("dtype",)
     assert site.call_arguments == {"method": "rk4"}
 
@@ -635,5 +623,5 @@ def test_bound_method_velocity_and_time_input():
     x, t = torch.randn(3, 4), torch.tensor([0.0, 0.3, 1.0])
     for got, want in zip(outputs_and_grads(converted, [x, t]), outputs_and_grads(model, [x, t])):
         assert rel_err(got, want) < 2e-6
-    (site,) = converted._rampde_conversion.sites
+    (site,) = debug.sites(converted)
     assert site.velocity == "MethodVelocity.dynamics"

@@ -13,7 +13,7 @@ from torch._inductor.utils import run_and_get_code
 import rampde_fx
 from field_models import MLPODE
 from models import rel_err
-from rampde_fx import step_kernels
+from rampde_fx import runtime
 from test_compiled import (StepRecorder, SyncCounter, _matmul_count, _matmul_dtypes,
                            outputs_and_grads)
 from test_low_precision import MLP, U_BF16, U_FP16, _solve_and_grads
@@ -39,17 +39,17 @@ def test_outputs_and_gradients_against_float64_on_cuda(dtype, unit_roundoff):
 
 
 @pytest.mark.parametrize("dtype, unit_roundoff", LOW_PRECISION)
-def test_compiled_step_is_triton_in_the_low_dtype(monkeypatch, dtype, unit_roundoff):
+def test_compiled_step_is_triton_in_the_low_dtype(dtype, unit_roundoff):
     """A converted model under torch.compile on CUDA: inductor lowers the step's forward and
     backward with matmuls in ``dtype`` only, emits Triton kernels, and the result matches the
     eager converted model within one unit roundoff."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     recorder = StepRecorder()
-    monkeypatch.setattr(step_kernels, "backend", recorder)
     model = rampde_fx.convert(MLPODE(), dtype=dtype).cuda()
     x = torch.randn(6, 3, device="cuda")
-    with torch._inductor.config.patch(fx_graph_cache=False), \
+    with runtime.patch(kernel_backend=recorder), \
+            torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         got, sources = run_and_get_code(outputs_and_grads, torch.compile(model, fullgraph=True),
                                         x)

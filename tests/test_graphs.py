@@ -9,7 +9,7 @@ from expecttest import TestCase
 import rampde_fx
 from models import Hamiltonian, NormMLP, ODENetFunc, TimeMLP
 from rampde_fx.capture import capture_velocity
-from rampde_fx.diagnostics import precision_table
+from rampde_fx.tools.explain import precision_table
 
 
 def lowered(func, *state, dtype=torch.bfloat16, policy=rampde_fx.DEFAULT_POLICY):

@@ -193,7 +193,7 @@ def test_stage_checkpoints_trade_memory_for_recomputation():
     """checkpoint='stages' differentiates the bf16 forward itself: float32 mode still matches
     torchdiffeq, bf16 stays as close to float64 as the default, no step is recomputed, and
     the saved bytes lie between the default's and torchdiffeq's float32 activations."""
-    from rampde_fx.diagnostics import saved_tensor_bytes
+    from rampde_fx.tools.memory import saved_tensor_bytes
 
     torch.manual_seed(0)
     model = MLP()

@@ -6,7 +6,7 @@ import torchdiffeq
 from torch import nn
 
 import rampde_fx
-from rampde_fx.diagnostics import saved_tensor_bytes as saved_bytes
+from rampde_fx.tools.memory import saved_tensor_bytes as saved_bytes
 
 
 def test_saved_bytes_are_one_bf16_state_per_step():

@@ -12,7 +12,7 @@ import torchdiffeq
 from torch import nn
 
 import rampde_fx
-import rampde_fx.step_kernels
+from rampde_fx.tools import debug
 from field_models import ExactTraceCNF
 from models import rel_err
 
@@ -161,7 +161,7 @@ def test_float32_mode_reproduces_torchdiffeq(name):
     func, y0 = make(name)
     with rampde_fx.collect_stats() as stats:
         got = solve_and_grads(rampde_fx.odeint, func, y0, T, dtype=torch.float32)
-    assert stats[0].velocity == "graph"
+    assert stats[0].velocity is rampde_fx.VelocityKind.GRAPH
     want = solve_and_grads(torchdiffeq.odeint, func, y0, T)
     n_state = len(y0) if isinstance(y0, tuple) else 1
     time_grad = n_state * 2
@@ -196,8 +196,7 @@ def test_weights_chosen_by_time_get_one_graph_per_stage_time():
     with rampde_fx.collect_stats():
         rampde_fx.odeint(func, y0, torch.tensor([0.0, 1.0]), method="rk4",
                          options={"step_size": 0.25})
-    from rampde_fx.capture import _CACHE
-    (velocity,) = _CACHE[func].values()
+    (velocity,) = debug.captured_velocities(func)
     velocity_graphs = velocity._graphs
     # rk4 (3/8 rule) evaluates at t0, t0 + h/3, t0 + 2h/3, t0 + h: 3 new times per step.
     assert velocity.time_indexed and len(velocity_graphs) == 3 * 4 + 1
@@ -318,8 +317,7 @@ class Solved(nn.Module):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PATTERNS)
-def test_compiles_fullgraph(name, monkeypatch):
-    monkeypatch.setattr(rampde_fx.step_kernels, "backend", "aot_eager")
+def test_compiles_fullgraph(name, cheap_steps):
     func, y0 = make(name)
     model = Solved(func, isinstance(y0, tuple))
     x = (y0[0] if isinstance(y0, tuple) else y0).requires_grad_()

@@ -18,7 +18,7 @@ TARGET_LOG2 = 12.0
 # Lowering of the target after an overflow.
 RETRY_STEP_LOG2 = 4.0
 # Keep S representable in float32 with room for the cotangent's own magnitude.
-_EXPONENT_LIMIT = 100.0
+EXPONENT_LIMIT = 100.0
 
 
 def largest_magnitude(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
@@ -45,7 +45,7 @@ class AdjointScaler:
         largest = largest_magnitude(cotangents, self.device)
         magnitude_log2 = torch.floor(torch.log2(torch.where(largest > 0, largest, 1.0)))
         exponent = torch.clamp(torch.round(self.target_log2 - self.gain_log2) - magnitude_log2,
-                               -_EXPONENT_LIMIT, _EXPONENT_LIMIT)
+                               -EXPONENT_LIMIT, EXPONENT_LIMIT)
         exponent = torch.where(largest > 0, exponent, 0.0)
         scale = torch.exp2(exponent)
         self.exponents.append(exponent)

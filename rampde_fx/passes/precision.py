@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
-from .policy import Precision, PrecisionPolicy
+from ..policy import Precision, PrecisionPolicy
 
 _SHORT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                 torch.float64: "fp64"}
@@ -50,29 +50,31 @@ def _is_float_tensor(value: Any) -> bool:
 
 
 def rewrite_for_precision(
-    graph_module: fx.GraphModule,
+    graph: fx.Graph,
     example_inputs: Sequence[torch.Tensor],
     low_dtype: torch.dtype,
     policy: PrecisionPolicy,
     state_placeholders: set[str],
 ) -> fx.Graph:
-    """Return a new graph of ``graph_module`` with the casts that ``policy`` asks for.
+    """Return a new graph of ``graph`` with the casts that ``policy`` asks for.
 
     Args:
-        graph_module: the captured velocity; placeholders ``(t, *state, *tensors)``.
+        graph: the captured velocity's graph (its owning module holds the attributes it
+            reads); placeholders ``(t, *state, *tensors)``.
         example_inputs: real tensors for the placeholders, in order; only their metadata is
             used.
         low_dtype: the dtype of ``LOW`` ops and of the state inside the velocity.
         policy: classifies each call node.
         state_placeholders: names of the placeholders holding the state's components.
     """
+    graph_module = graph.owning_module
     full_dtype = full_dtype_for(low_dtype)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     new_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     fake: dict[fx.Node, Any] = {}
     casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
-    inputs = dict(zip((n.target for n in graph_module.graph.find_nodes(op="placeholder")),
+    inputs = dict(zip((n.target for n in graph.find_nodes(op="placeholder")),
                       example_inputs))
 
     def record(node: fx.Node, value: Any, precision: Precision | None, reason: str) -> fx.Node:
@@ -97,7 +99,7 @@ def rewrite_for_precision(
         fx.node.map_arg((node.args, node.kwargs), found.append)
         return [env[n] for n in found]
 
-    for node in graph_module.graph.nodes:
+    for node in graph.nodes:
         if node.op == "output":
             new_graph.output(fx.node.map_arg(node.args[0], env.__getitem__))
             continue

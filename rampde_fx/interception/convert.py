@@ -1,8 +1,9 @@
 """``rampde_fx.convert``: run the ODE solves of a float32 model in mixed precision.
 
 Nothing is traced at convert time. The converted module is a shallow copy of the model whose
-class is ``Converted<Name>``, a subclass of the model's class made once per class: its forward
-runs the original forward, as written, inside the interception of :mod:`rampde_fx.dispatch`.
+class is ``Converted<Name>``, a subclass of the model's class made once per class
+(``runtime.CONVERTED_CLASSES``): its forward runs the original forward, as written, inside the
+interception of :mod:`rampde_fx.interception.trampolines`.
 Python control flow, default arguments, ``self.training``, helper methods, loops before the
 solve and solvers kept in attributes or passed as arguments all run as the user wrote them, on
 every call. Each call of ``torchdiffeq.odeint``, ``torchdiffeq.odeint_adjoint`` or
@@ -11,7 +12,7 @@ solve is first met and kept for the next calls: it runs :func:`rampde_fx.odeint`
 original method, options, tolerances and output times and ``convert``'s precision settings.
 
 How sites are identified, and which module ``filter_fn`` is asked about, is described in
-:mod:`rampde_fx.sites`.
+:mod:`rampde_fx.interception.sites`.
 
 ``odeint_adjoint`` becomes the discrete adjoint with low-precision checkpoints: memory grows with
 the number of steps (one low-precision state per step, instead of torchdiffeq's constant
@@ -24,16 +25,17 @@ dropped.
 from __future__ import annotations
 
 import copy
-import threading
 import types
 from typing import Any, Callable, Iterator
 
 import torch
 
-from . import dispatch
-from .odeint import check_settings
-from .policy import DEFAULT_POLICY, PrecisionPolicy
-from .sites import Conversion, ConversionError, class_name
+from .. import runtime
+from ..config import SolveConfig, resolve_config
+from ..errors import ConversionError
+from ..policy import PrecisionPolicy
+from . import trampolines
+from .sites import Conversion, class_name
 
 
 class _ConvertedModule:
@@ -43,7 +45,7 @@ class _ConvertedModule:
     _rampde_conversion: Conversion
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return dispatch.run_within(self, super().forward, *args, **kwargs)  # type: ignore[misc]
+        return trampolines.run_within(self, super().forward, *args, **kwargs)  # type: ignore[misc]
 
     def _rampde_intercept(self, source: str, args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> Any:
@@ -54,23 +56,20 @@ class _ConvertedModule:
         return _rebuild, (self._rampde_original, self.__getstate__())
 
 
-_classes: dict[type, type] = {}
-_classes_lock = threading.Lock()
-
-
 def _converted_class(original: type[torch.nn.Module]) -> type:
-    with _classes_lock:
-        if original not in _classes:
+    classes = runtime.CONVERTED_CLASSES
+    with runtime.CONVERTED_CLASSES_LOCK:
+        if original not in classes:
             # dynamo caches compiled frames, and counts recompilations against its limit, per
             # code object: each converted class gets a forward with a code object of its own.
             shared = _ConvertedModule.forward
             forward = types.FunctionType(shared.__code__.replace(), shared.__globals__,
                                          shared.__name__, shared.__defaults__,
                                          shared.__closure__)
-            _classes[original] = type(f"Converted{original.__name__}",
-                                      (_ConvertedModule, original),
-                                      {"_rampde_original": original, "forward": forward})
-        return _classes[original]
+            classes[original] = type(f"Converted{original.__name__}",
+                                     (_ConvertedModule, original),
+                                     {"_rampde_original": original, "forward": forward})
+        return classes[original]
 
 
 def _rebuild(original: type[torch.nn.Module], state: dict[str, Any]) -> torch.nn.Module:
@@ -138,6 +137,7 @@ def convert(
     policy: PrecisionPolicy | None = None,
     checkpoint: str = "steps",
     filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
+    config: SolveConfig | None = None,
 ) -> torch.nn.Module:
     """A new module that computes ``model`` with its ODE solves in mixed precision.
 
@@ -156,6 +156,8 @@ def convert(
             it is first met, with the module whose forward makes it and that module's name in
             ``model`` ('' for ``model`` itself); solves for which it returns False run as
             written.
+        config: a :class:`rampde_fx.SolveConfig` in place of ``dtype``, ``scaling``,
+            ``policy`` and ``checkpoint`` (which then must keep their defaults).
 
     Returns:
         An instance of a subclass of ``type(model)`` that shares ``model``'s submodules,
@@ -165,8 +167,10 @@ def convert(
         picklable).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: an invalid ``dtype``, ``scaling`` or ``checkpoint``.
+        TypeError: ``model`` is not an ``nn.Module``, or ``policy`` is not a
+            ``PrecisionPolicy``.
+        ValueError: an invalid ``dtype``, ``scaling`` or ``checkpoint``, or ``config`` given
+            beside them.
         ConversionError: ``model`` is already converted, or its code uses ``odeint_event`` or
             passes ``event_fn``. Solves that are not supported (an Adams or unknown method, a
             runtime ``event_fn``) raise it when first called.
@@ -174,13 +178,8 @@ def convert(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"rampde_fx.convert takes an nn.Module, got {type(model).__qualname__}; "
                         "to solve one ODE, call rampde_fx.odeint")
-    try:
-        check_settings(dtype, scaling, checkpoint)
-    except ValueError as error:
-        raise ValueError(f"rampde_fx.convert: {error}") from None
-    if policy is not None and not isinstance(policy, PrecisionPolicy):
-        raise TypeError(f"rampde_fx.convert: policy must be a rampde_fx.PrecisionPolicy, got "
-                        f"{type(policy).__qualname__}")
+    config = resolve_config(config, "rampde_fx.convert", dtype=dtype, scaling=scaling,
+                            policy=policy, checkpoint=checkpoint)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("rampde_fx.convert: filter_fn must be callable as "
                         "filter_fn(module, qualified_name)")
@@ -190,14 +189,12 @@ def convert(
                                   f"'{name or '<root>'}' was already converted; convert the "
                                   "original float32 model instead")
     _refuse_unsupported_calls(model)
-    dispatch.install()
+    trampolines.install()
     cls = _converted_class(type(model))
     converted = cls.__new__(cls)
     state = dict(vars(model))
     state.pop("_compiled_call_impl", None)  # model.compile() made it for the original
     state.update((name, copy.copy(state[name])) for name in _MODULE_CONTAINERS if name in state)
     converted.__dict__.update(state)
-    converted._rampde_conversion = Conversion(
-        dtype=dtype, scaling=scaling, policy=DEFAULT_POLICY if policy is None else policy,
-        checkpoint=checkpoint, filter_fn=filter_fn)
+    converted._rampde_conversion = Conversion(config, filter_fn)
     return converted

@@ -24,12 +24,15 @@ from typing import Any, Callable
 
 import torch
 
-from . import dispatch
-from .compiled import key_of, solve_in_graph, velocity_owner
-from .odeint import odeint
-from .policy import PrecisionPolicy
-from .stats import SolveStats, collect_stats
-from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS
+from .. import runtime
+from ..api import odeint
+from ..capture import velocity_owner
+from ..compiled.op import solve_in_graph
+from ..config import SolveConfig
+from ..engine.tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS
+from ..errors import ConversionError
+from ..stats import SolveStats, collect_stats
+from . import trampolines
 
 METHODS = {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}
 
@@ -39,11 +42,7 @@ _POSITIONAL = ("func", "y0", "t")
 # adjoint settings (no counterpart in the discrete adjoint), and rampde_fx.odeint's precision
 # settings (convert's own take their place).
 _DROPPED_ARGUMENTS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options",
-                      "adjoint_params", "dtype", "scaling", "policy", "checkpoint")
-
-
-class ConversionError(ValueError):
-    """A model, or one of its ODE solves, cannot be converted."""
+                      "adjoint_params", "dtype", "scaling", "policy", "checkpoint", "config")
 
 
 class SolveSite:
@@ -51,32 +50,29 @@ class SolveSite:
 
     Attributes:
         source: the solver the model calls ('torchdiffeq.odeint', ...).
-        qualname: the name in the model of the module that makes the solve ('' for the root).
-        owner: that module's class name.
+        module_name: the name in the model of the module that makes the solve ('' for the
+            root).
+        module_class: that module's class name.
         velocity: how the velocity is named (its name in the model, or its qualified name).
-        dtype, scaling, policy, checkpoint: the settings the solve runs with.
+        config: the precision settings the solve runs with.
         dropped: arguments of the last call that were not passed on.
         call_arguments: the solver arguments of the last call that were passed on.
         last_stats: the statistics of the last solve (None until one has run).
     """
 
-    def __init__(self, *, source: str, qualname: str, owner: str, velocity: str,
-                 dtype: torch.dtype, scaling: str, policy: PrecisionPolicy,
-                 checkpoint: str) -> None:
+    def __init__(self, *, source: str, module_name: str, module_class: str, velocity: str,
+                 config: SolveConfig) -> None:
         self.source = source
-        self.qualname = qualname
-        self.owner = owner
+        self.module_name = module_name
+        self.module_class = module_class
         self.velocity = velocity
-        self.dtype = dtype
-        self.scaling = scaling
-        self.policy = policy
-        self.checkpoint = checkpoint
+        self.config = config
         self.dropped: tuple[str, ...] = ()
         self.call_arguments: dict[str, Any] = {}
         self.last_stats: SolveStats | None = None
 
     def __str__(self) -> str:
-        return f"{self.source} in {self.owner} at '{self.qualname or '<root>'}'"
+        return f"{self.source} in {self.module_class} at '{self.module_name or '<root>'}'"
 
     def accept(self, arguments: dict[str, Any], dropped: tuple[str, ...]) -> None:
         """Record a call's arguments, or raise ConversionError for what rampde_fx cannot solve."""
@@ -98,8 +94,7 @@ class SolveSite:
     def run(self, func: Any, y0: Any, t: torch.Tensor, arguments: dict[str, Any]) -> Any:
         """The solve, eagerly; keeps its statistics in :attr:`last_stats`."""
         with collect_stats() as solves:
-            solution = odeint(func, y0, t, dtype=self.dtype, scaling=self.scaling,
-                              policy=self.policy, checkpoint=self.checkpoint, **arguments)
+            solution = odeint(func, y0, t, config=self.config, **arguments)
         self.last_stats = solves[-1]
         return solution
 
@@ -112,7 +107,7 @@ class Conversion:
     plain attribute ``_rampde_conversion`` (not part of ``state_dict``).
 
     Attributes:
-        dtype, scaling, policy, checkpoint: the settings of every converted solve.
+        config: the precision settings of every converted solve.
         filter_fn: chooses the solves that convert (see :func:`rampde_fx.convert`).
         sites: the converted solves, in the order they were first met.
         notes: what else a reader should know (solves that ``filter_fn`` left as they are).
@@ -120,12 +115,9 @@ class Conversion:
     Copies and pickles keep the settings only: sites are found again by the copy's own calls.
     """
 
-    def __init__(self, *, dtype: torch.dtype, scaling: str, policy: PrecisionPolicy,
-                 checkpoint: str, filter_fn: Callable[[torch.nn.Module, str], bool] | None) -> None:
-        self.dtype = dtype
-        self.scaling = scaling
-        self.policy = policy
-        self.checkpoint = checkpoint
+    def __init__(self, config: SolveConfig,
+                 filter_fn: Callable[[torch.nn.Module, str], bool] | None) -> None:
+        self.config = config
         self.filter_fn = filter_fn
         self._reset()
 
@@ -136,8 +128,7 @@ class Conversion:
         self._lock = threading.RLock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {key: self.__dict__[key]
-                for key in ("dtype", "scaling", "policy", "checkpoint", "filter_fn")}
+        return {key: self.__dict__[key] for key in ("config", "filter_fn")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -154,21 +145,20 @@ class Conversion:
         func, y0, t = call.pop("func", None), call.pop("y0", None), call.pop("t", None)
         arguments = {k: v for k, v in call.items() if k not in _DROPPED_ARGUMENTS}
         dropped = tuple(k for k in call if k in _DROPPED_ARGUMENTS)
-        solver = odeint if source == "rampde_fx.odeint" else dispatch.original(source)
+        solver = odeint if source == "rampde_fx.odeint" else trampolines.original(source)
         if torch.compiler.is_compiling():
             owner, method_name = velocity_owner(func)
             site_key = _site_while_compiling(root, source, owner, method_name, arguments,
                                              dropped)
             if not site_key:
-                return dispatch.run_within(None, solver, *args, **kwargs)
-            return solve_in_graph(func, y0, t, **arguments, dtype=self.dtype,
-                                  scaling=self.scaling, policy=self.policy,
-                                  checkpoint=self.checkpoint, report_to_key=site_key)
+                return trampolines.run_within(None, solver, *args, **kwargs)
+            return solve_in_graph(func, y0, t, self.config, {}, **arguments,
+                                  report_to_key=site_key)
         # Frames up from the caller of the converted module's _rampde_intercept.
         site = self.site(root, source, func, arguments, dropped, caller=sys._getframe(2))
         if site is None:
-            return dispatch.run_within(None, solver, *args, **kwargs)
-        return dispatch.run_within(None, site.run, func, y0, t, arguments)
+            return trampolines.run_within(None, solver, *args, **kwargs)
+        return trampolines.run_within(None, site.run, func, y0, t, arguments)
 
     def site(self, root: torch.nn.Module, source: str, func: Any, arguments: dict[str, Any],
              dropped: tuple[str, ...], *, caller: types.FrameType | None) -> SolveSite | None:
@@ -190,11 +180,10 @@ class Conversion:
                   caller: types.FrameType | None) -> SolveSite | None:
         modules = {id(m): (name, m) for name, m in root.named_modules()}
         found = _module_in_frames(caller, modules) if caller is not None else None
-        qualname, owner = found or _module_of_velocity(func, modules, root)
-        site = SolveSite(source=source, qualname=qualname, owner=class_name(owner),
-                         velocity=_velocity_name(func, modules), dtype=self.dtype,
-                         scaling=self.scaling, policy=self.policy, checkpoint=self.checkpoint)
-        if self.filter_fn is not None and not self.filter_fn(owner, qualname):
+        module_name, module = found or _module_of_velocity(func, modules, root)
+        site = SolveSite(source=source, module_name=module_name, module_class=class_name(module),
+                         velocity=_velocity_name(func, modules), config=self.config)
+        if self.filter_fn is not None and not self.filter_fn(module, module_name):
             self.notes.append(f"{site} runs as written: filter_fn left it as it is")
             return None
         self.sites.append(site)
@@ -205,12 +194,12 @@ class Conversion:
 def _site_while_compiling(root: torch.nn.Module, source: str, owner: Any,
                           method_name: str | None, arguments: dict[str, Any],
                           dropped: tuple[str, ...]) -> int:
-    """Runs while dynamo traces a solve: the key (``compiled.key_of``) of its site, which the
+    """Runs while dynamo traces a solve: the key (``runtime.key_of``) of its site, which the
     conversion keeps alive, or 0 for a solve that runs as written. The velocity is ``owner``
     or its method ``method_name``."""
     func = owner if method_name is None else getattr(owner, method_name)
     site = root._rampde_conversion.site(root, source, func, arguments, dropped, caller=None)
-    return 0 if site is None else key_of(site)
+    return 0 if site is None else runtime.key_of(site)
 
 
 def _velocity_identity(func: Any) -> tuple[Any, Any]:
@@ -258,3 +247,12 @@ def _velocity_name(func: Any, modules: dict[int, tuple[str, torch.nn.Module]]) -
 def class_name(module: torch.nn.Module) -> str:
     """The class name of ``module``; for a converted module, of the class it was made from."""
     return getattr(type(module), "_rampde_original", type(module)).__qualname__
+
+
+def sites_of(converted: torch.nn.Module) -> list[SolveSite]:
+    """The solves that ``converted`` (made by :func:`rampde_fx.convert`) converted, in the
+    order they were first met."""
+    conversion = getattr(converted, "_rampde_conversion", None)
+    if conversion is None:
+        raise ValueError(f"{type(converted).__qualname__} was not made by rampde_fx.convert")
+    return list(conversion.sites)

@@ -8,12 +8,13 @@ all these references is the function *object*. So, once the first model is conve
 function objects ``torchdiffeq.odeint``, ``torchdiffeq.odeint_adjoint`` and
 ``torchdiffeq.odeint_event`` get a new ``__code__``: a trampoline that hands the call to
 :func:`dispatch` (injected into the function's own ``__globals__`` under a private name).
-Importing rampde_fx changes nothing. ``rampde_fx.odeint`` asks :func:`active` itself.
+Importing rampde_fx changes nothing; :func:`uninstall` gives the functions their code back.
+``rampde_fx.odeint`` asks ``runtime.active_handler()`` itself.
 
-:func:`dispatch` looks at a thread-local stack: a converted forward pushes its module (the
-*handler*) for as long as it runs. With no handler on top, the original solver runs exactly as
-before, so models that are not converted, and other threads, see plain torchdiffeq. A handler
-receives ``handler._rampde_intercept(source, args, kwargs)``. While a converted solve, or an
+:func:`dispatch` looks at a thread-local stack (``runtime.per_thread().handlers``): a converted
+forward pushes its module (the *handler*) for as long as it runs. With no handler on top, the
+original solver runs exactly as before, so models that are not converted, and other threads,
+see plain torchdiffeq. A handler receives ``handler._rampde_intercept(source, args, kwargs)``. While a converted solve, or an
 original solver that the handler leaves as it is, runs, a ``None`` marker on top *suspends*
 interception: nested calls (``odeint_adjoint`` calls ``odeint`` inside; a velocity may call a
 solver) run as written.
@@ -24,9 +25,10 @@ branches compiles as one graph.
 """
 from __future__ import annotations
 
-import threading
 import types
 from typing import Any, Callable, Protocol
+
+from .. import runtime
 
 # Public names of the torchdiffeq functions that get a trampoline.
 TORCHDIFFEQ_SOLVERS = ("odeint", "odeint_adjoint", "odeint_event")
@@ -40,35 +42,11 @@ class Handler(Protocol):
                           kwargs: dict[str, Any]) -> Any: ...
 
 
-class _PerThread(threading.local):
-    def __init__(self) -> None:
-        # Made in every thread before its first read: a compiled forward that guarded on
-        # whether the stack exists would be recompiled after the first call.
-        self.stack: list[Handler | None] = []
-
-
-_local = _PerThread()
-_install_lock = threading.Lock()
-_originals: dict[str, Callable[..., Any]] = {}
-_installed = False
-
-
-def _stack() -> list[Handler | None]:
-    return _local.stack
-
-
-def active() -> Handler | None:
-    """The handler whose forward runs in this thread; None if there is none, or if
-    interception is suspended."""
-    stack = _stack()
-    return stack[-1] if stack else None
-
-
 def run_within(handler: Handler | None, fn: Callable[..., Any], *args: Any,
                **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` with ``handler`` routing this thread's solves (``None``:
     interception suspended); the previous state is back afterwards, also after an exception."""
-    stack = _stack()
+    stack = runtime.per_thread().handlers
     stack.append(handler)
     try:
         return fn(*args, **kwargs)
@@ -78,23 +56,23 @@ def run_within(handler: Handler | None, fn: Callable[..., Any], *args: Any,
 
 def original(source: str) -> Callable[..., Any]:
     """The original solver function named ``source`` (e.g. 'torchdiffeq.odeint')."""
-    return _originals[source]
+    return runtime.TRAMPOLINES.originals[source]
 
 
 def dispatch(source: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Where the trampolines send a call of the solver ``source``."""
-    handler = active()
+    handler = runtime.active_handler()
     if handler is None:
-        return _originals[source](*args, **kwargs)
+        return runtime.TRAMPOLINES.originals[source](*args, **kwargs)
     return handler._rampde_intercept(source, args, kwargs)
 
 
 def install() -> None:
     """Give torchdiffeq's solver functions their trampolines (once; thread-safe). Without
     torchdiffeq there is nothing to intercept but ``rampde_fx.odeint``."""
-    global _installed
-    with _install_lock:
-        if _installed:
+    trampolines = runtime.TRAMPOLINES
+    with trampolines.lock:
+        if trampolines.installed:
             return
         try:
             import torchdiffeq
@@ -103,14 +81,29 @@ def install() -> None:
         else:
             for name in TORCHDIFFEQ_SOLVERS:
                 _install_trampoline(getattr(torchdiffeq, name), f"torchdiffeq.{name}")
-        _installed = True
+        trampolines.installed = True
+
+
+def uninstall() -> None:
+    """Give torchdiffeq's solver functions their own code back (converted models then solve in
+    float32 until the next :func:`install`)."""
+    trampolines = runtime.TRAMPOLINES
+    with trampolines.lock:
+        for source, function in trampolines.patched.items():
+            function.__code__ = trampolines.originals[source].__code__
+            del function.__wrapped__
+        trampolines.patched.clear()
+        trampolines.originals.clear()
+        trampolines.installed = False
 
 
 def _install_trampoline(function: types.FunctionType, source: str) -> None:
     code = function.__code__
     filename = f"<rampde_fx trampoline of {source}>"
+    originals = runtime.TRAMPOLINES.originals
+    runtime.TRAMPOLINES.patched[source] = function
     if code.co_filename == filename:  # installed by an earlier import of this module (a reload)
-        _originals[source] = function.__wrapped__
+        originals[source] = function.__wrapped__
         function.__globals__[_DISPATCH_NAME] = dispatch
         return
     if code.co_freevars:  # a trampoline has no closure to match one
@@ -124,7 +117,7 @@ def _install_trampoline(function: types.FunctionType, source: str) -> None:
     exec(compile(f"def {function.__name__}(*args, **kwargs):\n"
                  f"    return {_DISPATCH_NAME}({source!r}, args, kwargs)\n", filename, "exec"),
          namespace)
-    _originals[source] = copy
+    originals[source] = copy
     function.__globals__[_DISPATCH_NAME] = dispatch
     function.__code__ = namespace[function.__name__].__code__
     function.__wrapped__ = copy  # inspect.signature shows the original signature

@@ -1,17 +1,14 @@
-"""The forward solve with low-precision checkpoints, and its discrete adjoint.
+"""The backward sweep of the discrete adjoint ("discretize, then optimize").
 
-Forward: march the grid in the high precision and keep the state of every step start, cast to
-the low dtype (``steps x |y0| x 2`` bytes for bf16/fp16): no stage activations are saved.
+Walk the accepted steps backwards; for step ``n`` rebuild the state from its low-precision
+checkpoint, recompute the step (and the outputs interpolated inside it) under autograd, or by
+the stepper's executor (a compiled backward kernel), and take one vector-Jacobian product of
+that step map with the current adjoint and the outputs' cotangents. The adjoint, the parameter
+gradients and the time gradients are accumulated in float32 (the state's dtype). With a float32
+velocity the checkpoints are exact and so is the gradient of the discrete solve.
 
-Backward ("discretize, then optimize"): walk the steps backwards; for step ``n`` rebuild the
-state from its checkpoint, recompute the step (and the outputs interpolated inside it) under
-autograd, and take one vector-Jacobian product of that step map with the current adjoint and
-the outputs' cotangents. The adjoint, the parameter gradients and the time gradients are
-accumulated in float32 (the state's dtype). With a float32 velocity the checkpoints are exact
-and so is the gradient of the discrete solve.
-
-Adaptive solves decide their steps in the forward pass (``adaptive``); the backward pass walks
-the accepted steps like a grid, with the step times as constants offset from the first time.
+Adaptive solves decided their steps in the forward pass; the sweep walks them like a grid, with
+the step times as constants offset from the first time.
 
 For float16 each product runs on a cotangent scaled by a power of two (see ``scaling``); an
 overflow retries the first step at once and any later one by re-running the sweep with a lower
@@ -21,149 +18,42 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from .adaptive import Controller, solve_adaptive
-from .callbacks import StepCallbacks
+from ..engine.plan import SolvePlan
+from ..engine.rng import replayed_rng
+from ..engine.step import Stepper, all_finite
 from .scaling import RETRY_STEP_LOG2, AdjointScaler
-from .solver import (Nudge, RngState, State, Stepper, all_finite, replayed_rng, rng_state,
-                     vector_jacobian_product)
-from .stats import SolveStats
+from .vjp import vector_jacobian_product
 
 MAX_SWEEP_RETRIES = 4
 MAX_FIRST_STEP_RETRIES = 8
 
 
 @dataclasses.dataclass
-class SolvePlan:
-    """The host-side description of one solve (everything that is not a tensor input).
+class Wants:
+    """Which inputs of a solve want gradients: the initial state, the grid, the output times,
+    and the positions of the velocity's tensors."""
 
-    For an adaptive solve (``controller`` set) the forward pass fills in the grid, the outputs
-    per step and the first-stage nudges of the steps it accepted.
-    """
-
-    stepper: Stepper
-    n_components: int
-    checkpoint_dtypes: tuple[torch.dtype, ...]
-    grid_values: list[float]
-    time_values: list[float]
-    outputs_per_step: list[list[int]]
-    scaling: bool
-    stats: SolveStats
-    controller: Controller | None = None
-    callbacks: StepCallbacks = dataclasses.field(default_factory=StepCallbacks)
-    start_nudges: list[Nudge] | None = None
-    rng_states: list[RngState] | None = None
-    # The user's velocity, kept alive while this solve and its backward pass can run: the
-    # captured velocity holds it weakly (its cache must not keep modules alive).
-    func: Any = None
-
-    def rng_state_of(self, step: int) -> RngState | None:
-        """What the generators were at the start of forward step ``step``, if the velocity
-        draws random numbers and the grid is fixed (adaptive steps are not replayed)."""
-        return None if self.rng_states is None else self.rng_states[step]
-
-    @property
-    def steps(self) -> int:
-        return len(self.grid_values) - 1
-
-    def outputs_of(self, step: int, times: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
-        return [(times[j], self.time_values[j]) for j in self.outputs_per_step[step]]
-
-    def start_nudge(self, step: int) -> Nudge | None:
-        return None if self.start_nudges is None else self.start_nudges[step]
-
-
-def solve_forward(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tensor,
-                  keep_checkpoints: bool
-                  ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor], torch.Tensor]:
-    """March the grid, or the adaptive steps from ``grid[0]``; returns the solution at every
-    output time, the step checkpoints and the grid of the steps taken."""
-    n_times = len(plan.time_values)
-    solution = tuple(torch.empty((n_times, *c.shape), dtype=c.dtype, device=c.device) for c in y0)
-    for out, c in zip(solution, y0):
-        out[0] = c
-    if plan.controller is not None:
-        if keep_checkpoints and plan.stepper.velocity.draws_random \
-                and plan.stepper.velocity.fallback_reason is None:
-            warnings.warn("rampde_fx: the velocity draws random numbers (dropout?) and the "
-                          f"method {plan.stats.method!r} is adaptive: its backward pass "
-                          "recomputes the steps with new draws, so gradients do not match the "
-                          "forward's; use a fixed-grid method, or eval() mode.", RuntimeWarning,
-                          stacklevel=4)
-        checkpoints = solve_adaptive(plan, y0, grid[0], times, solution, keep_checkpoints)
-        grid = grid[0].to(torch.float64) + torch.tensor(
-            plan.grid_values, dtype=torch.float64, device=grid.device).sub_(plan.grid_values[0])
-        plan.stats.steps = plan.steps
-        plan.stats.nfe_forward = plan.stepper.evaluations
-        return solution, checkpoints, grid
-    checkpoints = [torch.empty((plan.steps, *c.shape), dtype=d, device=c.device)
-                   for c, d in zip(y0, plan.checkpoint_dtypes)] if keep_checkpoints else []
-    random = keep_checkpoints and plan.stepper.velocity.draws_random
-    plan.rng_states = [] if random else None
-    y = y0
-    for n in range(plan.steps):
-        for store, c in zip(checkpoints, y):
-            store[n] = c
-        if random:
-            plan.rng_states.append(rng_state(grid.device))
-        if plan.callbacks:
-            plan.callbacks("callback_step", grid[n], y, grid[n + 1] - grid[n])
-        y, outputs = plan.stepper.advance(grid[n], grid[n + 1], y, plan.outputs_of(n, times),
-                                          plan.grid_values[n], plan.grid_values[n + 1])
-        for j, value in zip(plan.outputs_per_step[n], outputs):
-            for out, c in zip(solution, value):
-                out[j] = c
-    plan.stats.steps = plan.steps
-    plan.stats.nfe_forward = plan.stepper.evaluations
-    return solution, checkpoints, grid
-
-
-class MixedPrecisionSolve(torch.autograd.Function):
-    """``(plan, *y0, grid, times, *velocity_tensors) -> solution components``."""
-
-    @staticmethod
-    def forward(ctx: Any, plan: SolvePlan, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y0 = inputs[:plan.n_components]
-        grid, times = inputs[plan.n_components:plan.n_components + 2]
-        with torch.autocast(grid.device.type, enabled=False):
-            solution, checkpoints, steps = solve_forward(plan, y0, grid, times,
-                                                         keep_checkpoints=True)
-        ctx.plan = plan
-        ctx.save_for_backward(steps, times, *checkpoints)
-        ctx.velocity_tensors = inputs[plan.n_components + 2:]
-        ctx.state_dtypes = tuple(c.dtype for c in y0)
-        return solution
-
-    @staticmethod
-    def backward(ctx: Any, *solution_grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        plan: SolvePlan = ctx.plan
-        steps, times, *checkpoints = ctx.saved_tensors
-        needs = ctx.needs_input_grad[1:]
-        n = plan.n_components
-        wants = _Wants(state=any(needs[:n]), grid=needs[n], times=needs[n + 1],
-                       tensors=[i for i, need in enumerate(needs[n + 2:]) if need])
-        with torch.autocast(steps.device.type, enabled=False):
-            grads = _backward_with_retries(plan, ctx.state_dtypes, steps, times, checkpoints,
-                                           ctx.velocity_tensors, solution_grads, wants)
-        return (None, *grads)
-
-
-@dataclasses.dataclass
-class _Wants:
     state: bool
     grid: bool
     times: bool
     tensors: list[int]
 
 
-def _backward_with_retries(plan: SolvePlan, state_dtypes, grid, times, checkpoints,
-                           velocity_tensors, solution_grads, wants: _Wants):
+def backward_with_retries(plan: SolvePlan, state_dtypes: Sequence[torch.dtype],
+                          grid: torch.Tensor, times: torch.Tensor,
+                          checkpoints: list[torch.Tensor],
+                          velocity_tensors: Sequence[torch.Tensor],
+                          solution_grads: Sequence[torch.Tensor],
+                          wants: Wants) -> list[torch.Tensor | None]:
+    """The gradients of a solve's inputs (see :func:`_sweep`), by backward sweeps re-run with
+    a lower scale target after an overflow (at most ``MAX_SWEEP_RETRIES`` times)."""
     target = None
     for sweep in range(MAX_SWEEP_RETRIES + 1):
-        scaler = AdjointScaler(grid.device) if plan.scaling else None
+        scaler = AdjointScaler(grid.device) if plan.config.dynamic_scaling else None
         if scaler is not None and target is not None:
             scaler.target_log2 = target
         grads = _sweep(plan, state_dtypes, grid, times, checkpoints, velocity_tensors,
@@ -188,10 +78,10 @@ def _backward_with_retries(plan: SolvePlan, state_dtypes, grid, times, checkpoin
 def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Tensor,
            times: torch.Tensor, checkpoints: list[torch.Tensor],
            velocity_tensors: Sequence[torch.Tensor], solution_grads: Sequence[torch.Tensor],
-           wants: _Wants, scaler: AdjointScaler | None) -> list[torch.Tensor | None]:
+           wants: Wants, scaler: AdjointScaler | None) -> list[torch.Tensor | None]:
     """One backward pass over all steps; returns the gradients of the Function's inputs.
 
-    A step runs as one compiled backward kernel where the stepper has kernels, every wanted
+    A step runs as one backward kernel where the stepper has an executor, every wanted
     tensor is one the kernel reads as an input, and the step's outputs (if any) are at its end
     (their cotangents then add to the adjoint); otherwise it is recomputed under autograd."""
     n = plan.n_components
@@ -203,7 +93,7 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
     grid_grad = torch.zeros_like(grid) if wants.grid else None
     times_grad = torch.zeros_like(times) if wants.times else None
     wanted_tensors = [velocity_tensors[i] for i in wants.tensors]
-    kernel_tensors = _kernel_positions(stepper, velocity_tensors, wants.tensors)
+    kernel_tensors = _executor_positions(stepper, velocity_tensors, wants.tensors)
     evaluations_before = stepper.evaluations
 
     for step in reversed(range(plan.steps)):
@@ -253,7 +143,7 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
                     times_grad[j] += r
 
     plan.stats.nfe_backward += stepper.evaluations - evaluations_before
-    if grid_grad is not None and plan.controller is not None:
+    if grid_grad is not None and plan.controller.adaptive:
         # Every adaptive step time is the first time plus a constant.
         grid_grad = grid_grad.sum(0, keepdim=True).to(times.dtype)
     state_grads = [(a + g[0]) if wants.state else None for a, g in zip(adjoint, solution_grads)]
@@ -261,13 +151,13 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
             *[tensor_grads.get(i) for i in range(len(velocity_tensors))]]
 
 
-def _kernel_positions(stepper: Stepper, velocity_tensors: Sequence[torch.Tensor],
-                      wanted: list[int]) -> list[int] | None:
-    """For each wanted velocity tensor, its position among the tensors the stepper's kernels
-    take; None if there are no kernels or a wanted tensor is not among them."""
-    if stepper.kernels is None:
+def _executor_positions(stepper: Stepper, velocity_tensors: Sequence[torch.Tensor],
+                        wanted: list[int]) -> list[int] | None:
+    """For each wanted velocity tensor, its position among the tensors the stepper's executor
+    reads; None if there is no executor or a wanted tensor is not among them."""
+    if stepper.executor is None:
         return None
-    lifted = stepper.kernels.lifted()
+    lifted = stepper.executor.lifted()
     positions = [next((k for k, x in enumerate(lifted) if x is velocity_tensors[i]), None)
                  for i in wanted]
     return None if None in positions else positions
@@ -276,12 +166,12 @@ def _kernel_positions(stepper: Stepper, velocity_tensors: Sequence[torch.Tensor]
 def _kernel_step(plan: SolvePlan, step: int, grid: torch.Tensor,
                  state_dtypes: Sequence[torch.dtype], checkpoints: list[torch.Tensor],
                  cotangents: list[torch.Tensor], scale: torch.Tensor | None,
-                 positions: list[int], wants: _Wants,
+                 positions: list[int], wants: Wants,
                  accumulators: list[torch.Tensor] | None
                  ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
-    """A step by the stepper's backward kernel; the results are unscaled, and the tensors'
-    gradients are None where the kernel added them to ``accumulators``."""
-    adjoint, grads, extra = plan.stepper.kernels.backward_step(
+    """A step by the stepper's executor; the results are unscaled, and the tensors' gradients
+    are None where the executor added them to ``accumulators``."""
+    adjoint, grads, extra = plan.stepper.executor.backward_step(
         grid[step], grid[step + 1], [store[step] for store in checkpoints], state_dtypes,
         cotangents, scale, plan.start_nudge(step), positions, accumulators, wants.grid)
     plan.stepper.evaluations += plan.stepper.tableau.stages
@@ -293,7 +183,7 @@ def _kernel_step(plan: SolvePlan, step: int, grid: torch.Tensor,
 def _recomputed_step(plan: SolvePlan, step: int, grid: torch.Tensor, times: torch.Tensor,
                      state_dtypes: Sequence[torch.dtype], checkpoints: list[torch.Tensor],
                      cotangents: list[torch.Tensor], scale: torch.Tensor | None,
-                     wanted_tensors: list[torch.Tensor], wants: _Wants
+                     wanted_tensors: list[torch.Tensor], wants: Wants
                      ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
     """A step recomputed under autograd and its vector-Jacobian product; returns the unscaled
     results and the scaled ones (to watch for overflow)."""

@@ -1,16 +1,15 @@
-"""Readable reports of what a rewritten velocity computes in which precision."""
+"""Readable reports of what a converted model's solves computed in which precision, and why."""
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import is_fake
 
-from .policy import DEFAULT_POLICY
-from .precision_pass import NodePrecision
-from .tableaus import ADAPTIVE_TABLEAUS
+from ..engine.tableaus import ADAPTIVE_TABLEAUS
+from ..passes.precision import NodePrecision
+from ..policy import DEFAULT_POLICY
+from ..stats import VelocityKind
 
 
 def _dtype_of(node: fx.Node) -> str:
@@ -37,34 +36,6 @@ def precision_table(graph: fx.Graph) -> str:
     dtype_width = max((len(dtype) for _, dtype, _ in rows), default=0)
     return "\n".join(f"{name:<{width}}  {dtype:<{dtype_width}}  {reason}"
                      for name, dtype, reason in rows)
-
-
-def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the distinct storages kept for backward by what ``fn()`` returns.
-
-    Counts what autograd saves (through ``torch.autograd.graph.saved_tensors_hooks``) and the
-    checkpoints that compiled solves keep beside the graph; a storage kept several times (or
-    through several views) counts once.
-    """
-    from .compiled import held_checkpoints  # compiled imports this package's solver modules
-
-    storages: dict[int, int] = {}
-
-    def count(tensor: torch.Tensor) -> torch.Tensor:
-        if is_fake(tensor):  # a velocity being captured: it holds no memory
-            return tensor
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    held_before = {id(t) for t in held_checkpoints()}
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        result = fn()
-    for tensor in held_checkpoints():
-        if id(tensor) not in held_before:
-            count(tensor)
-    del result
-    return sum(storages.values())
 
 
 def graph_diff(before: str, after: str, context: int = 1) -> str:
@@ -111,7 +82,7 @@ def explain(converted: torch.nn.Module) -> str:
     if record is None:
         return (f"{type(converted).__qualname__} was not converted by rampde_fx.convert: "
                 "everything runs as written")
-    dtype = _short(record.dtype)
+    dtype = _short(record.config.dtype)
     if not record.sites and not record.notes:
         return f"rampde_fx: converted to {dtype}; {_NOT_MET}"
     lines = [f"rampde_fx: {len(record.sites)} ODE solve(s) in {dtype} met so far; everything "
@@ -125,8 +96,9 @@ def explain(converted: torch.nn.Module) -> str:
         if site.dropped:
             lines.append(f"  arguments not passed on: {', '.join(site.dropped)}")
         lines.append(f"  velocity: {site.velocity}")
-        lines.append(f"  dtype: {_short(site.dtype)}, scaling: {site.scaling}, "
-                     f"policy: {'default' if site.policy == DEFAULT_POLICY else 'custom'}")
+        config = site.config
+        lines.append(f"  dtype: {_short(config.dtype)}, scaling: {config.scaling}, "
+                     f"policy: {'default' if config.policy == DEFAULT_POLICY else 'custom'}")
         stats = site.last_stats
         if stats is None:
             lines.append("  not run yet: no call of this solve has completed")
@@ -136,13 +108,14 @@ def explain(converted: torch.nn.Module) -> str:
         steps = f"{stats.steps} steps"
         if stats.method in ADAPTIVE_TABLEAUS:
             steps += (f" accepted, {stats.rejected_steps} rejected, "
-                      f"{stats.tolerance_limited_steps} at the {_short(site.dtype)} rounding floor")
+                      f"{stats.tolerance_limited_steps} at the {_short(config.dtype)} rounding "
+                      "floor")
         lines.append(f"  last solve: {stats.method}, {steps}, {stats.nfe_forward} evaluations "
                      f"forward, {stats.nfe_backward} backward, adjoint scaling "
                      f"{'on' if stats.scaling else 'off'}")
-        if stats.graph is None:
-            lines.append(f"  velocity runs eagerly ({stats.velocity[len('eager: '):]}) under "
-                         f"autocast in {_short(site.dtype)}")
+        if stats.velocity is VelocityKind.EAGER:
+            lines.append(f"  velocity runs eagerly ({stats.fallback_reason}) under "
+                         f"autocast in {_short(config.dtype)}")
         else:
             lines.append("  velocity graph (node, dtype, why):")
             lines += [f"    {row}" for row in precision_table(stats.graph.graph).splitlines()]
@@ -151,5 +124,3 @@ def explain(converted: torch.nn.Module) -> str:
 
 def _short(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-

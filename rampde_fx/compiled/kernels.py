@@ -11,93 +11,32 @@ float32 into buffers it is given:
 
 Both are traced to aten graphs with ``make_fx`` (through ``torch.autograd.grad``, so the
 backward kernel holds the derivative ops themselves: no autograd graph is built and no autograd
-engine runs per step) and compiled by the dynamo backend ``backend`` (inductor) called on the
-graph directly: no dynamo frame runs per call, and dynamo's recompilation limit never counts
-kernels. Each kernel is compiled per input signature (see :class:`_Kernel`) and cached on the
-velocity, which the capture cache drops with its module.
+engine runs per step) and compiled by the dynamo backend ``runtime.settings.kernel_backend``
+(inductor) called on the graph directly: no dynamo frame runs per call, and dynamo's
+recompilation limit never counts kernels. Each kernel is compiled per input signature (see :class:`_Kernel`) and cached per
+velocity in ``runtime.STEP_KERNELS``, which drops them with the velocity (and the capture cache
+drops the velocity with its module).
 
 Only velocities that are one graph of plain ops get kernels: an eager fallback, graphs per time
 value, or random draws (replayed from the generators of eager kernels) run as they are.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable, Sequence
 
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils.checkpoint import CheckpointPolicy
 
-from .capture import GraphVelocity
-from .scaling import largest_magnitude
-from .solver import Nudge, State, Stepper, vector_jacobian_product
-
-# The backend that compiles the kernels: "inductor" for real use; tests may set "aot_eager" to
-# check structure without paying for code generation.
-backend: str | Callable[..., Any] = "inductor"
-
-# On CPU, matrix products of at most this many multiply-adds are traced as broadcast products
-# summed in float32 (rounded to the operands' dtype, as a BLAS kernel rounds its result), which
-# inductor fuses with their neighbours: a library call costs more than the arithmetic there.
-SMALL_MATMUL = 4096
-
-
-def _small_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """``a @ b`` accumulated in float32 (or wider), or None where a library call is due."""
-    if a.device.type != "cpu" or a.shape[0] * a.shape[1] * b.shape[1] > SMALL_MATMUL:
-        return None
-    wide = torch.promote_types(a.dtype, torch.float32)
-    return (a.unsqueeze(2).to(wide) * b.unsqueeze(0).to(wide)).sum(1)
-
-
-def _cpu_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | Any:
-    product = _small_product(a, b)
-    return NotImplemented if product is None else product.to(a.dtype)
-
-
-def _cpu_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any = 1,
-               alpha: Any = 1) -> torch.Tensor | Any:
-    """A small product as fused arithmetic; a larger 16-bit one as a library ``mm`` whose bias
-    is added by the kernel that reads the product (CPU ``addmm`` first copies the broadcast
-    bias into its output, a pass over memory as long as a 16-bit product's own). The sum is
-    written in float32, so that inductor does not match it back into an ``addmm``. The product
-    is rounded before the bias is added: a float16 product beyond 65504 is inf even where the
-    biased sum would fit."""
-    # Decide before computing: what a decomposition computes is traced, even when it then
-    # hands the op back.
-    if beta != 1 or alpha != 1 or a.device.type != "cpu":
-        return NotImplemented
-    product = _small_product(a, b)
-    if product is not None:
-        return (product + bias.to(product.dtype)).to(a.dtype)
-    if a.dtype.itemsize == 2:
-        return (torch.mm(a, b).float() + bias.float()).to(a.dtype)
-    return NotImplemented
-
-
-_CPU_PRODUCTS = {torch.ops.aten.mm.default: _cpu_mm,
-                 torch.ops.aten.addmm.default: _cpu_addmm}
-
-
-# Ops that only convert or view a tensor: cheap to redo in the backward pass.
-_CASTS_AND_VIEWS = {torch.ops.aten._to_copy.default, torch.ops.aten.t.default,
-                    torch.ops.aten.transpose.int, torch.ops.aten.permute.default,
-                    torch.ops.aten.view.default, torch.ops.aten.unsqueeze.default,
-                    torch.ops.aten.expand.default}
-
-
-def _recompute_casts_of_lifted(graph: torch.fx.Graph, n_lifted: int) -> None:
-    """Marks the casts and views of the last ``n_lifted`` inputs (the velocity's parameters and
-    buffers) for recomputation in the backward: autograd then keeps the tensors themselves,
-    alive anyway, instead of a low-precision copy per step."""
-    placeholders = graph.find_nodes(op="placeholder")
-    of_lifted = set(placeholders[len(placeholders) - n_lifted:])
-    for node in graph.nodes:
-        if (node.op == "call_function" and node.target in _CASTS_AND_VIEWS
-                and all(x in of_lifted for x in node.all_input_nodes)):
-            node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
-            of_lifted.add(node)
+from .. import runtime
+from ..adjoint.scaling import largest_magnitude
+from ..adjoint.vjp import vector_jacobian_product
+from ..capture import GraphVelocity, State
+from ..engine.step import Nudge, Stepper
+from ..passes.cpu import CPU_PRODUCTS
+from ..passes.recompute import recompute_casts_of_lifted
 
 
 class _Kernel:
@@ -117,10 +56,11 @@ class _Kernel:
                              recording and x.requires_grad) for x in inputs])
         compiled = self.compiled.get(key)
         if compiled is None:
-            graph = make_fx(self.function, decomposition_table=_CPU_PRODUCTS, tracing_mode="fake",
+            graph = make_fx(self.function, decomposition_table=CPU_PRODUCTS, tracing_mode="fake",
                             _allow_non_fake_inputs=True)(*inputs)
             if recording:
-                _recompute_casts_of_lifted(graph.graph, self.n_lifted)
+                recompute_casts_of_lifted(graph.graph, self.n_lifted)
+            backend = runtime.settings.kernel_backend
             compile_graph = lookup_backend(backend) if isinstance(backend, str) else backend
             compiled = self.compiled[key] = compile_graph(graph, list(inputs))
         return compiled(*inputs)
@@ -130,7 +70,7 @@ class _Kernel:
 class StepKernels:
     """The compiled forward and backward steps of one velocity and stepper, made per variant
     (a known first stage, the first stage's nudge, which gradients, fp16 scaling) when first
-    needed."""
+    needed: the engine's ``StepExecutor`` for compiled solves."""
 
     stepper: Stepper  # whose velocity is the GraphVelocity (possibly transformed) to run
     lifted: Callable[..., list[torch.Tensor]]  # GraphVelocity.live_tensors
@@ -141,7 +81,7 @@ class StepKernels:
         """The stepper with a velocity that reads ``tensors`` instead of the live ones."""
         velocity: GraphVelocity = self.stepper.velocity
         return dataclasses.replace(self.stepper, velocity=velocity.reading(tensors),
-                                   evaluations=0, kernels=None)
+                                   evaluations=0, executor=None)
 
     def step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None,
              start_nudge: Nudge | None, stages_read: bool) -> tuple[State, list[State]]:
@@ -228,19 +168,23 @@ class StepKernels:
 
 def kernels_for(stepper: Stepper, dtype: torch.dtype, device: torch.device,
                 keeps_activations: bool,
-                transform: Callable[[Any], None] | None) -> StepKernels | None:
-    """The stepper's kernels, made once per velocity, method, perturb, direction and device;
-    None for a velocity that is not one graph of plain ops (see the module docstring).
-    ``transform`` changes the velocity's graph for this device's kernels (see ``compiled``)."""
+                transform: Callable[[torch.fx.Graph], torch.fx.Graph] | None
+                ) -> StepKernels | None:
+    """The stepper's kernels, made once per velocity, method, perturb, direction and device
+    (kept in ``runtime.STEP_KERNELS``, with the velocity); None for a velocity that is not one
+    graph of plain ops (see the module docstring). ``transform`` changes the velocity's graph
+    for this device's kernels (see ``passes.cpu``)."""
     velocity = stepper.velocity
     if not isinstance(velocity, GraphVelocity) or velocity.time_indexed or velocity.draws_random:
         return None
-    per_velocity = velocity.compiled_steps
+    per_velocity = runtime.STEP_KERNELS.setdefault(velocity, {})
     key = (stepper.tableau, stepper.start_nudge, stepper.end_nudge, stepper.time_sign,
-           device.type, keeps_activations, backend, dtype)
+           device.type, keeps_activations, runtime.settings.kernel_backend, dtype)
     if key not in per_velocity:
-        own = velocity if transform is None else velocity.transformed(transform)
+        # A twin that shares the velocity's graphs and tensors: the kernels must not refer to
+        # the velocity, whose entry they are.
+        own = copy.copy(velocity) if transform is None else velocity.transformed(transform)
         twin = Stepper(own, stepper.tableau, stepper.start_nudge, stepper.end_nudge,
                        stepper.time_sign, stepper.interp)
-        per_velocity[key] = StepKernels(twin, velocity.live_tensors)
+        per_velocity[key] = StepKernels(twin, own.live_tensors)
     return per_velocity[key]

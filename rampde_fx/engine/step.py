@@ -6,22 +6,17 @@ the forward solve (under ``no_grad``) and the per-step recomputation of the back
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import functools
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
-from .grid import (dense_output_coefficients, evaluate_polynomial, interpolate_cubic,
-                   interpolate_linear)
+from ..capture import State
+from .interpolation import (dense_output_coefficients, evaluate_polynomial, interpolate_cubic,
+                            interpolate_linear)
 from .tableaus import ButcherTableau
-
-if TYPE_CHECKING:
-    from .step_kernels import StepKernels
-
-State = tuple[torch.Tensor, ...]
 
 
 class Nudge(enum.Enum):
@@ -31,6 +26,28 @@ class Nudge(enum.Enum):
     NONE = 0
     NEXT = 1
     PREV = -1
+
+
+class StepExecutor(Protocol):
+    """Runs a stepper's steps in its place: the way compiled kernels plug into the engine.
+
+    ``step`` is :meth:`Stepper.step` (without the stages, ``[]``, where ``stages_read`` is
+    False); ``backward_step`` is one step of the discrete adjoint from a step's checkpoint
+    (see ``rampde_fx.compiled.kernels.StepKernels``); ``lifted()`` lists the tensors it reads
+    as inputs, in the order ``backward_step``'s ``wanted`` positions refer to.
+    """
+
+    def step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None,
+             start_nudge: Nudge | None, stages_read: bool) -> tuple[State, list[State]]: ...
+
+    def backward_step(self, t0: torch.Tensor, t1: torch.Tensor,
+                      checkpoint: Sequence[torch.Tensor], state_dtypes: Sequence[torch.dtype],
+                      cotangent: Sequence[torch.Tensor], scale: torch.Tensor | None,
+                      start_nudge: Nudge | None, wanted: list[int],
+                      accumulators: list[torch.Tensor] | None, times: bool
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]: ...
+
+    def lifted(self) -> list[torch.Tensor]: ...
 
 
 @dataclasses.dataclass
@@ -49,8 +66,7 @@ class Stepper:
         interp: outputs inside a step: 'linear' or 'cubic' (fixed grids), or 'dense' (the
             adaptive methods' 4th-order interpolant through the step's midpoint).
         evaluations: counter of velocity evaluations.
-        kernels: the compiled steps of this stepper's velocity, used instead of :meth:`step`
-            where set (a ``step_kernels.StepKernels``).
+        executor: runs the steps instead of :meth:`step` where set (compiled kernels).
     """
 
     velocity: Callable[[torch.Tensor, State], State]
@@ -60,7 +76,7 @@ class Stepper:
     time_sign: float
     interp: str
     evaluations: int = 0
-    kernels: StepKernels | None = None
+    executor: StepExecutor | None = None
 
     def derivative(self, tau: torch.Tensor, y: State, nudge: Nudge = Nudge.NONE,
                    velocity: Callable[[torch.Tensor, State], State] | None = None) -> State:
@@ -116,17 +132,17 @@ class Stepper:
     def take_step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None = None,
                   start_nudge: Nudge | None = None, stages_read: bool = True
                   ) -> tuple[State, list[State]]:
-        """:meth:`step`, compiled where kernels are set; counts the evaluations. Where the
-        caller does not read the stages (``stages_read=False``), compiled kernels do not store
-        them and return none."""
-        if self.kernels is not None:
-            result = self.kernels.step(t0, t1, y, first, start_nudge, stages_read)
+        """:meth:`step`, by the executor where one is set; counts the evaluations. Where the
+        caller does not read the stages (``stages_read=False``), an executor need not store
+        them and may return none."""
+        if self.executor is not None:
+            result = self.executor.step(t0, t1, y, first, start_nudge, stages_read)
         else:
             result = self.step(t0, t1, y, first, start_nudge)
         self.evaluations += self.tableau.stages - (first is not None)
         return result
 
-    def interpolation_reads_stages(self, outputs: list[tuple[torch.Tensor, float]]) -> bool:
+    def interpolation_reads_stages(self, outputs: Sequence[object]) -> bool:
         """Whether :meth:`interpolate` reads the step's stages for these outputs."""
         return bool(outputs) and self.interp != "linear"
 
@@ -171,43 +187,6 @@ def velocity_time(tau: torch.Tensor, y: State, nudge: Nudge, time_sign: float) -
             nudged = torch.nextafter(t, t + nudge.value)
         t = t + (nudged - t).detach()  # the value of nudged, the gradient of t
     return -t if time_sign < 0 else t
-
-
-RngState = tuple[torch.Tensor, torch.Tensor | None]
-
-
-def rng_state(device: torch.device) -> RngState:
-    """The generator states a step on ``device`` draws from (the CPU's, and the CUDA device's)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-@contextlib.contextmanager
-def replayed_rng(state: RngState | None, device: torch.device) -> Iterator[None]:
-    """Run with the generators at ``state`` (as in the forward step being recomputed) and leave
-    them as they were, as ``torch.utils.checkpoint`` does; nothing for ``None``."""
-    if state is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
-        yield
-
-
-def vector_jacobian_product(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
-                            cotangents: Sequence[torch.Tensor],
-                            scale: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """The gradients for ``inputs`` of ``sum_i <cotangents[i] * scale, outputs[i]>`` (None for
-    inputs the outputs do not reach); outputs that do not require grad are left out, and with
-    none left (a constant output, a velocity whose read tensors are all frozen) every gradient
-    is None."""
-    seeds = cotangents if scale is None else [c * scale for c in cotangents]
-    live = [(out, seed) for out, seed in zip(outputs, seeds) if out.requires_grad]
-    if not live or not inputs:
-        return [None] * len(inputs)
-    return list(torch.autograd.grad([o for o, _ in live], inputs, [s for _, s in live],
-                                    allow_unused=True))
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:

@@ -1,0 +1,125 @@
+"""``rampde_fx.odeint``: torchdiffeq's ``odeint`` with a low-precision velocity.
+
+The entry point of a solve: an intercepted call goes to the converted model that routes it;
+under ``torch.compile`` a solve is the compiled path's opaque op; otherwise the engine plans
+it and runs it under the discrete adjoint's autograd function (or without checkpoints, where
+nothing wants gradients).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from . import runtime
+from .adjoint.function import MixedPrecisionSolve
+from .compiled.op import solve_in_graph
+from .config import SolveConfig, resolve_config
+from .engine.integrate import integrate
+from .engine.plan import TensorOrTuple, prepare_solve
+from .policy import PrecisionPolicy
+
+
+def odeint(
+    func: Callable[[torch.Tensor, Any], Any],
+    y0: TensorOrTuple,
+    t: torch.Tensor,
+    *,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    method: str | None = None,
+    options: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    scaling: str = "auto",
+    policy: PrecisionPolicy | None = None,
+    checkpoint: str = "steps",
+    event_fn: Callable[..., Any] | None = None,
+    config: SolveConfig | None = None,
+) -> TensorOrTuple:
+    """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` with the velocity in low precision.
+
+    The calling convention is torchdiffeq's ``odeint``. The velocity is captured as a graph and
+    evaluated in ``dtype`` under ``policy``; stage states and the solution are accumulated in
+    ``y0``'s dtype; the per-step states are kept in ``dtype`` for a discrete-adjoint backward
+    pass whose gradients are accumulated in ``y0``'s dtype.
+
+    Args:
+        func: ``func(t, y)``, an ``nn.Module`` or any callable; receives ``t`` as a 0-dim tensor
+            of the state's dtype and ``y`` in the structure of ``y0``.
+        y0: initial state: a floating tensor, or a tuple of them (each keeps its own dtype).
+        t: 1-D tensor of output times, strictly increasing or decreasing; ``t[0]`` is the start.
+        rtol, atol: tolerances of the adaptive methods (floats, or one per component of a
+            tuple state), as in torchdiffeq; fixed-grid methods do not use them. Tolerances
+            below what ``dtype`` resolves are met at its rounding floor instead, with a
+            :class:`rampde_fx.ToleranceWarning` that gives the attainable tolerances.
+        method: an adaptive method, 'dopri5' (the default, as in torchdiffeq), 'bosh3',
+            'fehlberg2', 'adaptive_heun' or 'dopri8'; or a fixed-grid method, 'euler',
+            'midpoint', 'heun2', 'heun3', 'ralston', 'rk4' (torchdiffeq's 3/8 rule) or
+            'rk4_classic'.
+        options: as in torchdiffeq. Fixed grids: 'step_size' (or 'grid_constructor(func, y0,
+            t) -> grid'), 'interp' ('linear' or 'cubic') and 'perturb'; without a step size
+            the grid is ``t``. Adaptive methods: 'first_step', 'safety', 'ifactor', 'dfactor',
+            'max_num_steps', 'step_t', 'jump_t', 'min_step', 'max_step', 'norm' (and 'dtype',
+            which has no effect: their times are float64 on the host).
+        dtype: the velocity's precision: torch.bfloat16 (default), torch.float16, or
+            torch.float32 / torch.float64 for no low precision at all.
+        scaling: adjoint scaling: 'auto' (dynamic for float16, none otherwise), 'dynamic' or
+            'none'.
+        policy: which ops run in ``dtype`` and which in float32; default
+            :data:`rampde_fx.DEFAULT_POLICY`.
+        checkpoint: what the backward pass starts from. 'steps' (default): the state of each
+            step, in ``dtype``; the backward pass recomputes each step (least memory).
+            'stages': autograd keeps every stage's activations, which the low-precision velocity
+            produces in ``dtype``; no recomputation (less compute, more memory, and no per-step
+            adjoint scaling, so it refuses ``scaling`` that would be dynamic).
+        event_fn: not supported yet; raises NotImplementedError.
+        config: a :class:`rampde_fx.SolveConfig` in place of ``dtype``, ``scaling``,
+            ``policy`` and ``checkpoint`` (which then must keep their defaults).
+
+    Adaptive methods run torchdiffeq's step-size controller in the state's precision, on a
+    low-precision velocity; their backward pass differentiates the accepted steps, whose sizes
+    are constants of the forward solve (see :mod:`rampde_fx.engine.controllers`).
+
+    Under ``torch.compile`` a solve is one opaque operator, so a model compiles as one graph
+    whatever the number of steps, and each step runs as inductor-compiled kernels.
+
+    Returns:
+        The solution at ``t``, shape ``(len(t), *y0.shape)`` in ``y0``'s dtype (a tuple of such
+        for a tuple ``y0``).
+
+    Inside the forward of a module made by :func:`rampde_fx.convert`, the solve is that
+    conversion's: its ``dtype``, ``scaling``, ``policy`` and ``checkpoint`` replace these.
+
+    Solve statistics are available through :func:`rampde_fx.collect_stats`.
+    """
+    handler = runtime.active_handler()
+    if handler is not None:
+        given = {name: value for name, value in (
+            ("rtol", rtol), ("atol", atol), ("method", method), ("options", options),
+            ("dtype", dtype), ("scaling", scaling), ("policy", policy),
+            ("checkpoint", checkpoint), ("event_fn", event_fn), ("config", config))
+            if value is not _DEFAULTS[name]}  # what the call passed, for explain
+        return handler._rampde_intercept("rampde_fx.odeint", (func, y0, t), given)
+    settings = {"dtype": dtype, "scaling": scaling, "policy": policy, "checkpoint": checkpoint}
+    if torch.compiler.is_compiling():  # the config is made where the solve is registered
+        return solve_in_graph(func, y0, t, config, settings, rtol=rtol, atol=atol,
+                              method=method, options=options, event_fn=event_fn)
+    config = resolve_config(config, None, **settings)
+    prepared = prepare_solve(func, y0, t, config, rtol=rtol, atol=atol, method=method,
+                             options=options, event_fn=event_fn)
+    inputs = (*prepared.state, prepared.grid, prepared.times, *prepared.tensors)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        if config.keeps_stages:  # autograd through the steps, keeping their activations
+            with torch.autocast(prepared.state[0].device.type, enabled=False):
+                solution, _, _ = integrate(prepared.plan, prepared.state, prepared.grid,
+                                           prepared.times, keep_checkpoints=False)
+        else:
+            solution = MixedPrecisionSolve.apply(prepared.plan, *inputs)
+    else:  # inference: no checkpoints
+        with torch.no_grad(), torch.autocast(prepared.state[0].device.type, enabled=False):
+            solution, _, _ = integrate(prepared.plan, prepared.state, prepared.grid,
+                                       prepared.times, keep_checkpoints=False)
+    return tuple(solution) if prepared.is_tuple else solution[0]
+
+
+_DEFAULTS: dict[str, Any] = odeint.__kwdefaults__

@@ -1,0 +1,287 @@
+"""torch.compile integration: a solve is one opaque custom op.
+
+Under ``torch.compile`` a solve is ``rampde_fx::solve``, and its backward
+``rampde_fx::solve_backward``: dynamo and AOTAutograd see a single node per solve whatever the
+number of steps, so the model compiles as one graph with no breaks, in a time that does not grow
+with the steps, and the data-dependent parts of a solve (the grid from ``step_size``, the fp16
+scaler's retries) stay out of the graph. Inside the ops the step loop is the engine's, around two
+compiled kernels per step (``kernels``): the forward step, and the backward step with its
+recomputation, vector-Jacobian product and gradient accumulation. Compilation is per velocity
+and method, cached, and independent of the steps.
+
+This was chosen over a loop operator (``torch._higher_order_ops.scan``) inside the graph: the
+ops are public API, let the forward keep its low-precision checkpoints outside the graph (their
+number depends on the values of ``t``), and share the eager engine.
+
+The op names its solve by the key of a registered spec (``registry``). The forward op returns
+the solution and a *ticket*, a 0-dim int64 tensor naming what the solve saved for its backward
+(``runtime.SAVED_SOLVES``); the backward op takes the ticket. The saved entry lives as long as
+the ticket tensor, which autograd keeps until the backward pass is done with it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import warnings
+import weakref
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from .. import runtime
+from ..adjoint.sweep import Wants, backward_with_retries
+from ..adjoint.vjp import vector_jacobian_product
+from ..capture import describe, velocity_owner
+from ..config import SolveConfig
+from ..engine.grid import internal_time
+from ..engine.integrate import integrate
+from ..engine.plan import SolvePlan, prepare_solve
+from ..errors import CaptureWarning
+from ..passes.cpu import cpu_kernel_transform
+from .kernels import kernels_for
+from .registry import (DYNAMO_PASSES_OBJECTS, CompiledSolveSpec, grad_tensors, lift_numbers,
+                       lower_numbers, register)
+
+
+def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
+                   settings: dict[str, Any], *, rtol: Any = 1e-7, atol: Any = 1e-9,
+                   method: str | None = None, options: dict[str, Any] | None = None,
+                   event_fn: Any = None, report_to_key: int | None = None) -> Any:
+    """:func:`rampde_fx.odeint` while dynamo traces: one call of the opaque solve op.
+
+    ``config``, or the settings keywords ``settings`` of :func:`rampde_fx.odeint`, give the
+    precision settings: the registration makes the :class:`SolveConfig` (dynamo does not build
+    a frozen dataclass faithfully). ``report_to_key`` names (see ``runtime.key_of``) a live
+    object (a site of ``rampde_fx.convert``) whose ``last_stats`` receives each run's
+    ``SolveStats``."""
+    if event_fn is not None:
+        raise NotImplementedError("rampde_fx.odeint does not support event_fn yet")
+    if not DYNAMO_PASSES_OBJECTS:
+        raise NotImplementedError(
+            f"rampde_fx under torch.compile needs torch 2.13 or later (this is "
+            f"{torch.__version__}): its dynamo passes the velocity module to the solve's "
+            "registration. Run the converted model without torch.compile, or upgrade torch.")
+    if not isinstance(func, (torch.nn.Module, types.MethodType)):
+        raise NotImplementedError(
+            "rampde_fx.odeint under torch.compile: func must be an nn.Module or a method of "
+            "one (a function cannot be registered as a constant of the graph); keep the "
+            "tensors it reads as attributes of the module")
+    is_tuple = isinstance(y0, tuple)
+    state = list(y0) if is_tuple else [y0]
+    owner, method_name = velocity_owner(func)
+    numbers: list[Any] = []
+    rtol, atol, options = lift_numbers((rtol, atol, options), numbers)
+    spec_key = register(owner, method_name, config, settings, report_to_key, rtol, atol, method,
+                        options, is_tuple)
+    tensors = grad_tensors(owner)
+    recording = torch.is_grad_enabled()
+    needs = [recording and x.requires_grad for x in [*state, t, *tensors]]
+    *solution, _ticket = torch.ops.rampde_fx.solve(
+        spec_key, torch.tensor(numbers, dtype=torch.float64), state, t, tensors, needs)
+    return tuple(solution) if is_tuple else solution[0]
+
+
+def _plain_python_keys() -> tuple[Any, Any]:
+    """The dispatcher's thread-local key sets of code called from plain Python: autocast off
+    (excluded), in-place and view tracking on (included)."""
+    keys = torch._C.DispatchKey
+    autocast = [getattr(keys, name) for name in keys.__members__ if name.startswith("Autocast")]
+    exclude = torch._C.DispatchKeySet(autocast[0])
+    for key in autocast[1:]:
+        exclude = exclude.add(key)
+    include = torch._C.DispatchKeySet(keys.BackendSelect).add(keys.ADInplaceOrView)
+    return include, exclude
+
+
+_PLAIN_INCLUDE, _PLAIN_EXCLUDE = _plain_python_keys()
+
+
+@contextlib.contextmanager
+def _as_from_python() -> Iterator[None]:
+    """Run as if called from plain Python. Inside a custom op the dispatcher excludes
+    autograd, autocast, and below a compiled graph every other key; the solve needs autograd
+    (the backward recomputes steps, checkpoint='stages' records them) and an eager velocity
+    needs autocast. Uses a private guard of torch 2.13."""
+    with torch._C._ForceDispatchKeyGuard(_PLAIN_INCLUDE, _PLAIN_EXCLUDE):
+        yield
+
+
+@dataclasses.dataclass
+class _Saved:
+    """checkpoint='steps': what the backward sweep starts from."""
+
+    spec: CompiledSolveSpec
+    options: dict[str, Any]  # with this call's numbers
+    plan: SolvePlan
+    grid: Tensor
+    times: Tensor
+    checkpoints: list[Tensor]
+    velocity_tensors: list[Tensor | None]  # aligned with the op's tensor inputs
+
+
+@dataclasses.dataclass
+class _SavedGraph:
+    """checkpoint='stages': the autograd graph of the solve, from its outputs to its inputs
+    (``[*state, t, *velocity tensors]``, aligned with the op's inputs; None where unread)."""
+
+    outputs: list[Tensor]
+    inputs: list[Tensor | None]
+
+
+def held_checkpoints() -> list[Tensor]:
+    """The checkpoints that compiled solves hold for their backward passes, right now."""
+    return [c for saved in runtime.SAVED_SOLVES.values() if isinstance(saved, _Saved)
+            for c in saved.checkpoints]
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    return a is b or (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                      and a.storage_offset() == b.storage_offset()
+                      and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _align(inputs: list[Tensor], read: list[Tensor], func: Any) -> list[Tensor | None]:
+    """For each tensor input of the op, the tensor the velocity reads in its place (the live
+    object, for autograd), or None if it reads none; warns about read tensors that are not
+    inputs: they get no gradient."""
+    aligned = [next((r for r in read if _same_memory(x, r)), None) for x in inputs]
+    missed = [r for r in read if not any(a is r for a in aligned)]
+    if missed:
+        warnings.warn(
+            f"rampde_fx: under torch.compile, {len(missed)} tensor(s) that {describe(func)} "
+            "reads and that require grad are not parameters or buffers of its module "
+            "(closure tensors?) and get no gradient; make them attributes of the module.",
+            CaptureWarning, stacklevel=2)
+    return aligned
+
+
+@torch.library.custom_op("rampde_fx::solve", mutates_args=())
+def _solve(spec_key: int, numbers: Tensor, state: list[Tensor], t: Tensor, tensors: list[Tensor],
+           needs: list[bool]) -> list[Tensor]:
+    """The whole forward solve; returns the solution components and a ticket. ``needs``: which
+    of ``[*state, t, *tensors]`` want gradients (the solve keeps what its backward needs for
+    those only)."""
+    spec: CompiledSolveSpec | None = runtime.object_of(spec_key)
+    if spec is None:
+        raise RuntimeError("rampde_fx: the model of this compiled solve was deleted; compile "
+                           "the model that is called")
+    rtol, atol, options = lower_numbers((spec.rtol, spec.atol, spec.options), numbers.tolist())
+    config = spec.config
+    keep = any(needs)
+    keep_stages = keep and config.keeps_stages
+    with _as_from_python(), torch.set_grad_enabled(keep_stages):
+        # Only the inputs that want gradients are recorded: a time that requires grad would
+        # keep every stage in float32 for its gradient.
+        leaves = [x.detach().requires_grad_(keep_stages and need)
+                  for x, need in zip((*state, t), needs)]
+        y0 = tuple(leaves[:-1]) if spec.is_tuple else leaves[0]
+        prepared = prepare_solve(
+            spec.func, y0, leaves[-1], config, rtol=rtol, atol=atol, method=spec.method,
+            options=options, event_fn=None,
+            executor_for=lambda stepper: kernels_for(
+                stepper, config.dtype, t.device, keep_stages,
+                cpu_kernel_transform(config.dtype, t.device, keep_stages)))
+        report_to = None if spec.report_to is None else spec.report_to()
+        if report_to is not None:
+            report_to.last_stats = prepared.plan.stats
+        with torch.autocast(t.device.type, enabled=False):
+            solution, checkpoints, grid = integrate(
+                prepared.plan, prepared.state, prepared.grid, prepared.times,
+                keep_checkpoints=keep and not keep_stages)
+    ticket = torch.tensor(-1)
+    if keep:
+        number = next(runtime.TICKETS)
+        ticket = torch.tensor(number)
+        aligned = _align(tensors, prepared.tensors, spec.func)
+        runtime.SAVED_SOLVES[number] = (
+            _SavedGraph(list(solution), [*leaves, *aligned]) if keep_stages else
+            _Saved(spec, options, prepared.plan, grid.detach(), prepared.times.detach(),
+                   checkpoints, aligned))
+        weakref.finalize(ticket, runtime.SAVED_SOLVES.pop, number, None)
+    return [c.detach() for c in solution] + [ticket]
+
+
+@_solve.register_fake
+def _(spec_key, numbers, state, t, tensors, needs):
+    return [*(c.new_empty((t.shape[0], *c.shape)) for c in state),
+            torch.empty((), dtype=torch.int64)]
+
+
+@torch.library.custom_op("rampde_fx::solve_backward", mutates_args=())
+def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Tensor],
+                    t: Tensor, tensors: list[Tensor], needs: list[bool]) -> list[Tensor]:
+    """Gradients of the solve for ``[*state, t, *tensors]`` (zeros where not needed)."""
+    saved = runtime.SAVED_SOLVES.get(int(ticket))
+    if saved is None:
+        raise RuntimeError("rampde_fx: the checkpoints of this solve are gone; was backward "
+                           "run twice without retain_graph, or on a solve made without grad?")
+    if isinstance(saved, _SavedGraph):
+        wanted = [need and x is not None for x, need in zip(saved.inputs, needs)]
+        with _as_from_python():
+            found = iter(vector_jacobian_product(
+                saved.outputs, [x for x, want in zip(saved.inputs, wanted) if want],
+                solution_grads, None))
+        grads = [next(found) if want else None for want in wanted]
+        return [_laid_out_like(g, x) for g, x in zip(grads, [*state, t, *tensors])]
+    plan = saved.plan
+    n = plan.n_components
+    wants = Wants(state=any(needs[:n]), grid=needs[n], times=needs[n],
+                   tensors=[i for i, (need, read) in enumerate(zip(needs[n + 1:],
+                                                                   saved.velocity_tensors))
+                            if need and read is not None])
+    with _as_from_python(), torch.autocast(t.device.type, enabled=False):
+        grads = backward_with_retries(plan, tuple(c.dtype for c in state), saved.grid,
+                                      saved.times, saved.checkpoints, saved.velocity_tensors,
+                                      solution_grads, wants)
+        state_grads, (grid_grad, times_grad) = grads[:n], grads[n:n + 2]
+        tensor_grads = grads[n + 2:]
+        t_grad = torch.zeros_like(t)
+        if needs[n]:
+            with torch.enable_grad():
+                leaf = t.detach().requires_grad_()
+                spec = saved.spec
+                y0 = tuple(state) if spec.is_tuple else state[0]
+                internal, grid, _ = internal_time(leaf, saved.options, spec.func, y0,
+                                                  saved.plan.controller.adaptive)
+                t_grad = torch.autograd.grad([grid, internal], leaf, [grid_grad, times_grad],
+                                             allow_unused=True)[0]
+    return [_laid_out_like(g, x)
+            for g, x in zip([*state_grads, t_grad, *tensor_grads], [*state, t, *tensors])]
+
+
+def _laid_out_like(grad: Tensor | None, x: Tensor) -> Tensor:
+    """The gradient of ``x`` with ``x``'s strides, as the fake kernel below declares (a
+    convolution's weight gradient, for one, comes back in another layout); zeros for None."""
+    if grad is None:
+        return torch.zeros_like(x)
+    return grad if grad.stride() == x.stride() else torch.empty_like(x).copy_(grad)
+
+
+@_solve_backward.register_fake
+def _(ticket, solution_grads, state, t, tensors, needs):
+    return [*(torch.empty_like(c) for c in state), torch.empty_like(t),
+            *(torch.empty_like(x) for x in tensors)]
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
+    _spec_key, _numbers, state, t, tensors, needs = inputs
+    ctx.n_components = len(state)
+    ctx.needs = list(needs)
+    ctx.save_for_backward(output[-1], t, *state, *tensors)
+
+
+def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
+    ticket, t, *rest = ctx.saved_tensors
+    n = ctx.n_components
+    state, tensors = rest[:n], rest[n:]
+    solution_grads = [torch.zeros((t.shape[0], *c.shape), dtype=c.dtype, device=c.device)
+                      if g is None else g for g, c in zip(grads[:n], state)]
+    result = torch.ops.rampde_fx.solve_backward(ticket, solution_grads, list(state), t,
+                                                list(tensors), ctx.needs)
+    result = [g if need else None for g, need in zip(result, ctx.needs)]
+    return None, None, result[:n], result[n], result[n + 1:], None
+
+
+_solve.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,111 @@
+"""The specs of compiled solves: their non-tensor arguments, registered while dynamo traces and
+named in the graph by an integer key.
+
+The velocity, method, precision settings and the structure of the options of a solve are
+registered once per compiled call site (:func:`register`); the spec is held by the velocity's
+module (``runtime.SPECS_OF``) and goes with it. Python numbers among the tolerances and options
+(a step size, say) are a tensor input of the op instead: a new value runs the same graph (dynamo
+may recompile once, when it first sees the number change). Objects reach the registration as
+they are, which needs dynamo of torch 2.13 or later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .. import runtime
+from ..config import SolveConfig, resolve_config
+
+# Python numbers among a solve's tolerances and options are inputs of the op, not constants of
+# the graph, so a new step size or tolerance needs no recompilation. In the registered
+# arguments each is replaced by a marker ``(_NUMBER, position in the op's numbers, is int)``:
+# a plain tuple, which dynamo passes to the registration as a constant.
+_NUMBER = "rampde_fx.number"
+
+
+def lift_numbers(value: Any, numbers: list[Any]) -> Any:
+    """``value`` with its Python numbers, at any depth of lists, tuples and dicts, replaced by
+    markers; the numbers are appended to ``numbers``."""
+    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) \
+            and not isinstance(value, bool):
+        numbers.append(value)
+        return (_NUMBER, len(numbers) - 1, isinstance(value, (int, torch.SymInt)))
+    if isinstance(value, (list, tuple)):
+        return type(value)(lift_numbers(v, numbers) for v in value)
+    if isinstance(value, dict):
+        return {k: lift_numbers(v, numbers) for k, v in value.items()}
+    return value
+
+
+def lower_numbers(value: Any, numbers: list[float]) -> Any:
+    """The inverse of :func:`lift_numbers`, with the numbers of this call."""
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == _NUMBER:
+        return int(numbers[value[1]]) if value[2] else numbers[value[1]]
+    if isinstance(value, (list, tuple)):
+        return type(value)(lower_numbers(v, numbers) for v in value)
+    if isinstance(value, dict):
+        return {k: lower_numbers(v, numbers) for k, v in value.items()}
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSolveSpec:
+    """The non-tensor arguments of a compiled solve (numbers as markers, see
+    :func:`lift_numbers`). The velocity's owner and the reporting object are held weakly: a
+    compiled graph must not keep a deleted model alive."""
+
+    owner: "weakref.ref[Any]"
+    method_name: str | None
+    rtol: Any
+    atol: Any
+    method: str | None
+    options: dict[str, Any]
+    config: SolveConfig
+    is_tuple: bool
+    report_to: "weakref.ref[Any] | None"  # whose ``last_stats`` each run sets (a convert site)
+
+    @property
+    def func(self) -> Callable[..., Any]:
+        owner = self.owner()
+        if owner is None:
+            raise RuntimeError("rampde_fx: the velocity of this compiled solve was deleted")
+        return owner if self.method_name is None else getattr(owner, self.method_name)
+
+
+DYNAMO_PASSES_OBJECTS = tuple(int(part) for part in
+                              torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
+@torch.compiler.assume_constant_result
+def register(owner: torch.nn.Module, method_name: Any, config: Any, settings: Any,
+             report_to_key: Any, rtol: Any, atol: Any, method: Any, options: Any,
+             is_tuple: Any) -> int:
+    """Runs while dynamo traces a solve: the key of its spec, a constant of the graph. The
+    velocity is ``owner`` itself or its method ``method_name``; the precision settings are
+    ``config``, or those the settings keywords give (see :func:`rampde_fx.config.resolve_config`).
+    An equal spec of the same owner is reused, so recompilation registers nothing new."""
+    config = resolve_config(config, None, **settings)
+    report_to = None if report_to_key is None else runtime.object_of(report_to_key)
+    spec = CompiledSolveSpec(weakref.ref(owner), method_name, rtol, atol, method,
+                             dict(options or {}), config, is_tuple,
+                             None if report_to is None else weakref.ref(report_to))
+    specs = runtime.SPECS_OF.setdefault(owner, {})
+    key = next((key for key, known in specs.items() if known == spec), None)
+    if key is None:
+        key = runtime.new_key(spec)
+        specs[key] = spec
+    return key
+
+
+def grad_tensors(owner: Any) -> list[Tensor]:
+    """Tensors the velocity may read that require grad: the parameters and buffers of its
+    owner where that is a module. (Closure tensors of plain functions cannot be found while
+    tracing; capture them as module attributes.)"""
+    if not isinstance(owner, torch.nn.Module):
+        return []
+    return [x for x in itertools.chain(owner.parameters(), owner.buffers()) if x.requires_grad]

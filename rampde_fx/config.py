@@ -1,0 +1,99 @@
+"""``SolveConfig``: the precision settings of a solve, validated once and carried whole.
+
+:func:`rampde_fx.convert`, its solve sites, the plan of every solve and the specs of compiled
+solves all hold one ``SolveConfig``; the ``dtype``, ``scaling``, ``policy`` and ``checkpoint``
+keywords of the public functions are shorthand for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from .policy import DEFAULT_POLICY, PrecisionPolicy
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+SCALING_MODES = ("auto", "dynamic", "none")
+CHECKPOINT_MODES = ("steps", "stages")
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveConfig:
+    """How a solve runs in mixed precision.
+
+    Attributes:
+        dtype: the velocity's precision: torch.bfloat16 (default), torch.float16, or
+            torch.float32 / torch.float64 for no low precision at all.
+        scaling: adjoint scaling: 'auto' (dynamic for float16, none otherwise), 'dynamic' or
+            'none'.
+        policy: which ops run in ``dtype`` and which in float32; ``None`` stands for
+            :data:`rampde_fx.DEFAULT_POLICY`.
+        checkpoint: what the backward pass starts from: 'steps' (the state of each step, in
+            ``dtype``; the backward pass recomputes each step) or 'stages' (autograd keeps
+            every stage's activations; no per-step adjoint scaling).
+
+    Raises:
+        ValueError: an unsupported dtype, scaling or checkpoint, or checkpoint='stages' with
+            dynamic scaling.
+        TypeError: a policy that is not a :class:`rampde_fx.PrecisionPolicy`.
+    """
+
+    dtype: torch.dtype = torch.bfloat16
+    scaling: str = "auto"
+    policy: PrecisionPolicy = DEFAULT_POLICY
+    checkpoint: str = "steps"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got "
+                             f"{self.dtype}")
+        if self.scaling not in SCALING_MODES:
+            raise ValueError(f"scaling must be one of {SCALING_MODES}, got {self.scaling!r}")
+        if self.checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got "
+                             f"{self.checkpoint!r}")
+        if self.checkpoint == "stages" and self.dynamic_scaling:
+            raise ValueError("checkpoint='stages' has no per-step adjoint scaling; use "
+                             "checkpoint='steps' for float16, or pass scaling='none'")
+        if self.policy is None:  # the public keywords' default
+            object.__setattr__(self, "policy", DEFAULT_POLICY)
+        elif not isinstance(self.policy, PrecisionPolicy):
+            raise TypeError(f"policy must be a rampde_fx.PrecisionPolicy, got "
+                            f"{type(self.policy).__qualname__}")
+
+    @property
+    def dynamic_scaling(self) -> bool:
+        """Whether the backward pass scales its cotangents per step (see ``adjoint.scaling``)."""
+        return self.scaling == "dynamic" or (self.scaling == "auto"
+                                             and self.dtype == torch.float16)
+
+    @property
+    def keeps_stages(self) -> bool:
+        """Whether autograd keeps every stage's activations (``checkpoint='stages'``)."""
+        return self.checkpoint == "stages"
+
+
+# The public functions' defaults of the settings keywords (None: the default policy).
+KEYWORD_DEFAULTS: dict[str, Any] = {"dtype": torch.bfloat16, "scaling": "auto", "policy": None,
+                                    "checkpoint": "steps"}
+
+
+def resolve_config(config: SolveConfig | None, caller: str | None, **keywords: Any
+                   ) -> SolveConfig:
+    """``config``, or the one that the settings ``keywords`` of a public function give;
+    ``config`` beside keywords that are not at their defaults is an error. ``caller`` prefixes
+    error messages (``'rampde_fx.convert'``)."""
+    prefix = f"{caller}: " if caller else ""
+    if config is None:
+        try:
+            return SolveConfig(**keywords)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{prefix}{error}") from None
+    given = [name for name, value in keywords.items() if value is not KEYWORD_DEFAULTS[name]]
+    if given:
+        raise ValueError(f"{prefix}pass either config or {given}, not both")
+    if not isinstance(config, SolveConfig):
+        raise TypeError(f"{prefix}config must be a rampde_fx.SolveConfig, got "
+                        f"{type(config).__qualname__}")
+    return config

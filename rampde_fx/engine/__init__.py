@@ -1,0 +1,11 @@
+"""The solver engine: explicit Runge-Kutta steps over Butcher tableaus, step controllers, and
+the one forward loop.
+
+Modules, from data to loop: ``tableaus`` (the methods), ``interpolation`` and ``grid`` (time
+grids, internal time, output placement), ``step`` (the mixed-precision RK step, and the
+:class:`~rampde_fx.engine.step.StepExecutor` interface through which compiled kernels run
+steps), ``rng`` (generator states replayed in recomputation), ``callbacks`` (torchdiffeq's step
+callbacks), ``rounding_floor`` and ``controllers`` (where to step: a fixed grid, or adaptive
+control), ``plan`` (a validated solve: :func:`~rampde_fx.engine.plan.prepare_solve`) and
+``integrate`` (the forward loop). The engine knows nothing of the compiler stack.
+"""

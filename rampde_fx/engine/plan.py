@@ -1,0 +1,243 @@
+"""The plan of a solve: its arguments validated, its velocity captured, its stepper and
+controller chosen.
+
+:func:`prepare_solve` is the one place that turns the arguments of :func:`rampde_fx.odeint`
+into a :class:`SolvePlan` (host-side description) and its tensor inputs; the forward loop
+(``integrate``) and the backward pass (``rampde_fx.adjoint``) run it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from ..capture import capture_velocity
+from ..config import SolveConfig
+from ..stats import SolveStats, record
+from .callbacks import find_callbacks
+from .controllers import (ADAPTIVE_OPTIONS, FixedGridController, StepController,
+                          adaptive_controller)
+from .grid import check_grid, internal_time, place_outputs
+from .rng import RngState
+from .step import Nudge, StepExecutor, Stepper, all_finite, velocity_time
+from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, UNSUPPORTED_METHODS, ButcherTableau
+
+FIXED_GRID_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb")
+
+TensorOrTuple = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@dataclasses.dataclass
+class SolvePlan:
+    """The host-side description of one solve (everything that is not a tensor input).
+
+    The forward loop (:func:`rampde_fx.engine.integrate.integrate`) records the steps it took
+    (:meth:`record_steps`): their times, the outputs each reaches, their first stages' nudges
+    and, where replayed, their generator states; the backward pass walks them.
+
+    Attributes:
+        config: the precision settings.
+        stepper: the method, the velocity and where it is evaluated.
+        controller: where to step (a fixed grid, or adaptive control).
+        n_components: the number of state components.
+        checkpoint_dtypes: the dtype each component's checkpoints are kept in.
+        time_values: the output times (internal time).
+        stats: what this solve did.
+    """
+
+    config: SolveConfig
+    stepper: Stepper
+    controller: StepController
+    n_components: int
+    checkpoint_dtypes: tuple[torch.dtype, ...]
+    time_values: list[float]
+    stats: SolveStats
+    grid_values: list[float] = dataclasses.field(default_factory=list)
+    outputs_per_step: list[list[int]] = dataclasses.field(default_factory=list)
+    start_nudges: list[Nudge | None] = dataclasses.field(default_factory=list)
+    rng_states: list[RngState] | None = None
+    # The user's velocity, kept alive while this solve and its backward pass can run: the
+    # captured velocity holds it weakly (its cache must not keep modules alive).
+    func: Any = None
+
+    def record_steps(self, grid_values: list[float], outputs_per_step: list[list[int]],
+                     start_nudges: list[Nudge | None],
+                     rng_states: list[RngState] | None) -> None:
+        """What the forward loop took: the accepted steps' times, their outputs, their first
+        stages' nudges (None: the stepper's default) and their generator states."""
+        self.grid_values, self.outputs_per_step = grid_values, outputs_per_step
+        self.start_nudges, self.rng_states = start_nudges, rng_states
+
+    def rng_state_of(self, step: int) -> RngState | None:
+        """What the generators were at the start of forward step ``step``, if the velocity
+        draws random numbers and the grid is fixed (adaptive steps are not replayed)."""
+        return None if self.rng_states is None else self.rng_states[step]
+
+    @property
+    def steps(self) -> int:
+        return len(self.grid_values) - 1
+
+    def start_nudge(self, step: int) -> Nudge | None:
+        return self.start_nudges[step]
+
+
+@dataclasses.dataclass
+class PreparedSolve:
+    """A validated solve, ready to run: the plan and its tensor inputs.
+
+    Attributes:
+        plan: everything host-side (stepper, grid values, output placement, stats).
+        state: the components of ``y0``.
+        grid: the time grid in internal (increasing) time, differentiable in ``t``; for an
+            adaptive method only its start, from which the forward solve steps.
+        times: the output times in internal time.
+        tensors: the tensors the velocity reads that require grad.
+        is_tuple: whether ``y0`` was a tuple.
+    """
+
+    plan: SolvePlan
+    state: tuple[torch.Tensor, ...]
+    grid: torch.Tensor
+    times: torch.Tensor
+    tensors: list[torch.Tensor]
+    is_tuple: bool
+
+
+def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t: torch.Tensor,
+                  config: SolveConfig, *, rtol: Any, atol: Any, method: str | None,
+                  options: dict[str, Any] | None, event_fn: Callable[..., Any] | None,
+                  executor_for: Callable[[Stepper], StepExecutor | None] | None = None
+                  ) -> PreparedSolve:
+    """Validate the arguments of :func:`rampde_fx.odeint`, capture the velocity and plan the
+    steps; ``executor_for(stepper)`` gives the executor that runs the steps (compiled kernels),
+    if any."""
+    tableau = _check_method(method, event_fn)
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    is_tuple, state = _check_state(y0)
+    times = _check_times(t, state[0].device)
+    opts = _check_options(tableau, options)
+    dtype = config.dtype
+
+    perturb = bool(opts.get("perturb", False))
+    start_nudge = Nudge.NEXT if perturb else Nudge.NONE
+    with torch.autocast(state[0].device.type, enabled=False):
+        internal, grid, reverse = internal_time(times, opts, func, y0, tableau.adaptive)
+        grid_values = grid.detach().tolist()
+        internal_values = internal.detach().tolist()
+        if not tableau.adaptive:
+            check_grid(grid_values, internal_values)
+        # Captured at the solver's first evaluation: a velocity that reads the time's value
+        # sees no time the solver would not use.
+        first_time = velocity_time(grid[0].detach(), state, start_nudge, -1.0 if reverse else 1.0)
+        velocity = capture_velocity(func, first_time, state, is_tuple, dtype, config.policy)
+    captured = getattr(velocity, "original_graph_module", None)
+    stats = SolveStats(method=tableau.name, dtype=dtype, scaling=config.dynamic_scaling,
+                       velocity=velocity.kind, fallback_reason=velocity.fallback_reason,
+                       graph=getattr(velocity, "graph_module", None),
+                       captured_code=None if captured is None else captured.code)
+    record(stats)
+    stepper = Stepper(velocity, tableau, start_nudge=start_nudge,
+                      end_nudge=Nudge.PREV if perturb or tableau.adaptive else Nudge.NONE,
+                      time_sign=-1.0 if reverse else 1.0,
+                      interp="dense" if tableau.adaptive else opts.get("interp", "linear"))
+    if executor_for is not None:
+        stepper.executor = executor_for(stepper)
+    callbacks = find_callbacks(func, tableau, is_tuple, reverse)
+    controller: StepController = (
+        adaptive_controller(tableau, opts, rtol, atol, state, is_tuple, dtype, reverse, callbacks)
+        if tableau.adaptive else
+        FixedGridController(grid_values, place_outputs(grid_values, internal_values), callbacks))
+    plan = SolvePlan(
+        config=config,
+        func=func,
+        stepper=stepper,
+        controller=controller,
+        n_components=len(state),
+        checkpoint_dtypes=tuple(dtype if dtype.itemsize < c.dtype.itemsize else c.dtype
+                                for c in state),
+        time_values=internal_values,
+        stats=stats,
+    )
+    return PreparedSolve(plan, state, grid, internal, velocity.tensors_requiring_grad(), is_tuple)
+
+
+def _check_method(method: str | None, event_fn: Any) -> ButcherTableau:
+    if event_fn is not None:
+        raise NotImplementedError("rampde_fx.odeint does not support event_fn yet; solve to a "
+                                  "fixed end time, or use torchdiffeq.odeint for event handling")
+    method = "dopri5" if method is None else method
+    known = {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}
+    if method in UNSUPPORTED_METHODS:
+        raise NotImplementedError(f"method {method!r} is not supported by rampde_fx; use one of "
+                                  f"{', '.join(repr(m) for m in known)}")
+    if method not in known:
+        raise ValueError(f"unknown method {method!r}; rampde_fx solves with "
+                         f"{', '.join(repr(m) for m in known)}")
+    return known[method]
+
+
+def _check_state(y0: Any) -> tuple[bool, tuple[torch.Tensor, ...]]:
+    is_tuple = isinstance(y0, tuple)
+    state = y0 if is_tuple else (y0,)
+    if not state or not all(isinstance(c, torch.Tensor) for c in state):
+        raise TypeError(f"y0 must be a tensor or a non-empty tuple of tensors, got "
+                        f"{type(y0).__name__}")
+    for i, c in enumerate(state):
+        name = f"y0[{i}]" if is_tuple else "y0"
+        if c.is_complex():
+            raise NotImplementedError(f"{name} is complex ({c.dtype}); rampde_fx does not support "
+                                      "complex states yet (solve the real and imaginary parts as "
+                                      "a tuple state, or use torchdiffeq)")
+        if not c.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor (the high precision of the "
+                             f"solve), got {c.dtype}; convert it with .float()")
+        if not all_finite([c]):
+            raise ValueError(f"{name} contains inf or nan")
+        if c.device != state[0].device:
+            raise ValueError(f"all components of y0 must be on one device, got {c.device} and "
+                             f"{state[0].device}")
+    return is_tuple, state
+
+
+def _check_times(t: Any, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dim() != 1:
+        got = type(t).__name__ if not isinstance(t, torch.Tensor) else f"a {t.dim()}-D tensor"
+        raise ValueError(f"t must be a 1-D tensor of output times, got {got}")
+    if not t.is_floating_point():
+        raise ValueError(f"t must be a floating point tensor, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError("t is empty; give at least the start time t[0]")
+    values = t.detach().tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("t contains inf or nan")
+    gaps = [b - a for a, b in zip(values, values[1:])]
+    if not (all(g > 0 for g in gaps) or all(g < 0 for g in gaps)):
+        raise ValueError("t must be strictly increasing or strictly decreasing")
+    if t.device != device:
+        warnings.warn(f"t is on {t.device} and y0 on {device}; moving t to {device}", stacklevel=3)
+        t = t.to(device)
+    return t
+
+
+def _check_options(tableau: ButcherTableau, options: dict[str, Any] | None) -> dict[str, Any]:
+    opts = dict(options or {})
+    allowed = ADAPTIVE_OPTIONS if tableau.adaptive else FIXED_GRID_OPTIONS
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        kind = "adaptive" if tableau.adaptive else "fixed-grid"
+        raise ValueError(f"method {tableau.name!r} does not take options {unknown}; {kind} "
+                         f"methods take {list(allowed)}")
+    if opts.get("step_size") is not None and opts.get("grid_constructor") is not None:
+        raise ValueError("options step_size and grid_constructor are mutually exclusive")
+    step = opts.get("step_size")
+    if step is not None:
+        value = float(step)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"options['step_size'] must be a positive finite number, got {step}")
+    if opts.get("interp", "linear") not in ("linear", "cubic"):
+        raise ValueError(f"options['interp'] must be 'linear' or 'cubic', got {opts['interp']!r}")
+    return opts
