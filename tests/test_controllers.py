@@ -11,7 +11,8 @@ from torchdiffeq._impl.misc import _optimal_step_size, _rms_norm, _select_initia
 from rampde_fx.capture import capture_velocity
 from rampde_fx.config import SolveConfig
 from rampde_fx.engine.callbacks import StepCallbacks
-from rampde_fx.engine.controllers import FixedGridController, adaptive_controller
+from rampde_fx.engine.controllers.adaptive import adaptive_controller
+from rampde_fx.engine.controllers.fixed_grid import FixedGridController
 from rampde_fx.engine.plan import prepare_solve
 from rampde_fx.engine.step import Nudge, Stepper
 from rampde_fx.engine.tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS

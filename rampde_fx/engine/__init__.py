@@ -5,7 +5,7 @@ Modules, from data to loop: ``tableaus`` (the methods), ``interpolation`` and ``
 grids, internal time, output placement), ``step`` (the mixed-precision RK step, and the
 :class:`~rampde_fx.engine.step.StepExecutor` interface through which compiled kernels run
 steps), ``rng`` (generator states replayed in recomputation), ``callbacks`` (torchdiffeq's step
-callbacks), ``rounding_floor`` and ``controllers`` (where to step: a fixed grid, or adaptive
-control), ``plan`` (a validated solve: :func:`~rampde_fx.engine.plan.prepare_solve`) and
+callbacks), ``controllers`` (where to step: a fixed grid, or adaptive control with its measured
+rounding floor), ``plan`` (a validated solve: :func:`~rampde_fx.engine.plan.prepare_solve`) and
 ``integrate`` (the forward loop). The engine knows nothing of the compiler stack.
 """

@@ -18,8 +18,9 @@ from ..capture import capture_velocity
 from ..config import SolveConfig
 from ..stats import SolveStats, record
 from .callbacks import find_callbacks
-from .controllers import (ADAPTIVE_OPTIONS, FixedGridController, StepController,
-                          adaptive_controller)
+from .controllers import StepController
+from .controllers.adaptive import ADAPTIVE_OPTIONS, adaptive_controller
+from .controllers.fixed_grid import FixedGridController
 from .grid import check_grid, internal_time, place_outputs
 from .rng import RngState
 from .step import Nudge, StepExecutor, Stepper, all_finite, velocity_time

@@ -1,18 +1,12 @@
-"""Step controllers: where the one forward loop (:func:`rampde_fx.engine.integrate.integrate`)
-steps next, and whether it accepts a step.
+"""Adaptive step-size control for the embedded Runge-Kutta pairs, in the high precision.
 
-A controller proposes an :class:`Attempt`, judges the step the loop took from it, and on
-acceptance names the output times the step reaches and prepares the next attempt. A fixed grid
-is a controller that never rejects: its attempts are the grid's steps, known before the solve.
-
-The adaptive controller runs the embedded Runge-Kutta pairs in the high precision.
 The stages run in the low precision like any step; the solution, the error estimate, its norm
 and the step-size arithmetic stay in the state's dtype (at least float32) and in float64 on the
 host, so a float16 velocity can never overflow the controller (torchdiffeq in float16 dies with
 "underflow in dt" when its norm overflows). The controller is torchdiffeq 0.2.5's: the same
 initial step, error ratio, step-size update, options and step callbacks, so the float32 mode
-takes the same steps.
-Its rounding floor is measured (see :mod:`rampde_fx.engine.rounding_floor`).
+takes the same steps. Its rounding floor is measured (see
+:mod:`rampde_fx.engine.controllers.rounding_floor`).
 
 A solve that cannot go on raises instead of stepping without end: a step whose end rounds to
 its start (torchdiffeq's "underflow in dt"; step sizes are proposed from the requested sizes,
@@ -37,117 +31,22 @@ import bisect
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from .. import runtime
-from ..capture import State
-from ..errors import ToleranceWarning
-from ..stats import SolveStats
-from .callbacks import StepCallbacks
+from ... import runtime
+from ...capture import State
+from ...errors import ToleranceWarning
+from ...stats import SolveStats
+from ..callbacks import StepCallbacks
+from ..step import Nudge, Stepper, all_finite, weighted_sum
+from ..tableaus import ButcherTableau
+from . import Attempt
 from .rounding_floor import ROUGH_ROUNDOFFS, RoundingFloor
-from .step import Nudge, Stepper, all_finite, weighted_sum
-from .tableaus import ButcherTableau
 
 ADAPTIVE_OPTIONS = ("first_step", "safety", "ifactor", "dfactor", "max_num_steps", "dtype",
                     "step_t", "jump_t", "min_step", "max_step", "norm")
-
-
-@dataclasses.dataclass
-class Attempt:
-    """One attempted step, from internal time ``t0`` to ``t1``.
-
-    Attributes:
-        t0, t1: the step's ends as tensors (differentiable in the solve's times).
-        t0_value, t1_value: their values on the host.
-        first: the step's first stage where it is already known, else None.
-        start_nudge: where the first stage is (or was) evaluated; None for the stepper's
-            default. Recorded for the backward pass's recomputation.
-        stages_read: whether the loop needs the stages (to judge the step or interpolate).
-    """
-
-    t0: torch.Tensor
-    t1: torch.Tensor
-    t0_value: float
-    t1_value: float
-    first: State | None = None
-    start_nudge: Nudge | None = None
-    stages_read: bool = True
-
-
-class StepController(Protocol):
-    """What the forward loop asks of a controller (one per solve)."""
-
-    adaptive: bool  # whether the steps are decided during the solve
-    known_steps: int | None  # the number of steps, where known before the solve
-
-    def start(self, stepper: Stepper, stats: SolveStats, y0: State, grid: torch.Tensor,
-              times: torch.Tensor, time_values: list[float]) -> None:
-        """Begin a solve from ``y0`` at ``grid[0]`` with output times ``times``."""
-
-    def attempt(self, y: State) -> Attempt | None:
-        """The next step to try from state ``y``; None when the last output time is reached."""
-
-    def judge(self, attempt: Attempt, y: State, y1: State, stages: list[State]) -> bool:
-        """Whether to accept the step taken from ``attempt``."""
-
-    def accept(self, attempt: Attempt, y1: State, stages: list[State]) -> list[int]:
-        """An accepted step's output indices (the output times it reaches); prepares the next
-        attempt."""
-
-    def grid_of(self, grid_values: list[float]) -> torch.Tensor:
-        """The tensor of the accepted steps' times (``grid_values``), for the backward pass."""
-
-    def finish(self) -> None:
-        """After the last step."""
-
-
-class FixedGridController:
-    """A grid known before the solve: every step is accepted.
-
-    Attributes:
-        grid_values: the grid's times (internal time).
-        outputs_per_step: for each step, the output indices it reaches.
-        callbacks: the velocity's step callbacks (``callback_step`` only, as torchdiffeq).
-    """
-
-    adaptive = False
-
-    def __init__(self, grid_values: list[float], outputs_per_step: list[list[int]],
-                 callbacks: StepCallbacks) -> None:
-        self.grid_values = grid_values
-        self.outputs_per_step = outputs_per_step
-        self.callbacks = callbacks
-        self.known_steps = len(grid_values) - 1
-
-    def start(self, stepper: Stepper, stats: SolveStats, y0: State, grid: torch.Tensor,
-              times: torch.Tensor, time_values: list[float]) -> None:
-        self._stepper, self._grid, self._step = stepper, grid, 0
-
-    def attempt(self, y: State) -> Attempt | None:
-        n = self._step
-        if n == self.known_steps:
-            return None
-        grid = self._grid
-        if self.callbacks:
-            self.callbacks("callback_step", grid[n], y, grid[n + 1] - grid[n])
-        return Attempt(grid[n], grid[n + 1], self.grid_values[n], self.grid_values[n + 1],
-                       stages_read=self._stepper.interpolation_reads_stages(
-                           self.outputs_per_step[n]))
-
-    def judge(self, attempt: Attempt, y: State, y1: State, stages: list[State]) -> bool:
-        return True
-
-    def accept(self, attempt: Attempt, y1: State, stages: list[State]) -> list[int]:
-        self._step += 1
-        return self.outputs_per_step[self._step - 1]
-
-    def grid_of(self, grid_values: list[float]) -> torch.Tensor:
-        return self._grid
-
-    def finish(self) -> None:
-        pass
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:

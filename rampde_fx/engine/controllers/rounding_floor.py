@@ -44,10 +44,10 @@ from typing import Protocol
 
 import torch
 
-from ..capture import State, Velocity
-from .rng import replayed_rng, rng_state
-from .step import Nudge, Stepper, weighted_sum
-from .tableaus import ButcherTableau
+from ...capture import State, Velocity
+from ..rng import replayed_rng, rng_state
+from ..step import Nudge, Stepper, weighted_sum
+from ..tableaus import ButcherTableau
 
 # The rough estimate of a stage's rounding that decides whether to measure it: the velocity's
 # input and its output rounded once each, in units of the low dtype's unit roundoff times |k|.
@@ -58,7 +58,7 @@ REMEASURE_FACTOR = 2.0
 
 
 class StepSizeControl(Protocol):
-    """What a measurement reads of the adaptive controller (``controllers``)."""
+    """What a measurement reads of the adaptive controller (``adaptive``)."""
 
     tableau: ButcherTableau
     safety: float
