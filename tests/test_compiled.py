@@ -107,9 +107,10 @@ def test_inductor_compiles_velocity_and_its_vjp_in_bfloat16():
             torch._functorch.config.patch(enable_autograd_cache=False):
         got = outputs_and_grads(torch.compile(model, fullgraph=True), x)
     # Inductor keeps fused pointwise intermediates in float32 where eager rounds each to bf16:
-    # equal within one bf16 unit roundoff.
+    # two solves with their own rounding, each within about one bf16 unit roundoff of float64,
+    # so within 2 of each other (measured: 0.5 to 0.6).
     for g, w in zip(got, outputs_and_grads(model, x)):
-        assert rel_err(g, w) < 2.0 ** -8
+        assert rel_err(g, w) < 2 * 2.0 ** -8
     # Two inference graphs: the forward step, and the backward step (recomputation and VJP in
     # one graph, with the VJP's matmuls: no autograd graph is compiled for the engine).
     assert [is_backward for is_backward, _ in recorder.graphs] == [False, False]

@@ -114,13 +114,15 @@ def test_float32_conversion_reproduces_the_model(name):
 def test_bfloat16_conversion_against_float64(name):
     """Bound 4 unit roundoffs of bf16: the solve alone stays within 2 (test_low_precision); the
     rest of the model (a head or decoder after the solve, chained CNF layers) adds its own
-    amplification of the solve's error. Measured: at most 2.3 unit roundoffs (the exact-trace
-    CNF), 1.5 for the other families."""
+    amplification of the solve's error. Measured: at most 1.7 unit roundoffs, as the inputs
+    and with them the rounding vary, except for the exact-trace CNF (bound 6, below)."""
     model, x, kwargs = family(name)
     want = reference(name, model, x, kwargs, torch.float64)
     got = outputs_and_grads(rampde_fx.convert(model), x, **kwargs)
     errors = [rel_err(g, w) for g, w in zip(got, want)]
-    assert max(errors) < 4 * U_BF16
+    # The exact-trace CNF's hypernetwork gates the whole velocity at every step: its
+    # gradients measure 2.3 to 3.0 unit roundoffs as the rounding varies.
+    assert max(errors) < (6 if name == "cnf_exact_trace" else 4) * U_BF16
     assert max(errors) > 1e-5  # bf16 error, not float32's: the low precision ran
 
 
@@ -199,13 +201,13 @@ class RecordingBackend:
                 for gm in self.graphs]
 
 
-def assert_compiled_matches_eager(compiled_model, converted, inputs, **kwargs):
+def assert_compiled_matches_eager(compiled_model, converted, inputs, bound=U_BF16, **kwargs):
     """The compiled model runs the same bf16 solves as the eager converted one: equal within
-    bf16 rounding (fused elementwise code may round differently)."""
+    ``bound`` (aot_eager runs eager's kernels; fused elementwise code may round differently)."""
     got = outputs_and_grads(compiled_model, inputs, **kwargs)
     want = outputs_and_grads(converted, inputs, **kwargs)
     for g, w in zip(got, want):
-        assert rel_err(g, w) < U_BF16
+        assert rel_err(g, w) < bound
 
 
 @pytest.mark.slow
@@ -252,8 +254,11 @@ def test_inductor_compiles_helper_and_both_branches(fresh_dynamo):
     model, x, _ = family("odeblock_final_state")
     converted = rampde_fx.convert(model)
     compiled_model = torch.compile(converted, fullgraph=True)
-    assert_compiled_matches_eager(compiled_model, converted, x)
-    assert_compiled_matches_eager(compiled_model, converted, x,
+    # Inductor keeps fused elementwise intermediates in float32 where eager rounds each to
+    # bf16: two solves with their own rounding, each within about a unit roundoff of float64
+    # (measured: eager 0.6 to 0.9, inductor 0.2 to 0.4), so within 2 of each other.
+    assert_compiled_matches_eager(compiled_model, converted, x, bound=2 * U_BF16)
+    assert_compiled_matches_eager(compiled_model, converted, x, bound=2 * U_BF16,
                                   eval_times=torch.tensor([0.0, 0.5, 1.0]))
 
 

@@ -42,7 +42,9 @@ def test_outputs_and_gradients_against_float64_on_cuda(dtype, unit_roundoff):
 def test_compiled_step_is_triton_in_the_low_dtype(dtype, unit_roundoff):
     """A converted model under torch.compile on CUDA: inductor lowers the step's forward and
     backward with matmuls in ``dtype`` only, emits Triton kernels, and the result matches the
-    eager converted model within one unit roundoff."""
+    eager converted model within two unit roundoffs: Triton keeps fused intermediates in
+    float32 where eager rounds each to ``dtype``, two solves each within about one unit
+    roundoff of float64."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     recorder = StepRecorder()
@@ -54,7 +56,7 @@ def test_compiled_step_is_triton_in_the_low_dtype(dtype, unit_roundoff):
         got, sources = run_and_get_code(outputs_and_grads, torch.compile(model, fullgraph=True),
                                         x)
     for g, w in zip(got, outputs_and_grads(model, x)):
-        assert rel_err(g, w) < unit_roundoff
+        assert rel_err(g, w) < 2 * unit_roundoff
     assert [is_backward for is_backward, _ in recorder.graphs] == [False, False]
     assert _matmul_count(recorder.graphs[1][1]) > _matmul_count(recorder.graphs[0][1])
     assert all(_matmul_dtypes(g) == {dtype} for _, g in recorder.graphs)
