@@ -17,11 +17,11 @@ What lives here, and for how long:
   functions by name and the functions given a trampoline, from the first ``convert`` until
   :func:`rampde_fx.interception.trampolines.uninstall`; ``per_thread().handlers``, the stack of
   converted forwards running in a thread, pushed and popped around each of them.
+- ``CAPTURED``: captured velocities per kind of velocity (a module class, a function's code;
+  weak keys), at most ``capture.cache.MAX_CAPTURES_PER_SIGNATURE`` per input signature; and
+  ``CAPTURE_LOCK``, held while capture swaps attributes of user modules.
 - ``CONVERTED_CLASSES``: the ``Converted<Name>`` subclass made for each converted model class,
   for the process (a class is small, and pickles refer to it by its original).
-- ``CAPTURED``: captured velocities per velocity object (weak keys: an entry goes with its
-  module or function), and ``CAPTURE_LOCK``, held while capture swaps attributes of user
-  modules.
 - ``STEP_KERNELS``: the compiled step kernels of each captured velocity (weak keys: they go
   with the velocity, which goes with its module).
 - Compiled solves (``compiled``): ``key_of``/``object_of`` name objects (the specs of compiled
@@ -121,11 +121,11 @@ class _Trampolines:
 
 TRAMPOLINES = _Trampolines()
 
-CONVERTED_CLASSES: dict[type, type] = {}
-CONVERTED_CLASSES_LOCK = threading.Lock()
-
 CAPTURE_LOCK = threading.RLock()
 CAPTURED: "weakref.WeakKeyDictionary[Any, dict[Any, Any]]" = weakref.WeakKeyDictionary()
+
+CONVERTED_CLASSES: dict[type, type] = {}
+CONVERTED_CLASSES_LOCK = threading.Lock()
 
 STEP_KERNELS: "weakref.WeakKeyDictionary[Any, dict[Any, Any]]" = weakref.WeakKeyDictionary()
 

@@ -430,10 +430,32 @@ class ReadsAPlainTensor(torch.nn.Module):
         return torch.tanh(x @ self.weight)
 
 
-def test_compiled_tensors_outside_parameters_are_warned_about(cheap_steps):
+def test_compiled_tensor_attributes_get_their_gradients(cheap_steps):
+    """A plain tensor attribute of the velocity (neither parameter nor buffer) is an input of
+    the compiled solve and gets its gradient."""
     func = ReadsAPlainTensor(torch.randn(4, 4, requires_grad=True))
+    y, t = torch.randn(2, 4), torch.tensor([0.0, 1.0])
     solve = torch.compile(
-        lambda y: rampde_fx.odeint(func, y, torch.tensor([0.0, 1.0]), method="euler"),
+        lambda y: rampde_fx.odeint(func, y, t, method="euler", dtype=torch.float32),
+        fullgraph=True, backend="aot_eager")
+    (got,) = torch.autograd.grad(solve(y).sum(), func.weight)
+    (want,) = torch.autograd.grad(torchdiffeq.odeint(func, y, t, method="euler").sum(),
+                                  func.weight)
+    assert rel_err(got, want) < 1e-6
+
+
+GLOBAL_WEIGHT = torch.randn(4, 4, requires_grad=True)
+
+
+class ReadsAGlobalTensor(torch.nn.Module):
+    def forward(self, t, x):
+        return torch.tanh(x @ GLOBAL_WEIGHT)
+
+
+def test_compiled_tensors_outside_the_module_are_warned_about(cheap_steps):
+    solve = torch.compile(
+        lambda y: rampde_fx.odeint(ReadsAGlobalTensor(), y, torch.tensor([0.0, 1.0]),
+                                   method="euler"),
         fullgraph=True, backend="aot_eager")
     with pytest.warns(rampde_fx.CaptureWarning, match=r"1 tensor\(s\) .* get no gradient"):
         solve(torch.randn(2, 4, requires_grad=True)).sum().backward()

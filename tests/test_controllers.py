@@ -85,10 +85,8 @@ def test_step_update_is_torchdiffeqs(ratio):
     """next_step is torchdiffeq's _optimal_step_size for every ratio, clamped to
     [min_step, max_step]; a non-finite ratio shrinks by dfactor."""
     control = controller()
-    want = float(_optimal_step_size(torch.tensor(0.1, dtype=torch.float64),
-                                    torch.tensor(ratio, dtype=torch.float64),
-                                    *(torch.tensor(v, dtype=torch.float64) for v in (0.9, 10.0, 0.2)),
-                                    5))
+    as_tensors = [torch.tensor(v, dtype=torch.float64) for v in (0.1, ratio, 0.9, 10.0, 0.2)]
+    want = float(_optimal_step_size(*as_tensors, 5))
     assert math.isclose(control.next_step(0.1, ratio), want, rel_tol=1e-12)
     assert math.isclose(control.next_step(0.1, math.inf), 0.1 * 0.2, rel_tol=1e-15)
     clamped = controller({"min_step": 0.05, "max_step": 0.5})

@@ -92,8 +92,9 @@ def test_untraceable_velocity_falls_back_with_a_warning_and_stays_exact():
     options = {"step_size": 0.1}
     with pytest.warns(rampde_fx.CaptureWarning,
                       match=r"could not capture velocity module DataDependent as a graph "
-                            r"\(Python control flow on the value of a tensor other than the "
-                            r"time, at test_inputs_and_fallback.py:\d+ in forward: "
+                            r"\(Python control flow on the value of a tensor computed from the "
+                            r"state or from tensors that require grad, at "
+                            r"test_inputs_and_fallback.py:\d+ in forward: "
                             r"if y.sum\(\) > 0:\)"):
         with rampde_fx.collect_stats() as stats:
             out = rampde_fx.odeint(func, y0, t, method="rk4", options=options,
@@ -131,11 +132,32 @@ class Counting(nn.Module):
         return self.lin(y)
 
 
+def test_counter_advances_by_the_solves_evaluations():
+    """Capture undoes what tracing changed; the solve then advances the counter by its
+    evaluations, as torchdiffeq's evaluations do."""
+    func, original = Counting(), Counting()
+    rampde_fx.odeint(func, Y0, T, method="euler")
+    torchdiffeq.odeint(original, Y0, T, method="euler")
+    assert func.nfe == original.nfe > 0
+
+
+class Remembering(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.last_time = None
+
+    def forward(self, t, y):
+        self.last_time = float(t)
+        return self.lin(y)
+
+
 def test_attribute_assigned_in_forward_is_restored_and_warned():
-    func = Counting()
-    with pytest.warns(rampde_fx.CaptureWarning, match=r"Counting assigns \['nfe'\] in forward"):
+    func = Remembering()
+    with pytest.warns(rampde_fx.CaptureWarning,
+                      match=r"Remembering assigns \['last_time'\] in forward"):
         rampde_fx.odeint(func, Y0, T, method="euler")
-    assert func.nfe == 0  # tracing left no trace on the user's module
+    assert func.last_time is None  # tracing left no trace on the user's module
 
 
 def test_reassigned_attribute_is_read_live():

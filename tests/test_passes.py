@@ -346,7 +346,7 @@ class CaptureCleanup(TestCase):
         """Detaches that the user's code asks for are tagged while tracing and stay; the
         ones autograd records beside them go."""
         def fn(t, x):
-            with TracingHooks(t, t), torch.enable_grad():
+            with TracingHooks(t, t, {}), torch.enable_grad():
                 y = x.tanh()
                 return y * y.detach()
 

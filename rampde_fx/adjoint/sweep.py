@@ -70,7 +70,8 @@ def backward_with_retries(plan: SolvePlan, state_dtypes: Sequence[torch.dtype],
         plan.stats.scale_retries += 1
     warnings.warn(f"rampde_fx: the {plan.stats.dtype} adjoint overflowed in every one of "
                   f"{MAX_SWEEP_RETRIES + 1} sweeps with lowered scales; returning non-finite "
-                  "gradients (torch.amp.GradScaler skips such steps). Consider dtype=torch.bfloat16.",
+                  "gradients (torch.amp.GradScaler skips such steps). Consider "
+                  "dtype=torch.bfloat16.",
                   RuntimeWarning, stacklevel=3)
     return grads
 
@@ -171,9 +172,10 @@ def _kernel_step(plan: SolvePlan, step: int, grid: torch.Tensor,
                  ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
     """A step by the stepper's executor; the results are unscaled, and the tensors' gradients
     are None where the executor added them to ``accumulators``."""
-    adjoint, grads, extra = plan.stepper.executor.backward_step(
-        grid[step], grid[step + 1], [store[step] for store in checkpoints], state_dtypes,
-        cotangents, scale, plan.start_nudge(step), positions, accumulators, wants.grid)
+    with plan.stepper.velocity.recomputing(plan.buffer_values_of(step)):
+        adjoint, grads, extra = plan.stepper.executor.backward_step(
+            grid[step], grid[step + 1], [store[step] for store in checkpoints], state_dtypes,
+            cotangents, scale, plan.start_nudge(step), positions, accumulators, wants.grid)
     plan.stepper.evaluations += plan.stepper.tableau.stages
     largest = extra[-1:] if scale is not None else []
     return [*adjoint, *(grads or [None] * len(positions)),
@@ -189,7 +191,7 @@ def _recomputed_step(plan: SolvePlan, step: int, grid: torch.Tensor, times: torc
     results and the scaled ones (to watch for overflow)."""
     stepper = plan.stepper
     indices = plan.outputs_per_step[step]
-    with torch.enable_grad(), stepper.velocity.recomputing(), \
+    with torch.enable_grad(), stepper.velocity.recomputing(plan.buffer_values_of(step)), \
             replayed_rng(plan.rng_state_of(step), grid.device):
         y_start = tuple(store[step].to(d).detach().requires_grad_()
                         for store, d in zip(checkpoints, state_dtypes))

@@ -1,6 +1,8 @@
-"""``capture_velocity``: the captured velocity of a callable, cached per velocity object."""
+"""``capture_velocity``: the captured velocity of a callable, cached per owner and guarded."""
 from __future__ import annotations
 
+import collections
+import dataclasses
 import warnings
 from typing import Any
 
@@ -9,41 +11,84 @@ import torch
 from .. import runtime
 from ..errors import CaptureWarning
 from ..policy import PrecisionPolicy
+from .guards import guard_state
 from .side_effects import SideEffects
-from .slots import describe, lifted_slots, owner_module, velocity_owner
+from .slots import describe, lifted_slots, velocity_kind
 from .trace import check_output, fallback_reason, trace
-from .velocity import GraphVelocity, State, Velocity, eager_velocity
+from .velocity import Counter, GraphVelocity, State, Velocity, eager_velocity
+
+# Captures kept for one kind of velocity and input signature, one per guarded Python state
+# (instances of one class whose structures differ have states of their own); past it the least
+# recently used goes, and a warning says that the state keeps changing.
+MAX_CAPTURES_PER_SIGNATURE = 64
+
+
+@dataclasses.dataclass
+class KindCaptures:
+    """The velocities captured for one kind of velocity (``runtime.CAPTURED``; see
+    :func:`~rampde_fx.capture.slots.velocity_kind`).
+
+    Attributes:
+        by_signature: per input signature, the velocities by guard state, the most recently
+            used last.
+        excluded: what the velocity code assigns, or appends to: outputs (counters and the
+            like), left out of its guards.
+        warned: whether the warning about a changing state was shown.
+    """
+
+    by_signature: dict[Any, collections.OrderedDict[tuple[Any, ...], Velocity]] = \
+        dataclasses.field(default_factory=dict)
+    excluded: set[str] = dataclasses.field(default_factory=set)
+    warned: bool = False
 
 
 def capture_velocity(func: Any, t: torch.Tensor, y: State, is_tuple: bool,
                      low_dtype: torch.dtype, policy: PrecisionPolicy) -> Velocity:
-    """The low-precision velocity for ``func`` at inputs like ``(t, y)``, cached per ``func``.
+    """The low-precision velocity for ``func`` at inputs like ``(t, y)``.
 
-    Velocities are cached per owner (see :func:`velocity_owner`) in ``runtime.CAPTURED``. The
-    cache key holds the shapes, dtypes and devices of the inputs, the low dtype, the policy
-    and the train/eval flags of ``func``'s modules (a graph bakes in ``if self.training``
-    branches and the shapes it was traced with).
+    Velocities are cached per kind (see :func:`~rampde_fx.capture.slots.velocity_kind`: the
+    module class, or the code of a function made per call) in ``runtime.CAPTURED``, per input
+    signature (the shapes, dtypes and devices of the inputs, the low dtype and the policy) and
+    per guarded Python state (see :mod:`rampde_fx.capture.guards`): a graph is reused, by any
+    velocity of its kind, only while the state it was traced under holds; each solve binds its
+    own velocity's tensors.
     """
-    owner, _ = velocity_owner(func)  # bound methods are re-created on every access
-    module = owner_module(func)
-    training = tuple(m.training for m in module.modules()) if module is not None else ()
-    key = (getattr(func, "__func__", None), low_dtype, policy, is_tuple, training, t.dtype,
-           tuple((c.dtype, c.device, tuple(c.shape)) for c in y))
+    signature = (getattr(func, "__func__", None), low_dtype, policy, is_tuple, t.dtype,
+                 tuple((c.dtype, c.device, tuple(c.shape)) for c in y))
     try:
-        per_owner = runtime.CAPTURED.setdefault(owner, {})
+        captures = runtime.CAPTURED.setdefault(velocity_kind(func), KindCaptures())
     except TypeError:  # not weak-referenceable: capture every time
-        per_owner = {}
+        captures = KindCaptures()
     with runtime.CAPTURE_LOCK:  # capture changes and restores attributes of the user's modules
-        if key not in per_owner:
-            per_owner[key] = _capture(func, t, y, is_tuple, low_dtype, policy, module)
-    return per_owner[key]
+        entries = captures.by_signature.setdefault(signature, collections.OrderedDict())
+        state = guard_state(func, captures.excluded)
+        velocity = entries.get(state)
+        if velocity is not None:
+            entries.move_to_end(state)
+            return velocity
+        velocity, effects = _capture(func, t, y, is_tuple, low_dtype, policy)
+        captures.excluded.update(effects.assigned, effects.changed,
+                                 (name for name, _ in effects.counters))
+        entries[guard_state(func, captures.excluded)] = velocity
+        if len(entries) > MAX_CAPTURES_PER_SIGNATURE:
+            entries.popitem(last=False)
+            if not captures.warned:
+                captures.warned = True
+                warnings.warn(
+                    f"rampde_fx: {describe(func)} was captured again for more than "
+                    f"{MAX_CAPTURES_PER_SIGNATURE} states of the Python it reads (attributes, "
+                    "globals, hooks, submodules; see rampde_fx.capture.guards): each change "
+                    "between solves costs a capture. Keep values that change per solve in "
+                    "tensors, which each solve binds without capturing again.",
+                    CaptureWarning, stacklevel=5)
+        return velocity
 
 
 def _capture(func: Any, t: torch.Tensor, y: State, is_tuple: bool, low_dtype: torch.dtype,
-             policy: PrecisionPolicy, module: torch.nn.Module | None) -> Velocity:
+             policy: PrecisionPolicy) -> tuple[Velocity, SideEffects]:
     example = (t.detach(), tuple(c.detach() for c in y))
     effects = SideEffects()
-    slots = lifted_slots(module)
+    slots = lifted_slots(func)
     try:
         traced = trace(func, *example, is_tuple, slots, effects)
     except Exception as error:  # noqa: BLE001 - any failure means: run it eagerly
@@ -52,13 +97,15 @@ def _capture(func: Any, t: torch.Tensor, y: State, is_tuple: bool, low_dtype: to
             f"rampde_fx: could not capture {describe(func)} as a graph ({reason}). It will run "
             f"eagerly on its state cast to {low_dtype}, under autocast; accumulation and the "
             "adjoint are unchanged, but the precision policy does not apply.",
-            CaptureWarning, stacklevel=4)
-        return eager_velocity(func, *example, is_tuple, low_dtype, reason)
+            CaptureWarning, stacklevel=5)
+        return eager_velocity(func, *example, is_tuple, low_dtype, reason), effects
     if effects:
         warnings.warn(
             f"rampde_fx: {describe(func)} {effects} in forward. Capture ran that Python code "
             "and undid what it changed; the captured graph does not repeat it during solves (a "
-            "counter such as nfe will not advance, a list it appends to stays as it was).",
-            CaptureWarning, stacklevel=4)
+            "list it appends to stays as it was; integer counters do advance).",
+            CaptureWarning, stacklevel=5)
     check_output(traced.output, example[1], func)
-    return GraphVelocity(func, is_tuple, low_dtype, policy, slots, traced, example)
+    counters = [Counter(name, delta) for name, delta in effects.counters]
+    return GraphVelocity(func, is_tuple, low_dtype, policy, slots, traced, example,
+                         counters), effects

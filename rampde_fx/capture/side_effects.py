@@ -4,59 +4,32 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import types
 from typing import Any, Iterator
 
 import torch
 
-from .slots import owner_module
+from .slots import module_roots, reachable_by_name
 
-def _mutable_attributes(module: torch.nn.Module
-                        ) -> dict[tuple[int, str], tuple[torch.nn.Module, str, Any]]:
+def _mutable_attributes(func: Any) -> dict[tuple[int, str], tuple[torch.nn.Module, str, Any]]:
+    """The attributes of the velocity's modules (see ``slots.module_roots``)."""
     snapshot = {}
-    for qualname, sub in module.named_modules():
-        for key, value in vars(sub).items():
-            snapshot[id(sub), key] = (sub, f"{qualname}.{key}".lstrip("."), value)
+    for root_prefix, root in module_roots(func):
+        for qualname, sub in root.named_modules(prefix=root_prefix):
+            for key, value in vars(sub).items():
+                snapshot[id(sub), key] = (sub, f"{qualname}.{key}".lstrip("."), value)
     return snapshot
 
 
-_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 _CONTAINERS = (list, dict, set)
 
 
-def _code_of(func: Any) -> types.FunctionType | None:
-    """The Python function that runs when ``func`` is called."""
-    if isinstance(func, torch.nn.Module):
-        code = type(func).forward
-    elif isinstance(func, types.MethodType):
-        code = func.__func__
-    else:
-        code = func if isinstance(func, types.FunctionType) else getattr(type(func), "__call__",
-                                                                         None)
-    return code if isinstance(code, types.FunctionType) else None
-
-
 def _reachable_containers(func: Any) -> dict[int, tuple[str, Any]]:
-    """The lists, dicts and sets that the velocity's code reaches by name, by id: attributes of
-    its modules, and the closure cells and globals of its function (or ``forward``)."""
+    """The lists, dicts and sets that the velocity's code reaches by name, by id (see
+    :func:`~rampde_fx.capture.slots.reachable_by_name`)."""
     found: dict[int, tuple[str, Any]] = {}
-
-    def add(name: str, value: Any) -> None:
+    for name, value, _ in reachable_by_name(func):
         if isinstance(value, _CONTAINERS):
             found.setdefault(id(value), (name, value))
-
-    owner = owner_module(func)
-    for qualname, sub in owner.named_modules() if owner is not None else ():
-        for key, value in vars(sub).items():
-            if key not in _MODULE_INTERNALS:
-                add(f"{qualname}.{key}".lstrip("."), value)
-    code = _code_of(func)
-    if code is not None:
-        for name, cell in zip(code.__code__.co_freevars, code.__closure__ or ()):
-            with contextlib.suppress(ValueError):  # a cell not filled yet
-                add(name, cell.cell_contents)
-        for name in code.__code__.co_names:
-            add(name, code.__globals__.get(name))
     return found
 
 
@@ -73,6 +46,8 @@ class SideEffects:
 
     assigned: list[str] = dataclasses.field(default_factory=list)
     changed: list[str] = dataclasses.field(default_factory=list)
+    # Integer attributes the code incremented: (qualified name, increment).
+    counters: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.assigned or self.changed)
@@ -93,24 +68,27 @@ def undoing_side_effects(func: Any, effects: SideEffects) -> Iterator[None]:
     lists, dicts and sets it reaches by name (see :func:`_reachable_containers`), so that
     capture leaves no fake tensors or other traces there, whether it succeeds or not.
 
-    Records in ``effects`` the non-tensor attributes assigned and the containers changed: a
-    graph recomputes tensor values on every call but does not repeat Python-side updates.
+    Records in ``effects`` the integer attributes incremented (counters, which the solve
+    advances), the other non-tensor attributes assigned and the containers changed: a graph
+    recomputes tensor values on every call but does not repeat Python-side updates.
     Containers reached otherwise (through a helper's globals, or nested in others) are not
     restored.
     """
-    module = owner_module(func)
-    before = _mutable_attributes(module) if module is not None else {}
+    before = _mutable_attributes(func)
     containers = _reachable_containers(func)
     saved = {key: (copy.copy(container), _identities(container))
              for key, (_, container) in containers.items()}  # copies keep the elements alive
     try:
         yield
     finally:
-        after = _mutable_attributes(module) if module is not None else {}
+        after = _mutable_attributes(func)
         for key, (sub, name, value) in before.items():
             if key not in after or after[key][2] is not value:
                 setattr(sub, key[1], value)
-                if not isinstance(value, torch.Tensor):
+                new = after[key][2] if key in after else None
+                if _is_int(value) and _is_int(new):
+                    effects.counters.append((name, new - value))
+                elif not isinstance(value, torch.Tensor):
                     effects.assigned.append(name)
         for key, (sub, name, value) in after.items():
             if key not in before:
@@ -126,3 +104,7 @@ def undoing_side_effects(func: Any, effects: SideEffects) -> Iterator[None]:
                 else:
                     container.update(original)
                 effects.changed.append(name)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -16,13 +16,30 @@ from ..passes.precision import fetch_attr, rewrite_for_precision
 from ..policy import PrecisionPolicy
 from ..stats import VelocityKind
 from .side_effects import SideEffects, undoing_side_effects
-from .slots import Slot, describe, lifted_slots, owner_module, substituted, weakly
-from .trace import State, Traced, as_state, draws_random, trace
+from .slots import Slot, describe, lifted_slots, module_roots, substituted, weakly
+from .trace import State, Traced, as_state, graph_draws_random, trace
 
 
 @dataclasses.dataclass
-class _ReplayFlag:
-    on: bool = False
+class _Shared:
+    """What a velocity shares with its twins (bound, as written, transformed)."""
+
+    replaying: bool = False  # evaluations inside re-run forward steps
+    # The copies of the mutable tensors that a re-run step reads, by name (see recomputing).
+    replay_tensors: dict[str, torch.Tensor] | None = None
+    draws_random: bool = False  # some graph draws random numbers
+    # Lifted tensors whose values the graphs are specialised on, beside the time's.
+    value_names: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Counter:
+    """An integer attribute that the velocity's Python increments by ``delta`` per call (an
+    ``nfe`` counter): a graph does not run that Python, so the solve advances it. ``name`` is
+    its qualified name among the velocity's modules (``sub.nfe``)."""
+
+    name: str
+    delta: int
 
 
 class GraphVelocity:
@@ -36,22 +53,25 @@ class GraphVelocity:
 
     def __init__(self, func: Any, is_tuple: bool, low_dtype: torch.dtype,
                  policy: PrecisionPolicy, slots: dict[str, Slot], first: Traced,
-                 example: tuple[torch.Tensor, State]) -> None:
+                 example: tuple[torch.Tensor, State], counters: Sequence[Counter] = ()) -> None:
         self._func = weakly(func)
         self.is_tuple = is_tuple
         self.low_dtype = low_dtype
         self.policy = policy
         self.fallback_reason: str | None = None  # the eager fallback's; a graph has none
+        self.counters = list(counters)
         self._slots = slots
-        self._replay = _ReplayFlag()  # shared with transformed twins
+        self._shared = _Shared()
+        self._base: GraphVelocity | None = None  # the velocity a twin was made from
+        self._bound: list[torch.Tensor] | None = None  # one solve's tensors (see bound())
         self.time_indexed = first.reads_time_value
+        self._shared.value_names = sorted(first.value_names)
         self._as_written = False
         self.names = first.names  # every graph takes the same lifted tensors, in this order
         # Buffers, not only what the graph marks as written: aten.native_batch_norm updates its
         # running statistics without declaring it in its schema.
         self._buffers = [i for i, name in enumerate(self.names)
                          if slots[name].kind != "_parameters"]
-        self.draws_random = False
         self._graphs: dict[float | None, tuple[fx.GraphModule, fx.GraphModule]] = {}
         self._add(first, example)
 
@@ -62,6 +82,47 @@ class GraphVelocity:
 
     def name(self) -> str:
         return describe(self.func)
+
+    @property
+    def base(self) -> "GraphVelocity":
+        """The captured velocity this one is a twin of (itself if it is none)."""
+        return self if self._base is None else self._base
+
+    @property
+    def draws_random(self) -> bool:
+        """Whether any of its graphs draws random numbers (the solve then replays the
+        generators of each step)."""
+        return self._shared.draws_random
+
+    def bound(self, func: Any, bindings: dict[str, torch.Tensor] | None = None
+              ) -> "GraphVelocity":
+        """A twin for one solve of ``func``, this velocity's or an equal one (the same code
+        and guarded state, made anew for the call, say): it reads the tensors that ``func``'s
+        slots hold now (or, by qualified name, those of ``bindings``), whatever is assigned to
+        them later, so the solve's backward pass sees the values its forward used. It shares
+        this velocity's graphs."""
+        bindings = bindings or {}
+        slots = lifted_slots(func)
+        twin = copy.copy(self)
+        twin._base = self.base
+        twin._func = weakly(func)
+        twin._slots = slots
+        twin._bound = [bindings[name] if name in bindings else slots[name].get()
+                       for name in self.names]
+        return twin
+
+    def advance_counters(self, calls: int) -> None:
+        """Advance the counters of this velocity's modules as ``calls`` runs of its Python
+        would have."""
+        if not self.counters:
+            return
+        modules = {prefix: module for root_prefix, root in module_roots(self.func)
+                   for prefix, module in root.named_modules(prefix=root_prefix)}
+        for counter in self.counters:
+            prefix, _, attribute = counter.name.rpartition(".")
+            module = modules.get(prefix)
+            if module is not None:
+                setattr(module, attribute, getattr(module, attribute) + counter.delta * calls)
 
     def _add(self, traced: Traced, example: tuple[torch.Tensor, State]) -> None:
         t, state = example
@@ -75,9 +136,9 @@ class GraphVelocity:
                         op="placeholder"))[1:1 + len(state)]})
             rewritten = fx.GraphModule(original, new_graph, class_name="LowPrecisionVelocity")
         # Any graph that draws makes the solve replay the generators (graphs per time differ).
-        self.draws_random = self.draws_random or draws_random(original.graph)
-        key = float(t.item()) if self.time_indexed else None
-        self._graphs[key] = (original, rewritten)
+        if graph_draws_random(original.graph):
+            self._shared.draws_random = True
+        self._graphs[self._key(t) if self.time_indexed else None] = (original, rewritten)
 
     @property
     def original_graph_module(self) -> fx.GraphModule:
@@ -89,29 +150,50 @@ class GraphVelocity:
         """The rewritten graph that runs (the first one captured)."""
         return next(iter(self._graphs.values()))[1]
 
+    def graph_times(self) -> list[float]:
+        """The time of each of its graphs, where it has one per time (see ``time_indexed``)."""
+        return [key[0] for key in self._graphs if key is not None]
+
+    def _key(self, t: torch.Tensor) -> Any:
+        """Which graph serves time ``t``: its value, and the values of the lifted tensors the
+        graphs are specialised on (read from this velocity's tensors, host synchronisations)."""
+        tensors = dict(zip(self.names, self.live_tensors()))
+        return (float(t.item()), *(tuple(tensors[name].detach().flatten().tolist())
+                                   for name in self._shared.value_names))
+
     def _graph_at(self, t: torch.Tensor, y: State) -> fx.GraphModule:
         if not self.time_indexed:
             return self.graph_module
-        key = float(t.item())
         with runtime.CAPTURE_LOCK:
-            if key not in self._graphs:
+            if self._key(t) not in self._graphs:
                 example = (t.detach(), tuple(c.detach() for c in y))
-                self._add(trace(self.func, *example, self.is_tuple, self._slots,
-                                 SideEffects()), example)
-        return self._graphs[key][1]
+                traced = trace(self.func, *example, self.is_tuple, self._slots, SideEffects())
+                names = self._shared.value_names
+                names[:] = sorted(set(names) | traced.value_names)  # a wider key from now on
+                self._add(traced, example)
+            return self._graphs[self._key(t)][1]
 
     def live_tensors(self, replaying: bool = False) -> list[torch.Tensor]:
-        """The lifted tensors as they are now, in the graphs' placeholder order; ``replaying``
-        a step, the buffers as copies: mutations of the velocity's buffers happen in the
-        forward only."""
-        tensors = [self._slots[name].get() for name in self.names]
+        """The lifted tensors, in the graphs' placeholder order: those bound for the solve
+        (see :meth:`bound`), else as they are now; ``replaying`` a step, the buffers as copies:
+        mutations of the velocity's buffers happen in the forward only."""
+        tensors = list(self._bound) if self._bound is not None else \
+            [self._slots[name].get() for name in self.names]
         if replaying:
+            replay = self._shared.replay_tensors or {}
             for i in self._buffers:
-                tensors[i] = tensors[i].clone()
+                tensors[i] = replay[self.names[i]] if self.names[i] in replay else \
+                    tensors[i].clone()
         return tensors
 
+    def mutable_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that evaluations may change in place (buffers, tensor attributes), by
+        name: the forward keeps their values per step where it does (see ``recomputing``)."""
+        tensors = self.live_tensors()
+        return {self.names[i]: tensors[i] for i in self._buffers}
+
     def __call__(self, t: torch.Tensor, y: State) -> State:
-        return self._run(t, y, self.live_tensors(replaying=self._replay.on))
+        return self._run(t, y, self.live_tensors(replaying=self._shared.replaying))
 
     def _run(self, t: torch.Tensor, y: State, tensors: Sequence[torch.Tensor]) -> State:
         return as_state(self._graph_at(t, y)(t, *y, *tensors), len(y), self.name)
@@ -122,19 +204,24 @@ class GraphVelocity:
         return lambda t, y: self._run(t, y, tensors)
 
     @contextlib.contextmanager
-    def recomputing(self) -> Iterator[None]:
-        """Evaluations inside re-run forward steps: buffers the velocity mutates stay as they
-        are."""
-        self._replay.on = True
+    def recomputing(self, values: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+        """Evaluations inside a re-run forward step: they read copies, made once for the step,
+        of the velocity's mutable tensors (its in-place updates of its buffers happen in the
+        forward only, and carry from one stage to the next as they did there); copies of
+        ``values`` where given (the buffers as the forward step found them, by name)."""
+        values = values or {}
+        self._shared.replaying = True
+        self._shared.replay_tensors = {name: values.get(name, x).clone()
+                                       for name, x in self.mutable_tensors().items()}
         try:
             yield
         finally:
-            self._replay.on = False
+            self._shared.replaying, self._shared.replay_tensors = False, None
 
     def as_written(self) -> "GraphVelocity":
         """A twin that runs the captured graphs without the precision rewrite: the velocity in
         the precisions its code was written in, the reference that measures this one's
-        rounding. It reads the same live tensors."""
+        rounding. It reads the same tensors."""
         twin = copy.copy(self)
         twin._as_written = True
         twin._graphs = {key: (original, original) for key, (original, _) in self._graphs.items()}
@@ -142,7 +229,7 @@ class GraphVelocity:
 
     def transformed(self, transform: Callable[[fx.Graph], None]) -> "GraphVelocity":
         """A twin whose rewritten graphs are copies changed in place by ``transform``; it reads
-        the same live tensors."""
+        the same tensors."""
         twin = copy.copy(self)
         twin._graphs = {}
         for key, (original, rewritten) in self._graphs.items():
@@ -153,9 +240,9 @@ class GraphVelocity:
         return twin
 
     def tensors_requiring_grad(self) -> list[torch.Tensor]:
-        """The live tensors the velocity reads that require grad (parameters, closures...)."""
+        """The tensors the velocity reads that require grad (parameters, closures...)."""
         found: dict[int, torch.Tensor] = {}
-        values = [self._slots[name].get() for name in self.names]
+        values: list[Any] = self.live_tensors()
         for gm in (rewritten for _, rewritten in self._graphs.values()):
             values += [fetch_attr(gm, n.target) for n in gm.graph.find_nodes(op="get_attr")]
         for value in values:
@@ -172,19 +259,42 @@ class EagerVelocity:
     time_indexed = False
 
     def __init__(self, func: Any, low_dtype: torch.dtype, is_tuple: bool, reason: str,
-                 tensors: Sequence[torch.Tensor]) -> None:
+                 other_tensors: Sequence[torch.Tensor]) -> None:
         self._func = weakly(func)
         self.low_dtype = low_dtype
         self.is_tuple = is_tuple
         self.fallback_reason = reason
-        self._tensors = list(tensors)
-        self._slots = {name: slot for name, slot in lifted_slots(owner_module(func)).items()
-                       if slot.kind == "_buffers"}
-        self._replay = _ReplayFlag()
+        self._other_tensors = list(other_tensors)  # read outside the owner's slots (closures)
+        self._slots = lifted_slots(func)
+        self._bound: dict[str, torch.Tensor] | None = None
+        self._shared = _Shared()
         self._as_written = False
 
     func = GraphVelocity.func
     name = GraphVelocity.name
+    counters: list[Counter] = []  # its Python runs: counters advance themselves
+
+    def bound(self, func: Any, bindings: dict[str, torch.Tensor] | None = None
+              ) -> "EagerVelocity":
+        """A twin for one solve of ``func``: while it runs, the slots of ``func`` hold the
+        tensors they hold now, or those of ``bindings`` (see :meth:`GraphVelocity.bound`)."""
+        bindings = bindings or {}
+        twin = copy.copy(self)
+        twin._func = weakly(func)
+        twin._slots = lifted_slots(func)
+        twin._bound = {name: bindings[name] if name in bindings else slot.get()
+                       for name, slot in twin._slots.items()}
+        return twin
+
+    def advance_counters(self, calls: int) -> None:
+        pass
+
+    def mutable_tensors(self) -> dict[str, torch.Tensor]:
+        """See :meth:`GraphVelocity.mutable_tensors`."""
+        tensors = self._bound if self._bound is not None else \
+            {name: slot.get() for name, slot in self._slots.items()}
+        return {name: tensors[name] for name, slot in self._slots.items()
+                if slot.kind != "_parameters"}
 
     def __call__(self, t: torch.Tensor, y: State) -> State:
         if self._as_written:
@@ -192,8 +302,13 @@ class EagerVelocity:
         else:
             y, precision = tuple(c.to(self.low_dtype) for c in y), \
                 autocast_for(y[0].device.type, self.low_dtype)
-        slots = list(self._slots.values()) if self._replay.on else []
-        with precision, substituted(slots, [slot.get().clone() for slot in slots]):
+        # The bound tensors where a slot holds another one now; in a re-run forward step,
+        # copies of the buffers (mutations of buffers happen in the forward only).
+        values = {name: value for name, value in (self._bound or {}).items()
+                  if self._slots[name].get() is not value}
+        if self._shared.replaying:
+            values.update(self._shared.replay_tensors or {})
+        with precision, substituted([self._slots[name] for name in values], list(values.values())):
             out = self.func(t, y if self.is_tuple else y[0])
         return as_state(out, len(y), self.name)
 
@@ -207,7 +322,11 @@ class EagerVelocity:
     recomputing = GraphVelocity.recomputing
 
     def tensors_requiring_grad(self) -> list[torch.Tensor]:
-        return self._tensors
+        slots = self._bound if self._bound is not None else \
+            {name: slot.get() for name, slot in self._slots.items()}
+        found = {id(x): x for x in slots.values() if x.requires_grad}
+        found.update((id(x), x) for x in self._other_tensors)
+        return list(found.values())
 
 
 Velocity = GraphVelocity | EagerVelocity
@@ -250,9 +369,6 @@ def eager_velocity(func: Any, t: torch.Tensor, state: State, is_tuple: bool,
             devices=[state[0].device] if state[0].device.type == "cuda" else []), \
             undoing_side_effects(func, SideEffects()):
         velocity(t, state)
-    tensors = dict(recorder.seen)
-    owner = owner_module(func)
-    if owner is not None:
-        tensors.update((id(p), p) for p in owner.parameters() if p.requires_grad)
-    velocity._tensors = list(tensors.values())
+    in_slots = {id(slot.get()) for slot in velocity._slots.values()}
+    velocity._other_tensors = [x for key, x in recorder.seen.items() if key not in in_slots]
     return velocity

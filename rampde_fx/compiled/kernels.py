@@ -13,9 +13,10 @@ Both are traced to aten graphs with ``make_fx`` (through ``torch.autograd.grad``
 backward kernel holds the derivative ops themselves: no autograd graph is built and no autograd
 engine runs per step) and compiled by the dynamo backend ``runtime.settings.kernel_backend``
 (inductor) called on the graph directly: no dynamo frame runs per call, and dynamo's
-recompilation limit never counts kernels. Each kernel is compiled per input signature (see :class:`_Kernel`) and cached per
-velocity in ``runtime.STEP_KERNELS``, which drops them with the velocity (and the capture cache
-drops the velocity with its module).
+recompilation limit never counts kernels. Each kernel is compiled per input signature (see
+:class:`_Kernel`) and cached per captured velocity in ``runtime.STEP_KERNELS``, which drops
+them with the velocity (and the capture cache drops the velocity with its class); each solve
+runs them on its own tensors.
 
 Only velocities that are one graph of plain ops get kernels: an eager fallback, graphs per time
 value, or random draws (replayed from the generators of eager kernels) run as they are.
@@ -73,7 +74,8 @@ class StepKernels:
     needed: the engine's ``StepExecutor`` for compiled solves."""
 
     stepper: Stepper  # whose velocity is the GraphVelocity (possibly transformed) to run
-    lifted: Callable[..., list[torch.Tensor]]  # GraphVelocity.live_tensors
+    # The solve's tensors (GraphVelocity.live_tensors of its bound velocity).
+    lifted: Callable[..., list[torch.Tensor]] = list
     _forward: dict[Any, _Kernel] = dataclasses.field(default_factory=dict)
     _backward: dict[Any, _Kernel] = dataclasses.field(default_factory=dict)
 
@@ -177,14 +179,16 @@ def kernels_for(stepper: Stepper, dtype: torch.dtype, device: torch.device,
     velocity = stepper.velocity
     if not isinstance(velocity, GraphVelocity) or velocity.time_indexed or velocity.draws_random:
         return None
-    per_velocity = runtime.STEP_KERNELS.setdefault(velocity, {})
+    per_velocity = runtime.STEP_KERNELS.setdefault(velocity.base, {})
     key = (stepper.tableau, stepper.start_nudge, stepper.end_nudge, stepper.time_sign,
            device.type, keeps_activations, runtime.settings.kernel_backend, dtype)
     if key not in per_velocity:
-        # A twin that shares the velocity's graphs and tensors: the kernels must not refer to
-        # the velocity, whose entry they are.
-        own = copy.copy(velocity) if transform is None else velocity.transformed(transform)
-        twin = Stepper(own, stepper.tableau, stepper.start_nudge, stepper.end_nudge,
-                       stepper.time_sign, stepper.interp)
-        per_velocity[key] = StepKernels(twin, own.live_tensors)
-    return per_velocity[key]
+        # A twin that shares the velocity's graphs: the kernels must not refer to the
+        # velocity, whose entry they are. It is traced with the tensors as inputs.
+        base = velocity.base
+        own = copy.copy(base) if transform is None else base.transformed(transform)
+        per_velocity[key] = StepKernels(Stepper(own, stepper.tableau, stepper.start_nudge,
+                                                stepper.end_nudge, stepper.time_sign,
+                                                stepper.interp))
+    # The compiled kernels, reading this solve's tensors.
+    return dataclasses.replace(per_velocity[key], lifted=velocity.live_tensors)

@@ -41,8 +41,19 @@ from ..engine.plan import SolvePlan, prepare_solve
 from ..errors import CaptureWarning
 from ..passes.cpu import cpu_kernel_transform
 from .kernels import kernels_for
-from .registry import (DYNAMO_PASSES_OBJECTS, CompiledSolveSpec, grad_tensors, lift_numbers,
-                       lower_numbers, register)
+from .registry import (DYNAMO_PASSES_OBJECTS, CompiledSolveSpec, lift_numbers, lower_numbers,
+                       register, tensor_at, tensor_names)
+
+
+def require_compilable(func: Any) -> None:
+    """Refuse, while dynamo traces, a velocity that a compiled solve cannot take: one that is
+    no module or method of one (dynamo cannot hand a lambda or closure to the solve)."""
+    if not isinstance(func, (torch.nn.Module, types.MethodType)):
+        raise NotImplementedError(
+            f"rampde_fx under torch.compile: the velocity {describe(func)} is a plain function "
+            "(a lambda or closure?); func must be an nn.Module or a method of one, which the "
+            "compiled solve can take. Make the velocity a module holding the tensors and "
+            "modules it reads, or run this solve without torch.compile.")
 
 
 def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
@@ -63,11 +74,7 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
             f"rampde_fx under torch.compile needs torch 2.13 or later (this is "
             f"{torch.__version__}): its dynamo passes the velocity module to the solve's "
             "registration. Run the converted model without torch.compile, or upgrade torch.")
-    if not isinstance(func, (torch.nn.Module, types.MethodType)):
-        raise NotImplementedError(
-            "rampde_fx.odeint under torch.compile: func must be an nn.Module or a method of "
-            "one (a function cannot be registered as a constant of the graph); keep the "
-            "tensors it reads as attributes of the module")
+    require_compilable(func)
     is_tuple = isinstance(y0, tuple)
     state = list(y0) if is_tuple else [y0]
     owner, method_name = velocity_owner(func)
@@ -75,7 +82,7 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
     rtol, atol, options = lift_numbers((rtol, atol, options), numbers)
     spec_key = register(owner, method_name, config, settings, report_to_key, rtol, atol, method,
                         options, is_tuple)
-    tensors = grad_tensors(owner)
+    tensors = [tensor_at(owner, name) for name in tensor_names(spec_key)]
     recording = torch.is_grad_enabled()
     needs = [recording and x.requires_grad for x in [*state, t, *tensors]]
     *solution, _ticket = torch.ops.rampde_fx.solve(
@@ -118,16 +125,16 @@ class _Saved:
     grid: Tensor
     times: Tensor
     checkpoints: list[Tensor]
-    velocity_tensors: list[Tensor | None]  # aligned with the op's tensor inputs
+    velocity_tensors: list[Tensor]  # the leaves the velocity read, one per tensor input
 
 
 @dataclasses.dataclass
 class _SavedGraph:
     """checkpoint='stages': the autograd graph of the solve, from its outputs to its inputs
-    (``[*state, t, *velocity tensors]``, aligned with the op's inputs; None where unread)."""
+    (``[*state, t, *velocity tensors]``, leaves aligned with the op's inputs)."""
 
     outputs: list[Tensor]
-    inputs: list[Tensor | None]
+    inputs: list[Tensor]
 
 
 def held_checkpoints() -> list[Tensor]:
@@ -136,25 +143,16 @@ def held_checkpoints() -> list[Tensor]:
             for c in saved.checkpoints]
 
 
-def _same_memory(a: Tensor, b: Tensor) -> bool:
-    return a is b or (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-                      and a.storage_offset() == b.storage_offset()
-                      and a.shape == b.shape and a.stride() == b.stride())
-
-
-def _align(inputs: list[Tensor], read: list[Tensor], func: Any) -> list[Tensor | None]:
-    """For each tensor input of the op, the tensor the velocity reads in its place (the live
-    object, for autograd), or None if it reads none; warns about read tensors that are not
-    inputs: they get no gradient."""
-    aligned = [next((r for r in read if _same_memory(x, r)), None) for x in inputs]
-    missed = [r for r in read if not any(a is r for a in aligned)]
+def _warn_about_unbound(read: list[Tensor], bound: list[Tensor], func: Any) -> None:
+    """Warn about tensors that the velocity reads and that require grad but are no tensors of
+    its owner (closure or global tensors, constants of its graph): they get no gradient."""
+    missed = [x for x in read if not any(x is b for b in bound)]
     if missed:
         warnings.warn(
             f"rampde_fx: under torch.compile, {len(missed)} tensor(s) that {describe(func)} "
-            "reads and that require grad are not parameters or buffers of its module "
-            "(closure tensors?) and get no gradient; make them attributes of the module.",
-            CaptureWarning, stacklevel=2)
-    return aligned
+            "reads and that require grad are not parameters, buffers or tensor attributes of "
+            "its module (closure tensors?) and get no gradient; make them attributes of the "
+            "module.", CaptureWarning, stacklevel=2)
 
 
 @torch.library.custom_op("rampde_fx::solve", mutates_args=())
@@ -171,15 +169,20 @@ def _solve(spec_key: int, numbers: Tensor, state: list[Tensor], t: Tensor, tenso
     config = spec.config
     keep = any(needs)
     keep_stages = keep and config.keeps_stages
+    n = len(state)
     with _as_from_python(), torch.set_grad_enabled(keep_stages):
         # Only the inputs that want gradients are recorded: a time that requires grad would
         # keep every stage in float32 for its gradient.
         leaves = [x.detach().requires_grad_(keep_stages and need)
                   for x, need in zip((*state, t), needs)]
+        # The velocity reads the op's tensor inputs (the values its tensors had when the
+        # traced code reached the solve), as leaves of the backward's recomputation.
+        tensor_leaves = [x.detach().requires_grad_(need)
+                         for x, need in zip(tensors, needs[n + 1:])]
         y0 = tuple(leaves[:-1]) if spec.is_tuple else leaves[0]
         prepared = prepare_solve(
             spec.func, y0, leaves[-1], config, rtol=rtol, atol=atol, method=spec.method,
-            options=options, event_fn=None,
+            options=options, event_fn=None, bindings=dict(zip(spec.tensor_names, tensor_leaves)),
             executor_for=lambda stepper: kernels_for(
                 stepper, config.dtype, t.device, keep_stages,
                 cpu_kernel_transform(config.dtype, t.device, keep_stages)))
@@ -194,11 +197,11 @@ def _solve(spec_key: int, numbers: Tensor, state: list[Tensor], t: Tensor, tenso
     if keep:
         number = next(runtime.TICKETS)
         ticket = torch.tensor(number)
-        aligned = _align(tensors, prepared.tensors, spec.func)
+        _warn_about_unbound(prepared.tensors, tensor_leaves, spec.func)
         runtime.SAVED_SOLVES[number] = (
-            _SavedGraph(list(solution), [*leaves, *aligned]) if keep_stages else
+            _SavedGraph(list(solution), [*leaves, *tensor_leaves]) if keep_stages else
             _Saved(spec, options, prepared.plan, grid.detach(), prepared.times.detach(),
-                   checkpoints, aligned))
+                   checkpoints, tensor_leaves))
         weakref.finalize(ticket, runtime.SAVED_SOLVES.pop, number, None)
     return [c.detach() for c in solution] + [ticket]
 
@@ -218,7 +221,7 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
         raise RuntimeError("rampde_fx: the checkpoints of this solve are gone; was backward "
                            "run twice without retain_graph, or on a solve made without grad?")
     if isinstance(saved, _SavedGraph):
-        wanted = [need and x is not None for x, need in zip(saved.inputs, needs)]
+        wanted = list(needs)
         with _as_from_python():
             found = iter(vector_jacobian_product(
                 saved.outputs, [x for x, want in zip(saved.inputs, wanted) if want],
@@ -228,9 +231,7 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
     plan = saved.plan
     n = plan.n_components
     wants = Wants(state=any(needs[:n]), grid=needs[n], times=needs[n],
-                   tensors=[i for i, (need, read) in enumerate(zip(needs[n + 1:],
-                                                                   saved.velocity_tensors))
-                            if need and read is not None])
+                  tensors=[i for i, need in enumerate(needs[n + 1:]) if need])
     with _as_from_python(), torch.autocast(t.device.type, enabled=False):
         grads = backward_with_retries(plan, tuple(c.dtype for c in state), saved.grid,
                                       saved.times, saved.checkpoints, saved.velocity_tensors,

@@ -11,7 +11,7 @@ they are, which needs dynamo of torch 2.13 or later.
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
 import weakref
 from typing import Any, Callable
 
@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from .. import runtime
+from ..capture import lifted_slots
+from ..capture.slots import MODULE_INTERNALS
 from ..config import SolveConfig, resolve_config
 
 # Python numbers among a solve's tolerances and options are inputs of the op, not constants of
@@ -68,6 +70,8 @@ class CompiledSolveSpec:
     config: SolveConfig
     is_tuple: bool
     report_to: "weakref.ref[Any] | None"  # whose ``last_stats`` each run sets (a convert site)
+    # The tensors of the velocity's owner, by qualified name, in the order the op takes them.
+    tensor_names: tuple[str, ...]
 
     @property
     def func(self) -> Callable[..., Any]:
@@ -89,11 +93,14 @@ def register(owner: torch.nn.Module, method_name: Any, config: Any, settings: An
     velocity is ``owner`` itself or its method ``method_name``; the precision settings are
     ``config``, or those the settings keywords give (see :func:`rampde_fx.config.resolve_config`).
     An equal spec of the same owner is reused, so recompilation registers nothing new."""
+    _refuse_made_while_tracing(owner)
     config = resolve_config(config, None, **settings)
     report_to = None if report_to_key is None else runtime.object_of(report_to_key)
+    func = owner if method_name is None else getattr(owner, method_name)
     spec = CompiledSolveSpec(weakref.ref(owner), method_name, rtol, atol, method,
                              dict(options or {}), config, is_tuple,
-                             None if report_to is None else weakref.ref(report_to))
+                             None if report_to is None else weakref.ref(report_to),
+                             tuple(lifted_slots(func)))
     specs = runtime.SPECS_OF.setdefault(owner, {})
     key = next((key for key, known in specs.items() if known == spec), None)
     if key is None:
@@ -102,10 +109,28 @@ def register(owner: torch.nn.Module, method_name: Any, config: Any, settings: An
     return key
 
 
-def grad_tensors(owner: Any) -> list[Tensor]:
-    """Tensors the velocity may read that require grad: the parameters and buffers of its
-    owner where that is a module. (Closure tensors of plain functions cannot be found while
-    tracing; capture them as module attributes.)"""
-    if not isinstance(owner, torch.nn.Module):
-        return []
-    return [x for x in itertools.chain(owner.parameters(), owner.buffers()) if x.requires_grad]
+def _refuse_made_while_tracing(owner: Any) -> None:
+    """A velocity module made inside the compiled code (a vector-field wrapper built per call)
+    reaches the registration as dynamo rebuilds it: nn.Module's own state, without what its
+    ``__init__`` set. Refuse it with what to do instead."""
+    if isinstance(owner, torch.nn.Module) and type(owner).__init__ is not torch.nn.Module.__init__ \
+            and set(vars(owner)) <= MODULE_INTERNALS and not (
+                owner._modules or owner._parameters or owner._buffers):
+        raise NotImplementedError(
+            f"rampde_fx under torch.compile: the velocity module {type(owner).__qualname__} "
+            "is made inside the compiled code, and dynamo cannot hand it to the compiled solve. "
+            "Make it once (in the model's __init__) and set what changes per call as its "
+            "attributes before the solve, or run this solve without torch.compile.")
+
+
+@torch.compiler.assume_constant_result
+def tensor_names(spec_key: int) -> tuple[str, ...]:
+    """Runs while dynamo traces a solve: the qualified names of the tensors of the velocity's
+    owner (its parameters, buffers and tensor attributes), a constant of the graph. The traced
+    code reads them by these names, so a tensor assigned before the solve is the one it gets."""
+    return runtime.object_of(spec_key).tensor_names
+
+
+def tensor_at(owner: Any, name: str) -> Tensor:
+    """The tensor of ``owner`` at the qualified name ``name`` (``sub.weight``)."""
+    return functools.reduce(getattr, name.split("."), owner)

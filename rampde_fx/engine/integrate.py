@@ -4,8 +4,9 @@ The loop asks the plan's controller (:mod:`rampde_fx.engine.controllers`) for an
 takes the step (by the stepper, or its executor), lets the controller judge it, and on
 acceptance keeps the step's start as a low-precision checkpoint, writes the outputs the step
 reaches (interpolated inside it) and records the step for the backward pass: its times, its
-outputs, its first stage's nudge, and the generator state it drew from where the velocity draws
-random numbers on a fixed grid (adaptive steps are not replayed: a warning says so).
+outputs, its first stage's nudge, the values of the buffers its evaluations change in place,
+and the generator state it drew from where the velocity draws random numbers on a fixed grid
+(adaptive steps are not replayed: a warning says so).
 """
 from __future__ import annotations
 
@@ -16,6 +17,34 @@ import torch
 from ..capture import State
 from .plan import SolvePlan
 from .rng import RngState, rng_state
+
+
+class BufferHistory:
+    """The values that a velocity's buffers had at the start of each accepted step, for those
+    its evaluations change in place (a power iteration's vectors; found by their version
+    counters on the first attempt): the backward pass re-runs each step with them, so it sees
+    what the forward step saw."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+        self._changed: list[str] | None = None  # unknown before the first attempt
+        self.per_step: list[dict[str, torch.Tensor]] = []
+
+    def before_attempt(self) -> None:
+        names = self._tensors if self._changed is None else self._changed
+        self._pending = {name: self._tensors[name].clone() for name in names}
+        self._versions = {name: x._version for name, x in self._tensors.items()}
+
+    def after_attempt(self, accepted: bool) -> None:
+        if self._changed is None:
+            self._changed = [name for name, x in self._tensors.items()
+                             if x._version != self._versions[name]]
+            self._pending = {name: self._pending[name] for name in self._changed}
+        if accepted:
+            self.per_step.append(self._pending)
+
+    def result(self) -> list[dict[str, torch.Tensor]] | None:
+        return self.per_step if self._changed else None
 
 
 class CheckpointStore:
@@ -69,16 +98,23 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
     rng_states: list[RngState] | None = [] if replay and not controller.adaptive else None
     checkpoints = CheckpointStore(y0, plan.checkpoint_dtypes, controller.known_steps) \
         if keep_checkpoints else None
+    mutable = velocity.mutable_tensors() if keep_checkpoints else {}
+    buffers = BufferHistory(mutable) if mutable else None
     grid_values, outputs_per_step, start_nudges = [time_values[0]], [], []
     controller.start(stepper, stats, y0, grid, times, time_values)
     y = y0
     while (attempt := controller.attempt(y)) is not None:
         if rng_states is not None:
             rng_states.append(rng_state(grid.device))
+        if buffers is not None:
+            buffers.before_attempt()
         y1, stages = stepper.take_step(
             attempt.t0, attempt.t1, y, attempt.first,
             attempt.start_nudge if attempt.first is None else None, attempt.stages_read)
-        if not controller.judge(attempt, y, y1, stages):
+        accepted = controller.judge(attempt, y, y1, stages)
+        if buffers is not None:
+            buffers.after_attempt(accepted)
+        if not accepted:
             continue
         if checkpoints is not None:
             checkpoints.append(y)
@@ -93,9 +129,11 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
         outputs_per_step.append(indices)
         start_nudges.append(attempt.start_nudge)
         y = y1
-    plan.record_steps(grid_values, outputs_per_step, start_nudges, rng_states)
+    plan.record_steps(grid_values, outputs_per_step, start_nudges, rng_states,
+                      None if buffers is None else buffers.result())
     stats.steps = plan.steps
     stats.nfe_forward = stepper.evaluations
+    velocity.advance_counters(stepper.evaluations)
     controller.finish()
     return solution, checkpoints.tensors() if checkpoints is not None else [], \
         controller.grid_of(grid_values)

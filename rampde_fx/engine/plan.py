@@ -60,17 +60,25 @@ class SolvePlan:
     outputs_per_step: list[list[int]] = dataclasses.field(default_factory=list)
     start_nudges: list[Nudge | None] = dataclasses.field(default_factory=list)
     rng_states: list[RngState] | None = None
+    buffer_values: list[dict[str, torch.Tensor]] | None = None
     # The user's velocity, kept alive while this solve and its backward pass can run: the
     # captured velocity holds it weakly (its cache must not keep modules alive).
     func: Any = None
 
     def record_steps(self, grid_values: list[float], outputs_per_step: list[list[int]],
-                     start_nudges: list[Nudge | None],
-                     rng_states: list[RngState] | None) -> None:
+                     start_nudges: list[Nudge | None], rng_states: list[RngState] | None,
+                     buffer_values: list[dict[str, torch.Tensor]] | None) -> None:
         """What the forward loop took: the accepted steps' times, their outputs, their first
-        stages' nudges (None: the stepper's default) and their generator states."""
+        stages' nudges (None: the stepper's default), their generator states, and the values
+        of the buffers they change in place."""
         self.grid_values, self.outputs_per_step = grid_values, outputs_per_step
         self.start_nudges, self.rng_states = start_nudges, rng_states
+        self.buffer_values = buffer_values
+
+    def buffer_values_of(self, step: int) -> dict[str, torch.Tensor] | None:
+        """The values of the buffers that forward step ``step`` found, where steps change
+        them in place."""
+        return None if self.buffer_values is None else self.buffer_values[step]
 
     def rng_state_of(self, step: int) -> RngState | None:
         """What the generators were at the start of forward step ``step``, if the velocity
@@ -110,11 +118,12 @@ class PreparedSolve:
 def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t: torch.Tensor,
                   config: SolveConfig, *, rtol: Any, atol: Any, method: str | None,
                   options: dict[str, Any] | None, event_fn: Callable[..., Any] | None,
-                  executor_for: Callable[[Stepper], StepExecutor | None] | None = None
-                  ) -> PreparedSolve:
+                  executor_for: Callable[[Stepper], StepExecutor | None] | None = None,
+                  bindings: dict[str, torch.Tensor] | None = None) -> PreparedSolve:
     """Validate the arguments of :func:`rampde_fx.odeint`, capture the velocity and plan the
     steps; ``executor_for(stepper)`` gives the executor that runs the steps (compiled kernels),
-    if any."""
+    if any. The solve binds the velocity's tensors (see ``GraphVelocity.bound``): those of
+    ``bindings``, by qualified name, and the others as its owner holds them now."""
     tableau = _check_method(method, event_fn)
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
@@ -134,7 +143,8 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         # Captured at the solver's first evaluation: a velocity that reads the time's value
         # sees no time the solver would not use.
         first_time = velocity_time(grid[0].detach(), state, start_nudge, -1.0 if reverse else 1.0)
-        velocity = capture_velocity(func, first_time, state, is_tuple, dtype, config.policy)
+        velocity = capture_velocity(func, first_time, state, is_tuple, dtype,
+                                    config.policy).bound(func, bindings)
     captured = getattr(velocity, "original_graph_module", None)
     stats = SolveStats(method=tableau.name, dtype=dtype, scaling=config.dynamic_scaling,
                        velocity=velocity.kind, fallback_reason=velocity.fallback_reason,

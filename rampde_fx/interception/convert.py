@@ -2,8 +2,8 @@
 
 Nothing is traced at convert time. The converted module is a shallow copy of the model whose
 class is ``Converted<Name>``, a subclass of the model's class made once per class
-(``runtime.CONVERTED_CLASSES``): its forward runs the original forward, as written, inside the
-interception of :mod:`rampde_fx.interception.trampolines`.
+(``runtime.CONVERTED_CLASSES``): its forward (one per converted module) runs the original
+forward, as written, inside the interception of :mod:`rampde_fx.interception.trampolines`.
 Python control flow, default arguments, ``self.training``, helper methods, loops before the
 solve and solvers kept in attributes or passed as arguments all run as the user wrote them, on
 every call. Each call of ``torchdiffeq.odeint``, ``torchdiffeq.odeint_adjoint`` or
@@ -53,30 +53,36 @@ class _ConvertedModule:
 
     def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
         # The class is made at run time: pickle and deepcopy rebuild it from the original.
-        return _rebuild, (self._rampde_original, self.__getstate__())
+        state = {key: value for key, value in self.__getstate__().items() if key != "forward"}
+        return _rebuild, (self._rampde_original, state)
 
 
 def _converted_class(original: type[torch.nn.Module]) -> type:
     classes = runtime.CONVERTED_CLASSES
     with runtime.CONVERTED_CLASSES_LOCK:
         if original not in classes:
-            # dynamo caches compiled frames, and counts recompilations against its limit, per
-            # code object: each converted class gets a forward with a code object of its own.
-            shared = _ConvertedModule.forward
-            forward = types.FunctionType(shared.__code__.replace(), shared.__globals__,
-                                         shared.__name__, shared.__defaults__,
-                                         shared.__closure__)
             classes[original] = type(f"Converted{original.__name__}",
                                      (_ConvertedModule, original),
-                                     {"_rampde_original": original, "forward": forward})
+                                     {"_rampde_original": original})
         return classes[original]
+
+
+def _with_own_forward(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``, given a forward with a code object of its own: dynamo caches compiled frames,
+    guards on the module they run for, and counts recompilations against its limit, per code
+    object, so that any number of converted modules of one class compile."""
+    shared = _ConvertedModule.forward
+    forward = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__,
+                                 shared.__defaults__, shared.__closure__)
+    vars(module)["forward"] = types.MethodType(forward, module)
+    return module
 
 
 def _rebuild(original: type[torch.nn.Module], state: dict[str, Any]) -> torch.nn.Module:
     cls = _converted_class(original)
     module = cls.__new__(cls)
     module.__setstate__(state)
-    return module
+    return _with_own_forward(module)
 
 
 # nn.Module's own containers (parameters, buffers, submodules, hooks): the copy gets its own.
@@ -197,4 +203,4 @@ def convert(
     state.update((name, copy.copy(state[name])) for name in _MODULE_CONTAINERS if name in state)
     converted.__dict__.update(state)
     converted._rampde_conversion = Conversion(config, filter_fn)
-    return converted
+    return _with_own_forward(converted)

@@ -1,7 +1,8 @@
 """The solves of a converted model: sites made when a solve is first met, and the record that
 routes each intercepted solver call to its site.
 
-A site is identified by the solver and the velocity: the velocity module, or the module and the
+A site is identified by the solver and the velocity: the velocity module (its class, for a
+module that is not part of the model: one made anew on every call), or the module and the
 method name of a bound method (bound methods are made anew on every access), or the code of a
 plain function (a lambda or closure may be made anew on every call). The same identity is
 computed while dynamo traces, from ids, so a site first met eagerly is found again under
@@ -27,7 +28,7 @@ import torch
 from .. import runtime
 from ..api import odeint
 from ..capture import velocity_owner
-from ..compiled.op import solve_in_graph
+from ..compiled.op import require_compilable, solve_in_graph
 from ..config import SolveConfig
 from ..engine.tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS
 from ..errors import ConversionError
@@ -147,6 +148,7 @@ class Conversion:
         dropped = tuple(k for k in call if k in _DROPPED_ARGUMENTS)
         solver = odeint if source == "rampde_fx.odeint" else trampolines.original(source)
         if torch.compiler.is_compiling():
+            require_compilable(func)
             owner, method_name = velocity_owner(func)
             site_key = _site_while_compiling(root, source, owner, method_name, arguments,
                                              dropped)
@@ -165,7 +167,7 @@ class Conversion:
         """The site of a solve, made when first met; None for a solve that ``filter_fn`` left
         as it is. ``caller``: the frame from which to look for the module that makes the solve
         (None: take it from the velocity)."""
-        key = (source, *_velocity_identity(func))
+        key = (source, *_velocity_identity(func, root))
         site = self._by_key.get(key, _UNSEEN)
         if site is _UNSEEN:
             with self._lock:  # filter_fn is asked once per site, whichever thread meets it
@@ -202,11 +204,13 @@ def _site_while_compiling(root: torch.nn.Module, source: str, owner: Any,
     return 0 if site is None else runtime.key_of(site)
 
 
-def _velocity_identity(func: Any) -> tuple[Any, Any]:
+def _velocity_identity(func: Any, root: torch.nn.Module) -> tuple[Any, Any]:
     if isinstance(func, types.MethodType):  # bound methods are made anew on every access
         return id(func.__self__), func.__func__.__name__
     if isinstance(func, types.FunctionType):  # a lambda or closure may be made on every call
         return func.__code__, None
+    if isinstance(func, torch.nn.Module) and not any(m is func for m in root.modules()):
+        return type(func), None  # a velocity module made on every call
     return id(func), None
 
 

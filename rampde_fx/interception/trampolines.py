@@ -14,10 +14,10 @@ Importing rampde_fx changes nothing; :func:`uninstall` gives the functions their
 :func:`dispatch` looks at a thread-local stack (``runtime.per_thread().handlers``): a converted
 forward pushes its module (the *handler*) for as long as it runs. With no handler on top, the
 original solver runs exactly as before, so models that are not converted, and other threads,
-see plain torchdiffeq. A handler receives ``handler._rampde_intercept(source, args, kwargs)``. While a converted solve, or an
-original solver that the handler leaves as it is, runs, a ``None`` marker on top *suspends*
-interception: nested calls (``odeint_adjoint`` calls ``odeint`` inside; a velocity may call a
-solver) run as written.
+see plain torchdiffeq. A handler receives ``handler._rampde_intercept(source, args, kwargs)``.
+While a converted solve, or an original solver that the handler leaves as it is, runs, a
+``None`` marker on top *suspends* interception: nested calls (``odeint_adjoint`` calls
+``odeint`` inside; a velocity may call a solver) run as written.
 
 Under ``torch.compile`` dynamo traces all of this like user code (thread-local reads, list
 pushes and pops in ``try``/``finally``, the trampoline), so a converted forward with Python

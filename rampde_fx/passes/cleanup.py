@@ -1,4 +1,5 @@
-"""Cleanup of a freshly traced velocity graph: autograd's own detaches out, readable names."""
+"""Cleanup of a freshly traced velocity graph: autograd's own detaches out, out= variants cut
+off from autograd, readable names."""
 from __future__ import annotations
 
 import torch
@@ -37,3 +38,25 @@ def with_readable_names(graph: fx.Graph, placeholder_names: list[str]) -> fx.Gra
         if node.target is torch.ops.aten.t.default and env[node.args[0]].op == "placeholder":
             env[node]._rename(f"{env[node.args[0]].name}_t")
     return readable
+
+
+def detach_inputs_of_out_variants(graph: fx.Graph) -> fx.Graph:
+    """Detaches the inputs of ops that write into an ``out=`` tensor. autograd cannot
+    differentiate them, so the code that calls them runs them without grad (the power
+    iteration of ``spectral_norm``, for one); the graph does not record grad mode, and the
+    backward pass's recomputation runs it with grad on."""
+    for node in list(graph.nodes):
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or \
+                not any(argument.is_out for argument in schema.arguments):
+            continue
+        outs = {node.kwargs.get(a.name) for a in schema.arguments if a.is_out}
+        for value in node.all_input_nodes:
+            if value in outs:
+                continue
+            with graph.inserting_before(node):
+                detached = graph.call_function(torch.ops.aten.detach.default, (value,))
+            detached.meta = dict(value.meta)
+            detached.meta[USER_DETACH] = True
+            node.replace_input_with(value, detached)
+    return graph

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .. import runtime
-from ..capture import Velocity, velocity_owner
+from ..capture import Velocity, velocity_kind
 from ..interception.sites import SolveSite, sites_of
 
 __all__ = ["captured_velocities", "compiled_specs_of", "forget_tolerance_warnings",
@@ -23,10 +23,12 @@ def sites(converted: torch.nn.Module) -> list[SolveSite]:
 
 
 def captured_velocities(func: Any) -> list[Velocity]:
-    """The captured velocities cached for ``func``'s owner (one per input signature, dtype,
-    policy and train/eval state)."""
-    owner, _ = velocity_owner(func)
-    return list(runtime.CAPTURED.get(owner, {}).values())
+    """The captured velocities cached for velocities of ``func``'s kind (per input signature,
+    dtype, policy and guarded Python state)."""
+    captures = runtime.CAPTURED.get(velocity_kind(func))
+    if captures is None:
+        return []
+    return [velocity for entries in captures.by_signature.values() for velocity in entries.values()]
 
 
 def saved_compiled_solves() -> int:
