@@ -594,3 +594,18 @@ def test_compiled_velocity_modules_made_per_call_are_refused_clearly(cheap_steps
     model = rampde_fx.convert(Sampler("module"), dtype=torch.float32)
     with pytest.raises(Exception, match="is made inside the compiled code"):
         torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(4, 3))
+
+
+def test_spectral_norm_model_run_before_its_conversion():
+    """The old spectral_norm API leaves the last computed weight in a tensor attribute, with
+    the graph of the run that computed it: a converted solve of the same model does not read
+    it, and sends it no gradient."""
+    x = torch.randn(4, 3)
+    twins = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        twins.append(Holder(Lipschitz(torch.nn.utils.spectral_norm)))
+        outputs_and_grads(twins[-1], x)  # a first run, as torchdiffeq users make it
+    reference, model = twins
+    assert_close_all(outputs_and_grads(rampde_fx.convert(model, dtype=torch.float32), x),
+                     outputs_and_grads(reference, x), F32)

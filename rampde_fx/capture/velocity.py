@@ -240,9 +240,16 @@ class GraphVelocity:
         return twin
 
     def tensors_requiring_grad(self) -> list[torch.Tensor]:
-        """The tensors the velocity reads that require grad (parameters, closures...)."""
+        """The tensors the velocity reads that require grad (parameters, closures...). Where
+        one graph serves every time, only those it reads: a tensor attribute that it does not
+        read (one its Python assigns anew, as ``spectral_norm``'s hook does) gets no gradient,
+        which would reach whatever graph made it."""
         found: dict[int, torch.Tensor] = {}
         values: list[Any] = self.live_tensors()
+        if not self.time_indexed:  # graphs per time are captured during the solve
+            placeholders = self.original_graph_module.graph.find_nodes(op="placeholder")
+            lifted = placeholders[len(placeholders) - len(self.names):]
+            values = [x for x, node in zip(values, lifted) if node.users]
         for gm in (rewritten for _, rewritten in self._graphs.values()):
             values += [fetch_attr(gm, n.target) for n in gm.graph.find_nodes(op="get_attr")]
         for value in values:
