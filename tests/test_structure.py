@@ -84,3 +84,21 @@ def test_solver_layers_do_not_name_the_compiler_stack(package):
                 assert not name.startswith(("torch._dynamo", "torch._inductor")) \
                     and "compiled" not in name, \
                     f"{path.name} imports {name}"
+
+
+def test_trampolines_can_be_uninstalled():
+    """uninstall gives torchdiffeq's solver functions their own code back; the next convert
+    installs the trampolines again and converts as before."""
+    import torchdiffeq
+
+    from rampde_fx.interception import trampolines
+
+    trampolines.install()
+    patched = torchdiffeq.odeint.__code__
+    trampolines.uninstall()
+    try:
+        assert torchdiffeq.odeint.__code__ is not patched
+        assert "trampoline" not in torchdiffeq.odeint.__code__.co_filename
+    finally:
+        rampde_fx.convert(torch.nn.Linear(2, 2))  # installs them again
+    assert torchdiffeq.odeint.__code__.co_filename.startswith("<rampde_fx trampoline")

@@ -1,4 +1,5 @@
-"""``capture_velocity``: the captured velocity of a callable, cached per owner and guarded."""
+"""``capture_velocity``: the captured velocity of a callable, cached per kind and guarded, bound
+for a solve."""
 from __future__ import annotations
 
 import collections
@@ -13,7 +14,7 @@ from ..errors import CaptureWarning
 from ..policy import PrecisionPolicy
 from .guards import guard_state
 from .side_effects import SideEffects
-from .slots import describe, lifted_slots, velocity_kind
+from .slots import Slot, describe, lifted_slots, velocity_kind
 from .trace import check_output, fallback_reason, trace
 from .velocity import Counter, GraphVelocity, State, Velocity, eager_velocity
 
@@ -43,8 +44,11 @@ class KindCaptures:
 
 
 def capture_velocity(func: Any, t: torch.Tensor, y: State, is_tuple: bool,
-                     low_dtype: torch.dtype, policy: PrecisionPolicy) -> Velocity:
-    """The low-precision velocity for ``func`` at inputs like ``(t, y)``.
+                     low_dtype: torch.dtype, policy: PrecisionPolicy,
+                     bindings: dict[str, torch.Tensor] | None = None) -> Velocity:
+    """The low-precision velocity for ``func`` at inputs like ``(t, y)``, bound for a solve
+    (see ``GraphVelocity.bound``; ``bindings`` by qualified name, the other tensors as ``func``
+    holds them now).
 
     Velocities are cached per kind (see :func:`~rampde_fx.capture.slots.velocity_kind`: the
     module class, or the code of a function made per call) in ``runtime.CAPTURED``, per input
@@ -59,17 +63,18 @@ def capture_velocity(func: Any, t: torch.Tensor, y: State, is_tuple: bool,
         captures = runtime.CAPTURED.setdefault(velocity_kind(func), KindCaptures())
     except TypeError:  # not weak-referenceable: capture every time
         captures = KindCaptures()
+    slots = lifted_slots(func)
     with runtime.CAPTURE_LOCK:  # capture changes and restores attributes of the user's modules
         entries = captures.by_signature.setdefault(signature, collections.OrderedDict())
-        state = guard_state(func, captures.excluded)
+        state = guard_state(func, captures.excluded, slots)
         velocity = entries.get(state)
         if velocity is not None:
             entries.move_to_end(state)
-            return velocity
-        velocity, effects = _capture(func, t, y, is_tuple, low_dtype, policy)
+            return velocity.bound(func, bindings, slots)
+        velocity, effects = _capture(func, t, y, is_tuple, low_dtype, policy, slots)
         captures.excluded.update(effects.assigned, effects.changed,
                                  (name for name, _ in effects.counters))
-        entries[guard_state(func, captures.excluded)] = velocity
+        entries[guard_state(func, captures.excluded, slots)] = velocity
         if len(entries) > MAX_CAPTURES_PER_SIGNATURE:
             entries.popitem(last=False)
             if not captures.warned:
@@ -81,14 +86,14 @@ def capture_velocity(func: Any, t: torch.Tensor, y: State, is_tuple: bool,
                     "between solves costs a capture. Keep values that change per solve in "
                     "tensors, which each solve binds without capturing again.",
                     CaptureWarning, stacklevel=5)
-        return velocity
+        return velocity.bound(func, bindings, slots)
 
 
 def _capture(func: Any, t: torch.Tensor, y: State, is_tuple: bool, low_dtype: torch.dtype,
-             policy: PrecisionPolicy) -> tuple[Velocity, SideEffects]:
+             policy: PrecisionPolicy, slots: dict[str, Slot]
+             ) -> tuple[Velocity, SideEffects]:
     example = (t.detach(), tuple(c.detach() for c in y))
     effects = SideEffects()
-    slots = lifted_slots(func)
     try:
         traced = trace(func, *example, is_tuple, slots, effects)
     except Exception as error:  # noqa: BLE001 - any failure means: run it eagerly

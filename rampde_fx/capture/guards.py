@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.nn.modules import module as module_internals
 
-from .slots import lifted_slots, module_roots, reachable_by_name
+from .slots import Slot, module_roots, reachable_by_name
 
 _BY_VALUE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -41,11 +41,12 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
                  "_global_backward_hooks", "_global_backward_pre_hooks")
 
 
-def guard_state(func: Any, excluded: frozenset[str] | set[str]) -> tuple[Any, ...]:
+def guard_state(func: Any, excluded: frozenset[str] | set[str],
+                slots: dict[str, Slot]) -> tuple[Any, ...]:
     """The Python state of ``func`` that a graph captured from it depends on (see the module
     docstring), leaving out the attributes named in ``excluded`` (``sub.attr``, as
-    :func:`~rampde_fx.capture.slots.reachable_by_name` names them); hashable, equal for equal
-    states."""
+    :func:`~rampde_fx.capture.slots.reachable_by_name` names them); ``slots``: its
+    :func:`~rampde_fx.capture.slots.lifted_slots`. Hashable, equal for equal states."""
     state: list[Any] = []
     for root_prefix, root in module_roots(func):
         for qualname, sub in root.named_modules(prefix=root_prefix):
@@ -56,7 +57,7 @@ def guard_state(func: Any, excluded: frozenset[str] | set[str]) -> tuple[Any, ..
                                 for key, value in sub._parameters.items()),
                           tuple((key, _tensor_guard(value))
                                 for key, value in sub._buffers.items())))
-    lifted = {id(slot.get()) for slot in lifted_slots(func).values()}
+    lifted = {id(slot.get()) for slot in slots.values()}
     for name, value, _ in reachable_by_name(func):
         if name not in excluded:
             state.append((name, _guard(value, lifted)))

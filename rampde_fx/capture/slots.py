@@ -155,10 +155,6 @@ def substituted(slots: Sequence[Slot], values: Sequence[torch.Tensor]) -> Iterat
             slot.set(value)
 
 
-# User-level calls that stop gradients. make_fx also records a detach for every output that
-# autograd saves; those must go (a velocity that differentiates itself with create_graph=True
-
-
 # nn.Module's own attributes (parameters, buffers, submodules, hooks, the training flag).
 MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 

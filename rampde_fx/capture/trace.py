@@ -24,6 +24,9 @@ from .slots import Slot, describe, substituted
 
 State = tuple[torch.Tensor, ...]
 
+# User-level calls that stop gradients. make_fx also records a detach for every output that
+# autograd saves; those must go (a velocity that differentiates itself with create_graph=True
+# needs the saved outputs attached), and the user's must stay.
 _GRADIENT_STOPPERS = frozenset({torch.Tensor.detach, torch.detach, torch.tensor, torch.as_tensor,
                                 torch.Tensor.new_tensor})
 _SCALAR_READS = frozenset({torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__,

@@ -94,15 +94,14 @@ class GraphVelocity:
         generators of each step)."""
         return self._shared.draws_random
 
-    def bound(self, func: Any, bindings: dict[str, torch.Tensor] | None = None
-              ) -> "GraphVelocity":
+    def bound(self, func: Any, bindings: dict[str, torch.Tensor] | None,
+              slots: dict[str, Slot]) -> "GraphVelocity":
         """A twin for one solve of ``func``, this velocity's or an equal one (the same code
         and guarded state, made anew for the call, say): it reads the tensors that ``func``'s
-        slots hold now (or, by qualified name, those of ``bindings``), whatever is assigned to
-        them later, so the solve's backward pass sees the values its forward used. It shares
+        ``slots`` hold now (or, by qualified name, those of ``bindings``), whatever is assigned
+        to them later, so the solve's backward pass sees the values its forward used. It shares
         this velocity's graphs."""
         bindings = bindings or {}
-        slots = lifted_slots(func)
         twin = copy.copy(self)
         twin._base = self.base
         twin._func = weakly(func)
@@ -281,14 +280,14 @@ class EagerVelocity:
     name = GraphVelocity.name
     counters: list[Counter] = []  # its Python runs: counters advance themselves
 
-    def bound(self, func: Any, bindings: dict[str, torch.Tensor] | None = None
-              ) -> "EagerVelocity":
-        """A twin for one solve of ``func``: while it runs, the slots of ``func`` hold the
-        tensors they hold now, or those of ``bindings`` (see :meth:`GraphVelocity.bound`)."""
+    def bound(self, func: Any, bindings: dict[str, torch.Tensor] | None,
+              slots: dict[str, Slot]) -> "EagerVelocity":
+        """A twin for one solve of ``func``: while it runs, its ``slots`` hold the tensors
+        they hold now, or those of ``bindings`` (see :meth:`GraphVelocity.bound`)."""
         bindings = bindings or {}
         twin = copy.copy(self)
         twin._func = weakly(func)
-        twin._slots = lifted_slots(func)
+        twin._slots = slots
         twin._bound = {name: bindings[name] if name in bindings else slot.get()
                        for name, slot in twin._slots.items()}
         return twin

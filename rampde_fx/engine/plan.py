@@ -143,8 +143,8 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         # Captured at the solver's first evaluation: a velocity that reads the time's value
         # sees no time the solver would not use.
         first_time = velocity_time(grid[0].detach(), state, start_nudge, -1.0 if reverse else 1.0)
-        velocity = capture_velocity(func, first_time, state, is_tuple, dtype,
-                                    config.policy).bound(func, bindings)
+        velocity = capture_velocity(func, first_time, state, is_tuple, dtype, config.policy,
+                                    bindings)
     captured = getattr(velocity, "original_graph_module", None)
     stats = SolveStats(method=tableau.name, dtype=dtype, scaling=config.dynamic_scaling,
                        velocity=velocity.kind, fallback_reason=velocity.fallback_reason,
