@@ -7,7 +7,7 @@ nothing wants gradients).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ def odeint(
     checkpoint: str = "steps",
     event_fn: Callable[..., Any] | None = None,
     config: SolveConfig | None = None,
+    adjoint_params: Sequence[torch.Tensor] | None = None,
 ) -> TensorOrTuple:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` with the velocity in low precision.
 
@@ -75,6 +76,9 @@ def odeint(
         event_fn: not supported yet; raises NotImplementedError.
         config: a :class:`rampde_fx.SolveConfig` in place of ``dtype``, ``scaling``,
             ``policy`` and ``checkpoint`` (which then must keep their defaults).
+        adjoint_params: as in torchdiffeq's ``odeint_adjoint``: the only tensors read by the
+            velocity that get gradients (None: all of them). ``y0`` and ``t`` get theirs
+            either way.
 
     Adaptive methods run torchdiffeq's step-size controller in the state's precision, on a
     low-precision velocity; their backward pass differentiates the accepted steps, whose sizes
@@ -91,22 +95,30 @@ def odeint(
     conversion's: its ``dtype``, ``scaling``, ``policy`` and ``checkpoint`` replace these.
 
     Solve statistics are available through :func:`rampde_fx.collect_stats`.
+
+    The backward pass is a custom autograd function: ``torch.autograd.grad`` and
+    ``backward()`` work, with ``create_graph=True`` too (second derivatives, by a replay of
+    the solve under autograd); ``torch.func`` transforms (grad, vjp, jacrev, jacfwd, vmap) are
+    refused with an error that says what to use instead.
     """
+    refuse_functorch_transforms()
     handler = runtime.active_handler()
     if handler is not None:
         given = {name: value for name, value in (
             ("rtol", rtol), ("atol", atol), ("method", method), ("options", options),
             ("dtype", dtype), ("scaling", scaling), ("policy", policy),
-            ("checkpoint", checkpoint), ("event_fn", event_fn), ("config", config))
+            ("checkpoint", checkpoint), ("event_fn", event_fn), ("config", config),
+            ("adjoint_params", adjoint_params))
             if value is not _DEFAULTS[name]}  # what the call passed, for explain
         return handler._rampde_intercept("rampde_fx.odeint", (func, y0, t), given)
     settings = {"dtype": dtype, "scaling": scaling, "policy": policy, "checkpoint": checkpoint}
     if torch.compiler.is_compiling():  # the config is made where the solve is registered
         return solve_in_graph(func, y0, t, config, settings, rtol=rtol, atol=atol,
-                              method=method, options=options, event_fn=event_fn)
+                              method=method, options=options, event_fn=event_fn,
+                              adjoint_params=adjoint_params)
     config = resolve_config(config, None, **settings)
     prepared = prepare_solve(func, y0, t, config, rtol=rtol, atol=atol, method=method,
-                             options=options, event_fn=event_fn)
+                             options=options, event_fn=event_fn, adjoint_params=adjoint_params)
     inputs = (*prepared.state, prepared.grid, prepared.times, *prepared.tensors)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         if config.keeps_stages:  # autograd through the steps, keeping their activations
@@ -123,3 +135,32 @@ def odeint(
 
 
 _DEFAULTS: dict[str, Any] = odeint.__kwdefaults__
+
+# What to use instead of each torch.func transform.
+_INSTEAD = {
+    "Grad": ("torch.func.grad, vjp, jacrev or hessian",
+             "torch.autograd.grad on the loss (with torch.func.functional_call for given "
+             "parameters), or torch.autograd.functional.vjp, jacobian or hessian"),
+    "Jvp": ("torch.func.jvp or jacfwd",
+            "torch.autograd.functional.jvp or jacobian (reverse mode; create_graph=True works)"),
+    "Vmap": ("torch.func.vmap",
+             "one solve of the batch stacked along a leading dimension of y0, or a loop"),
+    "Functionalize": ("torch.func.functionalize", "the model as it is, or torch.compile"),
+}
+
+
+def refuse_functorch_transforms() -> None:
+    """Raise where a ``torch.func`` transform is active: the solve's discrete adjoint is an
+    autograd function that reads host values (step sizes, the grid) and captures graphs, which
+    functorch's transforms cannot carry. Raised before anything is captured or cached, so a
+    refused call leaves no trace."""
+    if torch.compiler.is_compiling():  # dynamo handles torch.func transforms itself
+        return
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is None:
+        return
+    transform, instead = _INSTEAD.get(interpreter.key().name, (str(interpreter.key()), ""))
+    raise NotImplementedError(
+        f"rampde_fx: a mixed-precision solve cannot run under {transform}. Use {instead}"
+        f"{' instead' if instead else ''}; or leave this solve in float32 "
+        "(rampde_fx.convert(..., filter_fn=...)).")

@@ -69,11 +69,12 @@ def backward_with_retries(plan: SolvePlan, state_dtypes: Sequence[torch.dtype],
         target = scaler.target_log2 - RETRY_STEP_LOG2  # growth exceeded the headroom
         plan.stats.scale_retries += 1
     warnings.warn(f"rampde_fx: the {plan.stats.dtype} adjoint overflowed in every one of "
-                  f"{MAX_SWEEP_RETRIES + 1} sweeps with lowered scales; returning non-finite "
-                  "gradients (torch.amp.GradScaler skips such steps). Consider "
-                  "dtype=torch.bfloat16.",
+                  f"{MAX_SWEEP_RETRIES + 1} sweeps with lowered scales (did the forward solve "
+                  "overflow?); every gradient of this solve is nan (torch.amp.GradScaler "
+                  "skips such steps). Consider dtype=torch.bfloat16.",
                   RuntimeWarning, stacklevel=3)
-    return grads
+    # Some products may have stayed finite on overflowed steps: none of them is right.
+    return [None if g is None else torch.full_like(g, float("nan")) for g in grads]
 
 
 def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Tensor,

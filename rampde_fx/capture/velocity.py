@@ -110,6 +110,13 @@ class GraphVelocity:
                        for name in self.names]
         return twin
 
+    def swap_bound(self, old: Sequence[torch.Tensor],
+                   new: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Read ``new[i]`` wherever this solve's velocity reads ``old[i]`` (by identity);
+        returns, per position, the tensor it reads now (``old[i]`` where it is not among the
+        bound tensors: a constant of a graph)."""
+        return _swap(self._bound, old, new)
+
     def advance_counters(self, calls: int) -> None:
         """Advance the counters of this velocity's modules as ``calls`` runs of its Python
         would have."""
@@ -292,6 +299,18 @@ class EagerVelocity:
                        for name, slot in twin._slots.items()}
         return twin
 
+    def swap_bound(self, old: Sequence[torch.Tensor],
+                   new: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """See :meth:`GraphVelocity.swap_bound`; tensors read outside the slots (closures)
+        stay as they are."""
+        if self._bound is None:
+            return list(old)
+        names = list(self._bound)
+        values = list(self._bound.values())
+        read = _swap(values, old, new)
+        self._bound = dict(zip(names, values))
+        return read
+
     def advance_counters(self, calls: int) -> None:
         pass
 
@@ -336,6 +355,22 @@ class EagerVelocity:
 
 
 Velocity = GraphVelocity | EagerVelocity
+
+
+def _swap(bound: list[torch.Tensor] | None, old: Sequence[torch.Tensor],
+          new: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Replace, in place in ``bound``, each ``old[i]`` by ``new[i]``; returns per position
+    what ``bound`` holds now (``old[i]`` where it held none)."""
+    if bound is None:
+        return list(old)
+    position = {id(x): i for i, x in enumerate(old)}
+    found = set()
+    for k, x in enumerate(bound):
+        i = position.get(id(x))
+        if i is not None and x is old[i]:
+            bound[k] = new[i]
+            found.add(i)
+    return [new[i] if i in found else x for i, x in enumerate(old)]
 
 
 def autocast_for(device_type: str, low_dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -25,7 +25,7 @@ import dataclasses
 import types
 import warnings
 import weakref
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -59,14 +59,16 @@ def require_compilable(func: Any) -> None:
 def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
                    settings: dict[str, Any], *, rtol: Any = 1e-7, atol: Any = 1e-9,
                    method: str | None = None, options: dict[str, Any] | None = None,
-                   event_fn: Any = None, report_to_key: int | None = None) -> Any:
+                   event_fn: Any = None, report_to_key: int | None = None,
+                   adjoint_params: Sequence[Tensor] | None = None) -> Any:
     """:func:`rampde_fx.odeint` while dynamo traces: one call of the opaque solve op.
 
     ``config``, or the settings keywords ``settings`` of :func:`rampde_fx.odeint`, give the
     precision settings: the registration makes the :class:`SolveConfig` (dynamo does not build
     a frozen dataclass faithfully). ``report_to_key`` names (see ``runtime.key_of``) a live
     object (a site of ``rampde_fx.convert``) whose ``last_stats`` receives each run's
-    ``SolveStats``."""
+    ``SolveStats``. Tensors of the velocity that are not among ``adjoint_params`` (where
+    given) get no gradient."""
     if event_fn is not None:
         raise NotImplementedError("rampde_fx.odeint does not support event_fn yet")
     if not DYNAMO_PASSES_OBJECTS:
@@ -84,7 +86,9 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
                         options, is_tuple)
     tensors = [tensor_at(owner, name) for name in tensor_names(spec_key)]
     recording = torch.is_grad_enabled()
-    needs = [recording and x.requires_grad for x in [*state, t, *tensors]]
+    needs = [recording and x.requires_grad for x in [*state, t]] + [
+        recording and x.requires_grad
+        and (adjoint_params is None or any(x is p for p in adjoint_params)) for x in tensors]
     *solution, _ticket = torch.ops.rampde_fx.solve(
         spec_key, torch.tensor(numbers, dtype=torch.float64), state, t, tensors, needs)
     return tuple(solution) if is_tuple else solution[0]

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..capture import capture_velocity
+from ..capture import capture_velocity, lifted_slots
 from ..config import SolveConfig
 from ..stats import SolveStats, record
 from .callbacks import find_callbacks
@@ -119,14 +119,18 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
                   config: SolveConfig, *, rtol: Any, atol: Any, method: str | None,
                   options: dict[str, Any] | None, event_fn: Callable[..., Any] | None,
                   executor_for: Callable[[Stepper], StepExecutor | None] | None = None,
-                  bindings: dict[str, torch.Tensor] | None = None) -> PreparedSolve:
+                  bindings: dict[str, torch.Tensor] | None = None,
+                  adjoint_params: Sequence[torch.Tensor] | None = None) -> PreparedSolve:
     """Validate the arguments of :func:`rampde_fx.odeint`, capture the velocity and plan the
     steps; ``executor_for(stepper)`` gives the executor that runs the steps (compiled kernels),
     if any. The solve binds the velocity's tensors (see ``GraphVelocity.bound``): those of
-    ``bindings``, by qualified name, and the others as its owner holds them now."""
+    ``bindings``, by qualified name, and the others as its owner holds them now; those that
+    require grad and are not among ``adjoint_params`` (where given) detached."""
     tableau = _check_method(method, event_fn)
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    if adjoint_params is not None:
+        bindings = {**_detached_unless_in(func, adjoint_params), **(bindings or {})}
     is_tuple, state = _check_state(y0)
     times = _check_times(t, state[0].device)
     opts = _check_options(tableau, options)
@@ -174,6 +178,19 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         stats=stats,
     )
     return PreparedSolve(plan, state, grid, internal, velocity.tensors_requiring_grad(), is_tuple)
+
+
+def _detached_unless_in(func: Any, adjoint_params: Sequence[torch.Tensor]
+                        ) -> dict[str, torch.Tensor]:
+    """The velocity's tensors that require grad and are not among ``adjoint_params``,
+    detached, by qualified name."""
+    if isinstance(adjoint_params, torch.Tensor) or not all(
+            isinstance(p, torch.Tensor) for p in adjoint_params):
+        raise TypeError("adjoint_params must be a sequence of tensors (the parameters that get "
+                        f"gradients), got {type(adjoint_params).__name__}")
+    chosen = {id(p) for p in adjoint_params}
+    return {name: value.detach() for name, slot in lifted_slots(func).items()
+            if (value := slot.get()).requires_grad and id(value) not in chosen}
 
 
 def _check_method(method: str | None, event_fn: Any) -> ButcherTableau:

@@ -17,10 +17,12 @@ How sites are identified, and which module ``filter_fn`` is asked about, is desc
 ``odeint_adjoint`` becomes the discrete adjoint with low-precision checkpoints: memory grows with
 the number of steps (one low-precision state per step, instead of torchdiffeq's constant
 memory), and the gradient is the exact gradient of the discrete solve (torchdiffeq's continuous
-adjoint differs from it by the solver's discretisation error). Its ``adjoint_*`` arguments have
-no counterpart and are dropped, as are the ``dtype``, ``scaling``, ``policy`` and
-``checkpoint`` of a ``rampde_fx.odeint`` call (``convert``'s apply); ``explain`` lists what was
-dropped.
+adjoint differs from it by the solver's discretisation error). Its ``adjoint_params`` choose
+the tensors that get gradients, as there; its ``adjoint_rtol``, ``adjoint_atol``,
+``adjoint_method`` and ``adjoint_options`` configure an adjoint ODE solve that a discrete
+adjoint does not make: they are dropped with a warning, and the ``dtype``, ``scaling``,
+``policy`` and ``checkpoint`` of a ``rampde_fx.odeint`` call are dropped for ``convert``'s;
+``explain`` lists what was dropped.
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 import threading
 import types
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -40,10 +41,11 @@ METHODS = {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}
 # The positional parameters shared by every intercepted solver.
 _POSITIONAL = ("func", "y0", "t")
 # Arguments of the original call that the converted solve does not pass on: odeint_adjoint's
-# adjoint settings (no counterpart in the discrete adjoint), and rampde_fx.odeint's precision
-# settings (convert's own take their place).
-_DROPPED_ARGUMENTS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options",
-                      "adjoint_params", "dtype", "scaling", "policy", "checkpoint", "config")
+# settings of its adjoint solve (a discrete adjoint solves no adjoint ODE: warned), and
+# rampde_fx.odeint's precision settings (convert's own take their place).
+_ADJOINT_SOLVE_ARGUMENTS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
+_DROPPED_ARGUMENTS = (*_ADJOINT_SOLVE_ARGUMENTS, "dtype", "scaling", "policy", "checkpoint",
+                      "config")
 
 
 class SolveSite:
@@ -89,8 +91,16 @@ class SolveSite:
                 f"rampde_fx: {self} uses method={method!r}; rampde_fx solves with "
                 f"{list(METHODS)}. Pass filter_fn to leave this solve as it is, or change its "
                 "method.")
+        ignored = [name for name in dropped
+                   if name in _ADJOINT_SOLVE_ARGUMENTS and name not in self.dropped]
+        if ignored:  # once per site and argument
+            warnings.warn(
+                f"rampde_fx: {self} passes {', '.join(ignored)}, which has no effect: the "
+                "converted solve's backward pass is the discrete adjoint of its forward steps "
+                "(exact for those steps), not a second ODE solve with its own tolerances.",
+                RuntimeWarning, stacklevel=5)
         self.call_arguments = arguments
-        self.dropped = dropped
+        self.dropped = tuple(sorted(set(self.dropped) | set(dropped)))
 
     def run(self, func: Any, y0: Any, t: torch.Tensor, arguments: dict[str, Any]) -> Any:
         """The solve, eagerly; keeps its statistics in :attr:`last_stats`."""
@@ -144,6 +154,9 @@ class Conversion:
         call = dict(zip(_POSITIONAL, args))
         call.update(kwargs)
         func, y0, t = call.pop("func", None), call.pop("y0", None), call.pop("t", None)
+        # Tensors: passed to the solve, not kept with the site's arguments (nor made constants
+        # of a compiled graph).
+        adjoint_params = call.pop("adjoint_params", None)
         arguments = {k: v for k, v in call.items() if k not in _DROPPED_ARGUMENTS}
         dropped = tuple(k for k in call if k in _DROPPED_ARGUMENTS)
         solver = odeint if source == "rampde_fx.odeint" else trampolines.original(source)
@@ -155,12 +168,13 @@ class Conversion:
             if not site_key:
                 return trampolines.run_within(None, solver, *args, **kwargs)
             return solve_in_graph(func, y0, t, self.config, {}, **arguments,
-                                  report_to_key=site_key)
+                                  report_to_key=site_key, adjoint_params=adjoint_params)
         # Frames up from the caller of the converted module's _rampde_intercept.
         site = self.site(root, source, func, arguments, dropped, caller=sys._getframe(2))
         if site is None:
             return trampolines.run_within(None, solver, *args, **kwargs)
-        return trampolines.run_within(None, site.run, func, y0, t, arguments)
+        return trampolines.run_within(None, site.run, func, y0, t,
+                                      {**arguments, "adjoint_params": adjoint_params})
 
     def site(self, root: torch.nn.Module, source: str, func: Any, arguments: dict[str, Any],
              dropped: tuple[str, ...], *, caller: types.FrameType | None) -> SolveSite | None:

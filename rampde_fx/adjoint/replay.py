@@ -1,0 +1,44 @@
+"""Second derivatives: the solve replayed under autograd.
+
+The discrete adjoint's backward sweep starts each step from a detached checkpoint, so its
+gradients are constants for autograd. Where the backward pass itself is recorded
+(``create_graph=True``: gradient penalties, Hessian-vector products), the solve is replayed
+instead: from the initial state, along the steps the forward pass accepted (their sizes are
+constants, as in the sweep), with the velocity reading the solve's own tensors. The replay is
+the forward solve, operation for operation, so its gradient is that of the discrete solve and
+autograd can differentiate it again. It keeps every stage, as ``checkpoint='stages'`` does.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..engine.plan import SolvePlan
+from ..engine.rng import replayed_rng
+
+
+def replay(plan: SolvePlan, y0: Sequence[torch.Tensor], grid: torch.Tensor,
+           times: torch.Tensor) -> list[torch.Tensor]:
+    """The solution at every output time, recomputed under autograd from ``y0`` along the
+    recorded steps; ``grid``: the solve's grid input (for an adaptive solve, its start)."""
+    stepper = plan.stepper
+    if plan.controller.adaptive:  # every step time is the start plus a constant
+        offsets = torch.tensor(plan.grid_values, dtype=torch.float64, device=grid.device)
+        grid = grid[:1].to(torch.float64) + (offsets - plan.grid_values[0])
+    found: dict[int, tuple[torch.Tensor, ...]] = {0: tuple(y0)}
+    y = tuple(y0)
+    executor, stepper.executor = stepper.executor, None  # compiled kernels record no graph
+    try:
+        for step in range(plan.steps):
+            indices = plan.outputs_per_step[step]
+            with stepper.velocity.recomputing(plan.buffer_values_of(step)), \
+                    replayed_rng(plan.rng_state_of(step), grid.device):
+                y, values = stepper.advance(
+                    grid[step], grid[step + 1], y, [(times[j], plan.time_values[j]) for j in indices],
+                    plan.grid_values[step], plan.grid_values[step + 1], plan.start_nudge(step))
+            found.update(zip(indices, values))
+    finally:
+        stepper.executor = executor
+    return [torch.stack([found[j][c] for j in range(len(plan.time_values))])
+            for c in range(plan.n_components)]
