@@ -57,9 +57,10 @@ def odeint(
             'fehlberg2', 'adaptive_heun' or 'dopri8'; or a fixed-grid method, 'euler',
             'midpoint', 'heun2', 'heun3', 'ralston', 'rk4' (torchdiffeq's 3/8 rule) or
             'rk4_classic'.
-        options: as in torchdiffeq. Fixed grids: 'step_size' (or 'grid_constructor(func, y0,
-            t) -> grid'), 'interp' ('linear' or 'cubic') and 'perturb'; without a step size
-            the grid is ``t``. Adaptive methods: 'first_step', 'safety', 'ifactor', 'dfactor',
+        options: a dict, as in torchdiffeq; its numbers are Python numbers or one-element
+            tensors. Fixed grids: 'step_size' (or 'grid_constructor(func, y0, t) -> grid'),
+            'interp' ('linear' or 'cubic') and 'perturb'; without a step size the grid is
+            ``t``. Adaptive methods: 'first_step', 'safety', 'ifactor', 'dfactor',
             'max_num_steps', 'step_t', 'jump_t', 'min_step', 'max_step', 'norm' (and 'dtype',
             which has no effect: their times are float64 on the host).
         dtype: the velocity's precision: torch.bfloat16 (default), torch.float16, or

@@ -501,6 +501,29 @@ def test_an_error_inside_a_compiled_solve_keeps_its_type_and_message(cheap_steps
         compiled_model(10 * torch.randn(3, 4))
 
 
+class WithOptions(torch.nn.Module):
+    def __init__(self, options) -> None:
+        super().__init__()
+        self.func = MLPFunc()
+        self.options = options
+
+    def forward(self, x):
+        return rampde_fx.odeint(self.func, x, torch.tensor([0.0, 1.0]), rtol=1e-3, atol=1e-3,
+                                options=self.options)[-1]
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"max_num_steps": "10"}, r"options\['max_num_steps'\] must be a real number, got '10'"),
+    ([("max_num_steps", 10)], r"options must be a dict .* \(list\); pass a dict"),
+])
+def test_compiled_solves_check_their_options_as_eager_ones_do(cheap_steps, options, match):
+    """Numbers among the options are lifted into an input of the op; what is no number, or
+    options that are no dict, reach the solve's checks as they are."""
+    compiled_model = torch.compile(WithOptions(options), fullgraph=True, backend="aot_eager")
+    with pytest.raises(TypeError, match=match):
+        compiled_model(torch.randn(3, 4))
+
+
 def test_deleting_a_compiled_model_frees_its_velocity(cheap_steps):
     import gc
     import weakref

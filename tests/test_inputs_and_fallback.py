@@ -24,7 +24,8 @@ T = torch.linspace(0, 1, 3)
      r"does not take options \['atol'\]; fixed-grid methods take"),
     ({"method": "dopri5", "options": {"step_size": 0.1}}, ValueError,
      r"'dopri5' does not take options \['step_size'\]; adaptive methods take"),
-    ({"method": "dopri5", "rtol": -1.0}, ValueError, r"rtol must be finite and non-negative"),
+    ({"method": "dopri5", "rtol": -1.0}, ValueError,
+     r"rtol must be a non-negative finite number, got -1"),
     ({"method": "dopri5", "atol": (1e-3, 1e-3)}, ValueError, r"atol has 2 entries for a state "
                                                                r"of 1 components"),
     ({"method": "dopri5", "options": {"min_step": 0.5, "max_step": 0.1}}, ValueError,
@@ -64,6 +65,134 @@ def test_bad_arguments(kwargs, error, match):
 def test_bad_state_or_times(y0, t, error, match):
     with pytest.raises(error, match=match):
         rampde_fx.odeint(lambda t, y: y, y0, t, method="euler")
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("options", [[("step_size", 0.1)], "step_size=0.1", ("step_size", 0.1)])
+def test_options_must_be_a_dict(options):
+    with pytest.raises(TypeError, match=r"options must be a dict .* got .*; pass a dict"):
+        rampde_fx.odeint(TimeMLP(), Y0, T, method="rk4", options=options)
+
+
+@pytest.mark.parametrize("method, options, error, match", [
+    ("rk4", {"step_size": "0.1"}, TypeError,
+     r"options\['step_size'\] must be a real number, got '0.1' \(str\)"),
+    ("rk4", {"step_size": True}, TypeError, r"options\['step_size'\] .* got True \(bool\)"),
+    ("rk4", {"step_size": torch.tensor([0.1, 0.2])}, TypeError,
+     r"options\['step_size'\] .* got a tensor of shape \(2,\)"),
+    ("rk4", {"step_size": NAN}, ValueError, r"options\['step_size'\] must be a positive finite"),
+    ("rk4", {"grid_constructor": 0.1}, TypeError,
+     r"options\['grid_constructor'\] must be callable"),
+    ("dopri5", {"max_num_steps": "10"}, TypeError,
+     r"options\['max_num_steps'\] must be a real number, got '10' \(str\)"),
+    ("dopri5", {"max_num_steps": True}, TypeError, r"options\['max_num_steps'\] .* \(bool\)"),
+    ("dopri5", {"max_num_steps": 10.5}, ValueError,
+     r"options\['max_num_steps'\] must be a positive whole number, got 10.5"),
+    ("dopri5", {"max_num_steps": 0}, ValueError, r"options\['max_num_steps'\] must be a positive"),
+    ("dopri5", {"first_step": -0.1}, ValueError, r"options\['first_step'\] must be a positive"),
+    ("dopri5", {"safety": 0.0}, ValueError, r"options\['safety'\] must be a positive finite"),
+    ("dopri5", {"ifactor": "10"}, TypeError, r"options\['ifactor'\] must be a real number"),
+    ("dopri5", {"dfactor": NAN}, ValueError, r"options\['dfactor'\] must be a positive finite"),
+    ("dopri5", {"min_step": -1e-3}, ValueError,
+     r"options\['min_step'\] must be a non-negative finite number, got -0.001"),
+    ("dopri5", {"max_step": 0.0}, ValueError, r"options\['max_step'\] must be a positive number"),
+])
+def test_numeric_options_must_be_numbers_in_range(method, options, error, match):
+    with pytest.raises(error, match=match):
+        rampde_fx.odeint(TimeMLP(), Y0, T, method=method, options=options)
+
+
+@pytest.mark.parametrize("y0, kwargs, error, match", [
+    (Y0, {"rtol": "1e-3"}, TypeError, r"rtol must be a real number, got '1e-3' \(str\)"),
+    (Y0, {"atol": True}, TypeError, r"atol must be a real number, got True \(bool\)"),
+    (Y0, {"atol": NAN}, ValueError, r"atol must be a non-negative finite number"),
+    ((Y0, Y0), {"rtol": (1e-3, "1e-3")}, TypeError, r"rtol\[1\] must be a real number"),
+    ((Y0, Y0), {"atol": torch.tensor([1e-6, -1e-6])}, ValueError,
+     r"atol\[1\] must be a non-negative finite number"),
+    (Y0, {"rtol": torch.full_like(Y0, 1e-3)}, NotImplementedError,
+     r"rtol has a tensor of several elements: .* one tolerance per state component"),
+])
+def test_tolerances_must_be_numbers(y0, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        rampde_fx.odeint(lambda t, y: y, y0, T, **kwargs)
+
+
+@pytest.mark.parametrize("times, error, match", [
+    ("0.5", TypeError, r"options\['step_t'\] must be a 1-D tensor or a sequence of times, got "
+                       r"'0.5' \(str\)"),
+    ([0.5, "0.7"], TypeError, r"options\['step_t'\]\[1\] must be a real number"),
+    ([0.5, NAN], ValueError, r"options\['step_t'\]\[1\] must be a finite number, got nan"),
+    (torch.tensor([[0.5]]), TypeError,
+     r"options\['step_t'\] must be a 1-D tensor .* shape \(1, 1\)"),
+    (torch.tensor([True]), TypeError, r"options\['step_t'\]\[0\] must be a real number"),
+])
+def test_step_times_must_be_finite_numbers(times, error, match):
+    with pytest.raises(error, match=match):
+        rampde_fx.odeint(TimeMLP(), Y0, T, options={"step_t": times})
+
+
+@pytest.mark.parametrize("norm, error, match", [
+    ("rms", TypeError, r"options\['norm'\] must be callable"),
+    (lambda y: torch.tensor(NAN), ValueError,
+     r"options\['norm'\] of a state of ones must be a finite number, got nan"),
+    (lambda y: torch.tensor(float("inf")), ValueError,
+     r"options\['norm'\] of a state of ones must be a finite number, got inf"),
+    (lambda y: y.abs(), TypeError,
+     r"options\['norm'\] of a state of ones must be a real number, got a tensor of shape"),
+])
+def test_norm_must_give_a_finite_number(norm, error, match):
+    with pytest.raises(error, match=match):
+        rampde_fx.odeint(TimeMLP(), Y0, T, options={"norm": norm})
+
+
+@pytest.mark.parametrize("first_step", [None, 0.1])  # the initial step's norms, or a step's
+def test_norm_giving_nan_for_a_finite_state_is_named(first_step):
+    """Not the 'underflow in dt' that rejecting every step would end in."""
+    def norm(y):  # finite on ones only
+        return torch.where((y == 1).all(), 1.0, NAN)
+
+    with pytest.raises(ValueError, match=r"options\['norm'\] returned nan for finite error "
+                                         r"ratios"):
+        rampde_fx.odeint(TimeMLP(), Y0, T, dtype=torch.float32,
+                         options={"norm": norm, "first_step": first_step})
+
+
+def test_numbers_as_torchdiffeq_takes_them():
+    """One-element tensors for numbers, whole floats for max_num_steps, per-component
+    tolerances of a tuple state as a sequence or a 1-D tensor, norms of Python floats."""
+    func, state = TimeMLP(), (Y0, 2 * Y0)
+
+    def pair(t, y):
+        return func(t, y[0]), func(t, y[1])
+
+    def solve(fn, y0, **kwargs):
+        return rampde_fx.odeint(fn, y0, T, dtype=torch.float32, **kwargs)
+
+    fixed = solve(func, Y0, method="rk4", options={"step_size": 0.25})
+    assert torch.equal(solve(func, Y0, method="rk4", options={"step_size": torch.tensor(0.25)}),
+                       fixed)
+    plain = solve(pair, state, rtol=(1e-4, 1e-6), atol=1e-6,
+                  options={"max_num_steps": 100, "step_t": [0.25]})
+    for got in (solve(pair, state, rtol=torch.tensor([1e-4, 1e-6]), atol=torch.tensor(1e-6),
+                      options={"max_num_steps": 100.0, "step_t": torch.tensor(0.25)}),
+                solve(pair, state, rtol=[1e-4, 1e-6], atol=1e-6,
+                      options={"norm": lambda y: float(max(c.pow(2).mean().sqrt() for c in y)),
+                               "max_num_steps": 1e2, "step_t": (0.25,)})):
+        assert all(torch.equal(a, b) for a, b in zip(got, plain))
+    want = torchdiffeq.odeint(pair, state, T, rtol=(1e-4, 1e-6), atol=1e-6)
+    assert all(rel_err(a, b) < 1e-4 for a, b in zip(plain, want))
+
+
+@pytest.mark.parametrize("on_meta", ["y0", "t", "both"])
+def test_meta_tensors_are_refused_clearly(on_meta):
+    y0 = Y0.to("meta") if on_meta in ("y0", "both") else Y0
+    t = T.to("meta") if on_meta in ("t", "both") else T
+    name = "t" if on_meta == "t" else "y0"
+    with pytest.raises(ValueError, match=rf"^{name} is on the meta device, which holds no data; "
+                                         r".* Pass real tensors"):
+        rampde_fx.odeint(TimeMLP(), y0, t, method="rk4")
 
 
 def test_velocity_returning_the_wrong_structure():

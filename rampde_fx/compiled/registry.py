@@ -97,8 +97,9 @@ def register(owner: torch.nn.Module, method_name: Any, config: Any, settings: An
     config = resolve_config(config, None, **settings)
     report_to = None if report_to_key is None else runtime.object_of(report_to_key)
     func = owner if method_name is None else getattr(owner, method_name)
+    # Options that are no dict are kept as given: the solve refuses them, as an eager one does.
     spec = CompiledSolveSpec(weakref.ref(owner), method_name, rtol, atol, method,
-                             dict(options or {}), config, is_tuple,
+                             {} if options is None else options, config, is_tuple,
                              None if report_to is None else weakref.ref(report_to),
                              tuple(lifted_slots(func)))
     specs = runtime.SPECS_OF.setdefault(owner, {})

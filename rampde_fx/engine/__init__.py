@@ -6,6 +6,7 @@ grids, internal time, output placement), ``step`` (the mixed-precision RK step, 
 :class:`~rampde_fx.engine.step.StepExecutor` interface through which compiled kernels run
 steps), ``rng`` (generator states replayed in recomputation), ``callbacks`` (torchdiffeq's step
 callbacks), ``controllers`` (where to step: a fixed grid, or adaptive control with its measured
-rounding floor), ``plan`` (a validated solve: :func:`~rampde_fx.engine.plan.prepare_solve`) and
+rounding floor), ``arguments`` (checks of numbers and tensors that ``plan`` and the controllers
+share), ``plan`` (a validated solve: :func:`~rampde_fx.engine.plan.prepare_solve`) and
 ``integrate`` (the forward loop). The engine knows nothing of the compiler stack.
 """

@@ -17,6 +17,7 @@ import torch
 from ..capture import capture_velocity, lifted_slots
 from ..config import SolveConfig
 from ..stats import SolveStats, record
+from .arguments import describe, real_number, require_data
 from .callbacks import find_callbacks
 from .controllers import StepController
 from .controllers.adaptive import ADAPTIVE_OPTIONS, adaptive_controller
@@ -144,6 +145,14 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         internal_values = internal.detach().tolist()
         if not tableau.adaptive:
             check_grid(grid_values, internal_values)
+        # Made before the capture, which is the costly part: its options are checked first.
+        callbacks = find_callbacks(func, tableau, is_tuple, reverse)
+        controller: StepController = (
+            adaptive_controller(tableau, opts, rtol, atol, state, is_tuple, dtype, reverse,
+                                callbacks)
+            if tableau.adaptive else
+            FixedGridController(grid_values, place_outputs(grid_values, internal_values),
+                                callbacks))
         # Captured at the solver's first evaluation: a velocity that reads the time's value
         # sees no time the solver would not use.
         first_time = velocity_time(grid[0].detach(), state, start_nudge, -1.0 if reverse else 1.0)
@@ -161,11 +170,6 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
                       interp="dense" if tableau.adaptive else opts.get("interp", "linear"))
     if executor_for is not None:
         stepper.executor = executor_for(stepper)
-    callbacks = find_callbacks(func, tableau, is_tuple, reverse)
-    controller: StepController = (
-        adaptive_controller(tableau, opts, rtol, atol, state, is_tuple, dtype, reverse, callbacks)
-        if tableau.adaptive else
-        FixedGridController(grid_values, place_outputs(grid_values, internal_values), callbacks))
     plan = SolvePlan(
         config=config,
         func=func,
@@ -216,6 +220,7 @@ def _check_state(y0: Any) -> tuple[bool, tuple[torch.Tensor, ...]]:
                         f"{type(y0).__name__}")
     for i, c in enumerate(state):
         name = f"y0[{i}]" if is_tuple else "y0"
+        require_data(name, c)
         if c.is_complex():
             raise NotImplementedError(f"{name} is complex ({c.dtype}); rampde_fx does not support "
                                       "complex states yet (solve the real and imaginary parts as "
@@ -239,6 +244,7 @@ def _check_times(t: Any, device: torch.device) -> torch.Tensor:
         raise ValueError(f"t must be a floating point tensor, got {t.dtype}")
     if t.numel() == 0:
         raise ValueError("t is empty; give at least the start time t[0]")
+    require_data("t", t)
     values = t.detach().tolist()
     if not all(math.isfinite(v) for v in values):
         raise ValueError("t contains inf or nan")
@@ -252,6 +258,11 @@ def _check_times(t: Any, device: torch.device) -> torch.Tensor:
 
 
 def _check_options(tableau: ButcherTableau, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options, checked here where every method takes them; the adaptive controller
+    checks its own (see :func:`~rampde_fx.engine.controllers.adaptive.adaptive_controller`)."""
+    if not isinstance(options, (dict, type(None))):
+        raise TypeError(f"options must be a dict of option names to values (or None), got "
+                        f"{describe(options)}; pass a dict, e.g. options={{'step_size': 0.1}}")
     opts = dict(options or {})
     allowed = ADAPTIVE_OPTIONS if tableau.adaptive else FIXED_GRID_OPTIONS
     unknown = sorted(set(opts) - set(allowed))
@@ -261,11 +272,12 @@ def _check_options(tableau: ButcherTableau, options: dict[str, Any] | None) -> d
                          f"methods take {list(allowed)}")
     if opts.get("step_size") is not None and opts.get("grid_constructor") is not None:
         raise ValueError("options step_size and grid_constructor are mutually exclusive")
-    step = opts.get("step_size")
-    if step is not None:
-        value = float(step)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"options['step_size'] must be a positive finite number, got {step}")
+    if opts.get("step_size") is not None:
+        real_number("options['step_size']", opts["step_size"], sign="positive")
+    constructor = opts.get("grid_constructor")
+    if constructor is not None and not callable(constructor):
+        raise TypeError(f"options['grid_constructor'] must be callable as grid_constructor(func, "
+                        f"y0, t), got {describe(constructor)}")
     if opts.get("interp", "linear") not in ("linear", "cubic"):
         raise ValueError(f"options['interp'] must be 'linear' or 'cubic', got {opts['interp']!r}")
     return opts

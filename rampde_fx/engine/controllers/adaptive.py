@@ -39,6 +39,7 @@ from ... import runtime
 from ...capture import State
 from ...errors import ToleranceWarning
 from ...stats import SolveStats
+from ..arguments import describe, real_number, require_data
 from ..callbacks import StepCallbacks
 from ..step import Nudge, Stepper, all_finite, weighted_sum
 from ..tableaus import ButcherTableau
@@ -207,7 +208,8 @@ class AdaptiveController:
         would overflow)."""
         components = [c.to(torch.promote_types(c.dtype, torch.float32)) for c in components]
         value = self.norm(tuple(components) if self.is_tuple else components[0])
-        return torch.as_tensor(value, dtype=components[0].dtype, device=components[0].device)
+        return torch.as_tensor(value, dtype=components[0].dtype,
+                               device=components[0].device).reshape(())
 
     def scale(self, y: State) -> list[torch.Tensor]:
         return [a + r * c.abs() for c, r, a in zip(y, self.rtol, self.atol)]
@@ -221,8 +223,10 @@ class AdaptiveController:
         """Hairer, Norsett and Wanner's starting step (Solving ODEs I, II.4), as torchdiffeq
         chooses it: one more velocity evaluation."""
         scale = self.scale(y0)
-        d0, d1 = torch.stack([self.apply_norm([c / s for c, s in zip(y0, scale)]),
-                              self.apply_norm([f / s for f, s in zip(f0, scale)])]).tolist()
+        ratios = ([c / s for c, s in zip(y0, scale)], [f / s for f, s in zip(f0, scale)])
+        d0, d1 = torch.stack([self.apply_norm(r) for r in ratios]).tolist()
+        for d, r in zip((d0, d1), ratios):
+            self._refuse_nan_norm(d, lambda r=r: r)
         h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
         y1 = tuple(c + h0 * f for c, f in zip(y0, f0))
         f1 = stepper.derivative(t0 + h0, y1)
@@ -245,8 +249,7 @@ class AdaptiveController:
         the norm of ``sum_i |e_i| |k_i|`` (see the module docstring)."""
         weights = self.tableau.error
         tolerance = self.tolerance(y0, y1)
-        errors = [dt * weighted_sum(weights, [k[c] for k in stages]) for c in range(len(y0))]
-        values = [self.apply_norm([e / s for e, s in zip(errors, tolerance)])]
+        values = [self.apply_norm(self.scaled_errors(dt, stages, tolerance))]
         values.append(torch.stack([(a != b).any() for a, b in zip(y0, y1)]).any()
                       .to(values[0].dtype))
         values.append(self.step_ratio(dt, noise, tolerance) if noise is not None
@@ -258,6 +261,13 @@ class AdaptiveController:
             values += [self.apply_norm([rough * m / s for m, s in zip(magnitude, tolerance)]),
                        self.apply_norm(magnitude)]
         return torch.stack(values)
+
+    def scaled_errors(self, dt: float, stages: list[State],
+                      tolerance: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The error estimate of a step of ``dt`` over its tolerance, per component: what the
+        norm of its error ratio is taken of."""
+        return [dt * weighted_sum(self.tableau.error, [k[c] for k in stages]) / s
+                for c, s in enumerate(tolerance)]
 
     def step_ratio(self, dt: float, per_unit_step: list[torch.Tensor],
                    tolerance: list[torch.Tensor]) -> torch.Tensor:
@@ -284,6 +294,7 @@ class AdaptiveController:
         floor = self._floor
         values = self.error_ratios(dt, stages, y, y1, None if floor is None else floor.noise)
         ratio, moved, noise, *rough = values.tolist()
+        self._refuse_nan_norm(ratio, lambda: self.scaled_errors(dt, stages, self.tolerance(y, y1)))
         noise = noise if math.isfinite(noise) else 0.0
         if floor is not None and rough[0] >= 1 and floor.due(
                 rough[1], rejected=ratio > max(1.0, noise), relaxed=noise > 1, step=abs(dt)):
@@ -319,6 +330,14 @@ class AdaptiveController:
                 f"solve (t={self._user_time(self._t):g}) in {self._stats.dtype}: it overflows "
                 "there (float16 holds magnitudes up to 65504) or is undefined; solve with a "
                 "wider dtype (torch.bfloat16 has float32's range), or rescale the state")
+
+    def _refuse_nan_norm(self, value: float, ratios: Callable[[], list[torch.Tensor]]) -> None:
+        """Raise where ``value``, the norm of ``ratios()``, is nan though they are finite: no
+        overflow makes a nan, so the norm is at fault (its steps would otherwise shrink to an
+        underflow). ``ratios`` is recomputed on this rare path only."""
+        if math.isnan(value) and all_finite(ratios()):
+            raise ValueError("rampde_fx: options['norm'] returned nan for finite error "
+                             "ratios; it must return a finite number for finite input")
 
     def _raise_underflow(self, dt: float) -> None:
         why = ("the last attempted step's error estimate was not finite (the state or the "
@@ -370,19 +389,24 @@ class _Judgement:
 def adaptive_controller(tableau: ButcherTableau, options: dict[str, Any], rtol: Any, atol: Any,
                         state: State, is_tuple: bool, dtype: torch.dtype, reverse: bool,
                         callbacks: StepCallbacks) -> AdaptiveController:
-    """Validate an adaptive solve's tolerances and options (in internal, increasing time)."""
-    def number(name: str, default: float, low: float = 0.0) -> float:
-        value = options.get(name, default)
-        value = float(value.item() if isinstance(value, torch.Tensor) else value)
-        if math.isnan(value) or value < low:
-            raise ValueError(f"options[{name!r}] must be a number >= {low}, got {value}")
-        return value
+    """Validate an adaptive solve's tolerances and options (in internal, increasing time).
+    An option given as None takes its default."""
+    def number(name: str, default: float, **bounds: Any) -> float:
+        value = options.get(name)
+        return real_number(f"options[{name!r}]", default if value is None else value, **bounds)
 
     def landmarks(name: str) -> list[float]:
-        values = options.get(name)
+        """``step_t`` or ``jump_t``: a 1-D tensor (or a 0-dim one) or a sequence of times."""
+        values, label = options.get(name), f"options[{name!r}]"
         if values is None:
             return []
-        values = torch.as_tensor(values).detach().reshape(-1).tolist()
+        if isinstance(values, torch.Tensor) and values.dim() <= 1:
+            require_data(label, values)
+            values = values.detach().reshape(-1).tolist()
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(f"{label} must be a 1-D tensor or a sequence of times, got "
+                            f"{describe(values)}")
+        values = [real_number(f"{label}[{i}]", v, sign="any") for i, v in enumerate(values)]
         return sorted(-v if reverse else v for v in values)
 
     time_dtype = options.get("dtype", torch.float64)
@@ -392,7 +416,8 @@ def adaptive_controller(tableau: ButcherTableau, options: dict[str, Any], rtol: 
     step_t, jump_t = landmarks("step_t"), landmarks("jump_t")
     if set(step_t) & set(jump_t):
         raise ValueError("options step_t and jump_t must not share times")
-    min_step, max_step = number("min_step", 0.0), number("max_step", math.inf)
+    min_step = number("min_step", 0.0)
+    max_step = number("max_step", math.inf, sign="positive", finite=False)
     if min_step > max_step:
         raise ValueError(f"options['min_step']={min_step} exceeds options['max_step']={max_step}")
     first_step = options.get("first_step")
@@ -400,26 +425,46 @@ def adaptive_controller(tableau: ButcherTableau, options: dict[str, Any], rtol: 
     low_unit = torch.finfo(dtype).eps / 2
     return AdaptiveController(
         tableau=tableau,
-        rtol=_per_component("rtol", rtol, len(state)),
-        atol=_per_component("atol", atol, len(state)),
-        norm=options.get("norm", max_rms_norm if is_tuple else rms_norm),
+        rtol=_per_component("rtol", rtol, is_tuple, len(state)),
+        atol=_per_component("atol", atol, is_tuple, len(state)),
+        norm=_checked_norm(options.get("norm"), state, is_tuple),
         is_tuple=is_tuple,
-        first_step=None if first_step is None else number("first_step", 0.0, low=1e-300),
-        safety=number("safety", 0.9), ifactor=number("ifactor", 10.0),
-        dfactor=number("dfactor", 0.2), min_step=min_step, max_step=max_step,
-        max_num_steps=int(number("max_num_steps", 2**31 - 1, low=1)),
+        first_step=None if first_step is None else number("first_step", 0.0, sign="positive"),
+        safety=number("safety", 0.9, sign="positive"),
+        ifactor=number("ifactor", 10.0, sign="positive"),
+        dfactor=number("dfactor", 0.2, sign="positive"), min_step=min_step, max_step=max_step,
+        max_num_steps=int(number("max_num_steps", 2**31 - 1, sign="positive", whole=True)),
         step_t=step_t, jump_t=jump_t,
         unit_roundoff=low_unit if low_unit > state_unit else None,
         callbacks=callbacks,
     )
 
 
-def _per_component(name: str, value: Any, components: int) -> tuple[float, ...]:
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * components
+def _per_component(name: str, value: Any, is_tuple: bool,
+                   components: int) -> tuple[float, ...]:
+    """A tolerance per state component: one number for all, or, as torchdiffeq takes them, a
+    sequence (for a tuple state also a 1-D tensor) of one per component."""
+    sequence = isinstance(value, (tuple, list)) or (
+        is_tuple and isinstance(value, torch.Tensor) and value.dim() == 1)
+    values = list(value) if sequence else [value] * components
     if len(values) != components:
         raise ValueError(f"{name} has {len(values)} entries for a state of {components} "
                          "components")
-    values = tuple(float(v.item() if isinstance(v, torch.Tensor) else v) for v in values)
-    if not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError(f"{name} must be finite and non-negative, got {value}")
-    return values
+    if any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in values):
+        raise NotImplementedError(f"{name} has a tensor of several elements: rampde_fx takes "
+                                  "one tolerance per state component, not one per element")
+    return tuple(real_number(f"{name}[{i}]" if sequence else name, v)
+                 for i, v in enumerate(values))
+
+
+def _checked_norm(norm: Any, state: State, is_tuple: bool) -> Callable[[Any], Any]:
+    """The ``norm`` option, or the default norm. A given norm is evaluated once, on ones: it
+    must give a finite number, or every step would be rejected until the step size underflows."""
+    if norm is None:
+        return max_rms_norm if is_tuple else rms_norm
+    if not callable(norm):
+        raise TypeError(f"options['norm'] must be callable as norm(y), got {describe(norm)}")
+    ones = [torch.ones_like(c, dtype=torch.promote_types(c.dtype, torch.float32)) for c in state]
+    real_number("options['norm'] of a state of ones", norm(tuple(ones) if is_tuple else ones[0]),
+                sign="any")
+    return norm
