@@ -17,6 +17,7 @@ from .engine.tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, ButcherTabl
 from .errors import CaptureWarning, ConversionError, ToleranceWarning
 from .interception.convert import convert
 from .policy import DEFAULT_POLICY, Precision, PrecisionPolicy
+from .scope import mixed_precision
 from .stats import SolveStats, VelocityKind, collect_stats
 from .tools.check import CheckReport, check
 from .tools.explain import conversion_diff, explain, graph_diff
@@ -25,6 +26,6 @@ __all__ = [
     "ADAPTIVE_TABLEAUS", "ButcherTableau", "CaptureWarning", "CheckReport", "ConversionError",
     "DEFAULT_POLICY", "FIXED_GRID_TABLEAUS", "Precision", "PrecisionPolicy", "SolveConfig",
     "SolveStats", "ToleranceWarning", "VelocityKind", "check", "collect_stats",
-    "conversion_diff", "convert", "explain", "graph_diff", "odeint",
+    "conversion_diff", "convert", "explain", "graph_diff", "mixed_precision", "odeint",
 ]
 __version__ = "0.1.0"

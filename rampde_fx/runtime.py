@@ -15,8 +15,9 @@ What lives here, and for how long:
 - ``settings``: :class:`Settings`, for the process; changed only inside :func:`patch`.
 - Interception (``interception.trampolines``): ``TRAMPOLINES``, the original torchdiffeq solver
   functions by name and the functions given a trampoline, from the first ``convert`` until
-  :func:`rampde_fx.interception.trampolines.uninstall`; ``per_thread().handlers``, the stack of
-  converted forwards running in a thread, pushed and popped around each of them.
+  :func:`rampde_fx.interception.trampolines.uninstall` (from the first ``convert`` or
+  ``mixed_precision`` scope); ``per_thread().handlers``, the stack of converted modules' methods
+  and ``mixed_precision`` scopes running in a thread, pushed and popped around each of them.
 - ``CAPTURED``: captured velocities per kind of velocity (a module class, a function's code;
   weak keys), at most ``capture.cache.MAX_CAPTURES_PER_SIGNATURE`` per input signature; and
   ``CAPTURE_LOCK``, held while capture swaps attributes of user modules.
@@ -105,8 +106,8 @@ def per_thread() -> _PerThread:
 
 
 def active_handler() -> Any:
-    """The converted forward whose solves this thread routes (see ``interception``); None if
-    there is none, or if interception is suspended."""
+    """The converted module or ``mixed_precision`` scope whose solves this thread routes (see
+    ``interception``); None if there is none, or if interception is suspended."""
     stack = _THREAD.handlers
     return stack[-1] if stack else None
 

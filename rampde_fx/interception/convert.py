@@ -3,11 +3,12 @@
 Nothing is traced at convert time. The converted module is a shallow copy of the model whose
 class is ``Converted<Name>``, a subclass of the model's class made once per class
 (``runtime.CONVERTED_CLASSES``): its forward (one per converted module) runs the original
-forward, as written, inside the interception of :mod:`rampde_fx.interception.trampolines`.
-Python control flow, default arguments, ``self.training``, helper methods, loops before the
-solve and solvers kept in attributes or passed as arguments all run as the user wrote them, on
-every call. Each call of ``torchdiffeq.odeint``, ``torchdiffeq.odeint_adjoint`` or
-``rampde_fx.odeint`` that the forward makes is routed to a :class:`SolveSite`, made when that
+forward, as written, inside the interception of :mod:`rampde_fx.interception.trampolines`, and
+so does every other method that the model's own classes define (``sample``, ``log_prob``,
+``compute_all_losses``, helpers). Python control flow, default arguments, ``self.training``,
+loops before the solve and solvers kept in attributes or passed as arguments all run as the
+user wrote them, on every call. Each call of ``torchdiffeq.odeint``,
+``torchdiffeq.odeint_adjoint`` or ``rampde_fx.odeint`` that such a method makes is routed to a :class:`SolveSite`, made when that
 solve is first met and kept for the next calls: it runs :func:`rampde_fx.odeint` with the
 original method, options, tolerances and output times and ``convert``'s precision settings.
 
@@ -27,6 +28,7 @@ adjoint does not make: they are dropped with a warning, and the ``dtype``, ``sca
 from __future__ import annotations
 
 import copy
+import functools
 import types
 from typing import Any, Callable, Iterator
 
@@ -63,10 +65,34 @@ def _converted_class(original: type[torch.nn.Module]) -> type:
     classes = runtime.CONVERTED_CLASSES
     with runtime.CONVERTED_CLASSES_LOCK:
         if original not in classes:
+            namespace = {name: _intercepting(method) for name, method in _methods(original)}
             classes[original] = type(f"Converted{original.__name__}",
                                      (_ConvertedModule, original),
-                                     {"_rampde_original": original})
+                                     {**namespace, "_rampde_original": original})
         return classes[original]
+
+
+def _methods(original: type[torch.nn.Module]) -> Iterator[tuple[str, types.FunctionType]]:
+    """The methods that the model's own classes define (not nn.Module's, not dunder methods,
+    not forward, which every converted module has its own of), by name, most derived first."""
+    seen = {"forward"}
+    for klass in original.__mro__:
+        if klass is object or klass.__module__.partition(".")[0] == "torch":
+            continue
+        for name, value in vars(klass).items():
+            if isinstance(value, types.FunctionType) and name not in seen and not (
+                    name.startswith("__") and name.endswith("__")):
+                seen.add(name)
+                yield name, value
+
+
+def _intercepting(method: types.FunctionType) -> Callable[..., Any]:
+    """``method``, running with this converted module routing the solves it makes (sampling,
+    likelihood and training entry points, helpers)."""
+    @functools.wraps(method)
+    def converted_method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return trampolines.run_within(self, method, self, *args, **kwargs)
+    return converted_method
 
 
 def _with_own_forward(module: torch.nn.Module) -> torch.nn.Module:
@@ -166,6 +192,12 @@ def convert(
             written.
         config: a :class:`rampde_fx.SolveConfig` in place of ``dtype``, ``scaling``,
             ``policy`` and ``checkpoint`` (which then must keep their defaults).
+
+    Solves made in ``forward`` and in every other method of ``model``'s own classes (a
+    ``sample()``, ``log_prob()`` or ``compute_all_losses()``, directly or through the
+    submodules and functions it calls) are converted. A submodule's method called directly
+    (``mp.decoder.sample()``) runs that shared submodule as written: convert the submodule
+    itself, or call it inside a :class:`rampde_fx.mixed_precision` scope.
 
     Returns:
         An instance of a subclass of ``type(model)`` that shares ``model``'s submodules,

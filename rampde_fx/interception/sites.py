@@ -28,7 +28,7 @@ import torch
 
 from .. import runtime
 from ..api import odeint
-from ..capture import velocity_owner
+from ..capture import owner_module, velocity_owner
 from ..compiled.op import require_compilable, solve_in_graph
 from ..config import SolveConfig
 from ..engine.tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS
@@ -54,8 +54,9 @@ class SolveSite:
     Attributes:
         source: the solver the model calls ('torchdiffeq.odeint', ...).
         module_name: the name in the model of the module that makes the solve ('' for the
-            root).
-        module_class: that module's class name.
+            root; None for a solve of a :class:`rampde_fx.mixed_precision` scope).
+        module_class: that module's class name (in a scope: the velocity's module's, or
+            ``'function'``).
         velocity: how the velocity is named (its name in the model, or its qualified name).
         config: the precision settings the solve runs with.
         dropped: arguments of the last call that were not passed on.
@@ -63,8 +64,8 @@ class SolveSite:
         last_stats: the statistics of the last solve (None until one has run).
     """
 
-    def __init__(self, *, source: str, module_name: str, module_class: str, velocity: str,
-                 config: SolveConfig) -> None:
+    def __init__(self, *, source: str, module_name: str | None, module_class: str,
+                 velocity: str, config: SolveConfig) -> None:
         self.source = source
         self.module_name = module_name
         self.module_class = module_class
@@ -75,6 +76,8 @@ class SolveSite:
         self.last_stats: SolveStats | None = None
 
     def __str__(self) -> str:
+        if self.module_name is None:
+            return f"{self.source} of {self.velocity} ({self.module_class}) in a scope"
         return f"{self.source} in {self.module_class} at '{self.module_name or '<root>'}'"
 
     def accept(self, arguments: dict[str, Any], dropped: tuple[str, ...]) -> None:
@@ -145,9 +148,10 @@ class Conversion:
         self.__dict__.update(state)
         self._reset()
 
-    def solve(self, root: torch.nn.Module, source: str, args: tuple[Any, ...],
+    def solve(self, root: torch.nn.Module | None, source: str, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
-        """Run an intercepted call of ``source`` made inside ``root``'s forward."""
+        """Run an intercepted call of ``source`` made inside a method of ``root`` (None: in a
+        :class:`rampde_fx.mixed_precision` scope)."""
         if len(args) > len(_POSITIONAL):
             raise TypeError(f"{source}() takes {len(_POSITIONAL)} positional arguments but "
                             f"{len(args)} were given")
@@ -163,20 +167,21 @@ class Conversion:
         if torch.compiler.is_compiling():
             require_compilable(func)
             owner, method_name = velocity_owner(func)
-            site_key = _site_while_compiling(root, source, owner, method_name, arguments,
-                                             dropped)
+            site_key = _site_while_compiling(self, root, source, owner, method_name,
+                                             arguments, dropped)
             if not site_key:
                 return trampolines.run_within(None, solver, *args, **kwargs)
             return solve_in_graph(func, y0, t, self.config, {}, **arguments,
                                   report_to_key=site_key, adjoint_params=adjoint_params)
-        # Frames up from the caller of the converted module's _rampde_intercept.
+        # Frames up from the caller of the handler's _rampde_intercept.
         site = self.site(root, source, func, arguments, dropped, caller=sys._getframe(2))
         if site is None:
             return trampolines.run_within(None, solver, *args, **kwargs)
         return trampolines.run_within(None, site.run, func, y0, t,
                                       {**arguments, "adjoint_params": adjoint_params})
 
-    def site(self, root: torch.nn.Module, source: str, func: Any, arguments: dict[str, Any],
+    def site(self, root: torch.nn.Module | None, source: str, func: Any,
+             arguments: dict[str, Any],
              dropped: tuple[str, ...], *, caller: types.FrameType | None) -> SolveSite | None:
         """The site of a solve, made when first met; None for a solve that ``filter_fn`` left
         as it is. ``caller``: the frame from which to look for the module that makes the solve
@@ -192,14 +197,23 @@ class Conversion:
             site.accept(arguments, dropped)
         return site
 
-    def _new_site(self, root: torch.nn.Module, source: str, func: Any,
+    def _new_site(self, root: torch.nn.Module | None, source: str, func: Any,
                   caller: types.FrameType | None) -> SolveSite | None:
-        modules = {id(m): (name, m) for name, m in root.named_modules()}
-        found = _module_in_frames(caller, modules) if caller is not None else None
-        module_name, module = found or _module_of_velocity(func, modules, root)
-        site = SolveSite(source=source, module_name=module_name, module_class=class_name(module),
-                         velocity=_velocity_name(func, modules), config=self.config)
-        if self.filter_fn is not None and not self.filter_fn(module, module_name):
+        if root is None:  # a scope: the solve is its velocity's
+            module, velocity = owner_module(func), _velocity_name(func, {})
+            site = SolveSite(source=source, module_name=None, velocity=velocity,
+                             module_class="function" if module is None else class_name(module),
+                             config=self.config)
+            asked: tuple[Any, str] = (module, velocity)
+        else:
+            modules = {id(m): (name, m) for name, m in root.named_modules()}
+            found = _module_in_frames(caller, modules) if caller is not None else None
+            module_name, module = found or _module_of_velocity(func, modules, root)
+            site = SolveSite(source=source, module_name=module_name,
+                             module_class=class_name(module),
+                             velocity=_velocity_name(func, modules), config=self.config)
+            asked = (module, module_name)
+        if self.filter_fn is not None and not self.filter_fn(*asked):
             self.notes.append(f"{site} runs as written: filter_fn left it as it is")
             return None
         self.sites.append(site)
@@ -207,23 +221,24 @@ class Conversion:
 
 
 @torch.compiler.assume_constant_result
-def _site_while_compiling(root: torch.nn.Module, source: str, owner: Any,
-                          method_name: str | None, arguments: dict[str, Any],
+def _site_while_compiling(conversion: Conversion, root: torch.nn.Module | None, source: str,
+                          owner: Any, method_name: str | None, arguments: dict[str, Any],
                           dropped: tuple[str, ...]) -> int:
     """Runs while dynamo traces a solve: the key (``runtime.key_of``) of its site, which the
     conversion keeps alive, or 0 for a solve that runs as written. The velocity is ``owner``
     or its method ``method_name``."""
     func = owner if method_name is None else getattr(owner, method_name)
-    site = root._rampde_conversion.site(root, source, func, arguments, dropped, caller=None)
+    site = conversion.site(root, source, func, arguments, dropped, caller=None)
     return 0 if site is None else runtime.key_of(site)
 
 
-def _velocity_identity(func: Any, root: torch.nn.Module) -> tuple[Any, Any]:
+def _velocity_identity(func: Any, root: torch.nn.Module | None) -> tuple[Any, Any]:
     if isinstance(func, types.MethodType):  # bound methods are made anew on every access
         return id(func.__self__), func.__func__.__name__
     if isinstance(func, types.FunctionType):  # a lambda or closure may be made on every call
         return func.__code__, None
-    if isinstance(func, torch.nn.Module) and not any(m is func for m in root.modules()):
+    if isinstance(func, torch.nn.Module) and (
+            root is None or not any(m is func for m in root.modules())):
         return type(func), None  # a velocity module made on every call
     return id(func), None
 

@@ -12,7 +12,8 @@ Importing rampde_fx changes nothing; :func:`uninstall` gives the functions their
 ``rampde_fx.odeint`` asks ``runtime.active_handler()`` itself.
 
 :func:`dispatch` looks at a thread-local stack (``runtime.per_thread().handlers``): a converted
-forward pushes its module (the *handler*) for as long as it runs. With no handler on top, the
+module's method pushes the module, and a ``rampde_fx.mixed_precision`` scope pushes itself (the
+*handler*), for as long as it runs. With no handler on top, the
 original solver runs exactly as before, so models that are not converted, and other threads,
 see plain torchdiffeq. A handler receives ``handler._rampde_intercept(source, args, kwargs)``.
 While a converted solve, or an original solver that the handler leaves as it is, runs, a
@@ -36,7 +37,8 @@ _DISPATCH_NAME = "_rampde_fx_dispatch"
 
 
 class Handler(Protocol):
-    """What a converted forward pushes: it decides how each intercepted solve runs."""
+    """What a converted module's method or a scope pushes: it decides how each intercepted
+    solve runs."""
 
     def _rampde_intercept(self, source: str, args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> Any: ...

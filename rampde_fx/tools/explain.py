@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -48,8 +49,9 @@ def graph_diff(before: str, after: str, context: int = 1) -> str:
 _NOT_MET = "no ODE solve has been met yet: call the module once"
 
 
-def conversion_diff(converted: torch.nn.Module) -> str:
-    """For every solve that :func:`rampde_fx.convert` converted, in the order they were first
+def conversion_diff(converted: Any) -> str:
+    """For every solve that :func:`rampde_fx.convert` (or a :class:`rampde_fx.mixed_precision`
+    scope) converted, in the order they were first
     met: the diff from its velocity's graph as captured to the graph that runs in low
     precision (casts added, ops changed), from the last solve of each."""
     record = getattr(converted, "_rampde_conversion", None)
@@ -70,8 +72,9 @@ def conversion_diff(converted: torch.nn.Module) -> str:
     return "\n".join(parts)
 
 
-def explain(converted: torch.nn.Module) -> str:
-    """What ran in which precision, and why, for a module made by :func:`rampde_fx.convert`.
+def explain(converted: Any) -> str:
+    """What ran in which precision, and why, for a module made by :func:`rampde_fx.convert`
+    or a :class:`rampde_fx.mixed_precision` scope.
 
     For each converted solve, in the order they were first met: where it is, the solver call it
     replaced, method and options, precision and scaling, and, once it has run, its step counts
