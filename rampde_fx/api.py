@@ -13,7 +13,7 @@ import torch
 
 from . import runtime
 from .adjoint.function import MixedPrecisionSolve
-from .compiled.op import solve_in_graph
+from .compiled.op import NOT_IN_GRAPH, run_between_graphs, solve_in_graph
 from .config import SolveConfig, resolve_config
 from .engine.integrate import integrate
 from .engine.plan import TensorOrTuple, prepare_solve
@@ -114,9 +114,14 @@ def odeint(
         return handler._rampde_intercept("rampde_fx.odeint", (func, y0, t), given)
     settings = {"dtype": dtype, "scaling": scaling, "policy": policy, "checkpoint": checkpoint}
     if torch.compiler.is_compiling():  # the config is made where the solve is registered
-        return solve_in_graph(func, y0, t, config, settings, rtol=rtol, atol=atol,
-                              method=method, options=options, event_fn=event_fn,
-                              adjoint_params=adjoint_params)
+        solution = solve_in_graph(func, y0, t, config, settings, rtol=rtol, atol=atol,
+                                  method=method, options=options, event_fn=event_fn,
+                                  adjoint_params=adjoint_params)
+        if solution is NOT_IN_GRAPH:
+            return run_between_graphs(odeint, func, y0, t, rtol=rtol, atol=atol, method=method,
+                                      options=options, config=config, event_fn=event_fn,
+                                      adjoint_params=adjoint_params, **settings)
+        return solution
     config = resolve_config(config, None, **settings)
     prepared = prepare_solve(func, y0, t, config, rtol=rtol, atol=atol, method=method,
                              options=options, event_fn=event_fn, adjoint_params=adjoint_params)

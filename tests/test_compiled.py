@@ -411,14 +411,26 @@ def test_gradients_keep_the_layout_inductor_expects():
         assert rel_err(got, want) < 2.0**-8
 
 
-def test_compiled_closures_are_refused_clearly(cheap_steps):
+def test_compiled_closures_solve_between_graphs(cheap_steps):
+    """rampde_fx.odeint on a lambda made in compiled code: the solve runs between two graphs
+    (default mode), with the closure tensor's gradient; fullgraph=True gets the reason."""
     weight = torch.randn(4, 4, requires_grad=True)
-    solve = torch.compile(
-        lambda y: rampde_fx.odeint(lambda t, x: torch.tanh(x @ weight), y,
-                                   torch.tensor([0.0, 1.0]), method="euler"),
-        fullgraph=True, backend="aot_eager")
-    with pytest.raises(Exception, match=r"func must be an nn.Module or a method of one"):
-        solve(torch.randn(2, 4, requires_grad=True))
+
+    def solve(y):
+        return rampde_fx.odeint(lambda t, x: torch.tanh(x @ weight), y, torch.tensor([0.0, 1.0]),
+                                method="euler", dtype=torch.float32)
+
+    y0 = torch.randn(2, 4)
+    got = torch.compile(solve, backend="aot_eager")(y0)
+    want = torchdiffeq.odeint(lambda t, x: torch.tanh(x @ weight), y0, torch.tensor([0.0, 1.0]),
+                              method="euler")
+    assert rel_err(got, want) < 1e-6
+    (grad,) = torch.autograd.grad(got.square().sum(), weight)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), weight)
+    assert rel_err(grad, want_grad) < 1e-6
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="runs eagerly between two compiled graphs"):
+        torch.compile(solve, fullgraph=True, backend="aot_eager")(y0)
 
 
 class ReadsAPlainTensor(torch.nn.Module):

@@ -45,15 +45,31 @@ from .registry import (DYNAMO_PASSES_OBJECTS, CompiledSolveSpec, lift_numbers, l
                        register, tensor_at, tensor_names)
 
 
-def require_compilable(func: Any) -> None:
-    """Refuse, while dynamo traces, a velocity that a compiled solve cannot take: one that is
-    no module or method of one (dynamo cannot hand a lambda or closure to the solve)."""
-    if not isinstance(func, (torch.nn.Module, types.MethodType)):
-        raise NotImplementedError(
-            f"rampde_fx under torch.compile: the velocity {describe(func)} is a plain function "
-            "(a lambda or closure?); func must be an nn.Module or a method of one, which the "
-            "compiled solve can take. Make the velocity a module holding the tensors and "
-            "modules it reads, or run this solve without torch.compile.")
+# Why a solve runs between two compiled graphs (the graph break's reason, shown by dynamo, and
+# under fullgraph=True its error).
+_BETWEEN_GRAPHS = (
+    "rampde_fx: this solve's velocity is made inside the compiled code (a lambda, closure or "
+    "module built per call), which dynamo cannot hand to the compiled solve op, so the solve "
+    "runs eagerly between two compiled graphs. For one graph (fullgraph=True), make the "
+    "velocity a module built once (in __init__) and set what changes per call as its "
+    "attributes before the solve.")
+
+# What solve_in_graph returns for a velocity that the op cannot take: the caller runs the
+# solve with run_between_graphs.
+NOT_IN_GRAPH = object()
+
+
+def is_plain_function(func: Any) -> bool:
+    """Whether ``func`` is no module nor method of one: under ``torch.compile``, most often a
+    lambda or closure made in the compiled code, which the op cannot take."""
+    return not isinstance(func, (torch.nn.Module, types.MethodType))
+
+
+@torch.compiler.disable(reason=_BETWEEN_GRAPHS)
+def run_between_graphs(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, eagerly: under ``torch.compile`` a graph break, at which dynamo
+    rebuilds the velocity made in the compiled code as a real object."""
+    return fn(*args, **kwargs)
 
 
 def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
@@ -68,7 +84,11 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
     a frozen dataclass faithfully). ``report_to_key`` names (see ``runtime.key_of``) a live
     object (a site of ``rampde_fx.convert``) whose ``last_stats`` receives each run's
     ``SolveStats``. Tensors of the velocity that are not among ``adjoint_params`` (where
-    given) get no gradient."""
+    given) get no gradient.
+
+    Returns :data:`NOT_IN_GRAPH` for a velocity that the op cannot take, one made inside the
+    compiled code: a plain function (dynamo cannot pass a closure made there), or a module
+    made there (dynamo passes it without its attributes)."""
     if event_fn is not None:
         raise NotImplementedError("rampde_fx.odeint does not support event_fn yet")
     if not DYNAMO_PASSES_OBJECTS:
@@ -76,7 +96,8 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
             f"rampde_fx under torch.compile needs torch 2.13 or later (this is "
             f"{torch.__version__}): its dynamo passes the velocity module to the solve's "
             "registration. Run the converted model without torch.compile, or upgrade torch.")
-    require_compilable(func)
+    if is_plain_function(func):
+        return NOT_IN_GRAPH
     is_tuple = isinstance(y0, tuple)
     state = list(y0) if is_tuple else [y0]
     owner, method_name = velocity_owner(func)
@@ -84,6 +105,8 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
     rtol, atol, options = lift_numbers((rtol, atol, options), numbers)
     spec_key = register(owner, method_name, config, settings, report_to_key, rtol, atol, method,
                         options, is_tuple)
+    if not spec_key:
+        return NOT_IN_GRAPH
     tensors = [tensor_at(owner, name) for name in tensor_names(spec_key)]
     recording = torch.is_grad_enabled()
     needs = [recording and x.requires_grad for x in [*state, t]] + [

@@ -92,8 +92,10 @@ def register(owner: torch.nn.Module, method_name: Any, config: Any, settings: An
     """Runs while dynamo traces a solve: the key of its spec, a constant of the graph. The
     velocity is ``owner`` itself or its method ``method_name``; the precision settings are
     ``config``, or those the settings keywords give (see :func:`rampde_fx.config.resolve_config`).
-    An equal spec of the same owner is reused, so recompilation registers nothing new."""
-    _refuse_made_while_tracing(owner)
+    An equal spec of the same owner is reused, so recompilation registers nothing new. 0 for a
+    velocity module made inside the compiled code (see :func:`made_while_tracing`)."""
+    if made_while_tracing(owner):
+        return 0
     config = resolve_config(config, None, **settings)
     report_to = None if report_to_key is None else runtime.object_of(report_to_key)
     func = owner if method_name is None else getattr(owner, method_name)
@@ -110,18 +112,14 @@ def register(owner: torch.nn.Module, method_name: Any, config: Any, settings: An
     return key
 
 
-def _refuse_made_while_tracing(owner: Any) -> None:
-    """A velocity module made inside the compiled code (a vector-field wrapper built per call)
-    reaches the registration as dynamo rebuilds it: nn.Module's own state, without what its
-    ``__init__`` set. Refuse it with what to do instead."""
-    if isinstance(owner, torch.nn.Module) and type(owner).__init__ is not torch.nn.Module.__init__ \
-            and set(vars(owner)) <= MODULE_INTERNALS and not (
-                owner._modules or owner._parameters or owner._buffers):
-        raise NotImplementedError(
-            f"rampde_fx under torch.compile: the velocity module {type(owner).__qualname__} "
-            "is made inside the compiled code, and dynamo cannot hand it to the compiled solve. "
-            "Make it once (in the model's __init__) and set what changes per call as its "
-            "attributes before the solve, or run this solve without torch.compile.")
+def made_while_tracing(owner: Any) -> bool:
+    """Whether ``owner`` is a velocity module made inside the compiled code (a vector-field
+    wrapper built per call): it reaches a registration as dynamo rebuilds it, with nn.Module's
+    own state and without what its ``__init__`` set."""
+    return isinstance(owner, torch.nn.Module) \
+        and type(owner).__init__ is not torch.nn.Module.__init__ \
+        and set(vars(owner)) <= MODULE_INTERNALS \
+        and not (owner._modules or owner._parameters or owner._buffers)
 
 
 @torch.compiler.assume_constant_result

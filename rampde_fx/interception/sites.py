@@ -29,7 +29,7 @@ import torch
 from .. import runtime
 from ..api import odeint
 from ..capture import owner_module, velocity_owner
-from ..compiled.op import require_compilable, solve_in_graph
+from ..compiled.op import NOT_IN_GRAPH, is_plain_function, run_between_graphs, solve_in_graph
 from ..config import SolveConfig
 from ..engine.tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS
 from ..errors import ConversionError
@@ -165,14 +165,18 @@ class Conversion:
         dropped = tuple(k for k in call if k in _DROPPED_ARGUMENTS)
         solver = odeint if source == "rampde_fx.odeint" else trampolines.original(source)
         if torch.compiler.is_compiling():
-            require_compilable(func)
+            if is_plain_function(func):
+                return run_between_graphs(self.solve, root, source, args, kwargs)
             owner, method_name = velocity_owner(func)
             site_key = _site_while_compiling(self, root, source, owner, method_name,
                                              arguments, dropped)
             if not site_key:
                 return trampolines.run_within(None, solver, *args, **kwargs)
-            return solve_in_graph(func, y0, t, self.config, {}, **arguments,
-                                  report_to_key=site_key, adjoint_params=adjoint_params)
+            solution = solve_in_graph(func, y0, t, self.config, {}, **arguments,
+                                      report_to_key=site_key, adjoint_params=adjoint_params)
+            if solution is NOT_IN_GRAPH:
+                return run_between_graphs(self.solve, root, source, args, kwargs)
+            return solution
         # Frames up from the caller of the handler's _rampde_intercept.
         site = self.site(root, source, func, arguments, dropped, caller=sys._getframe(2))
         if site is None:
