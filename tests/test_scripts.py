@@ -59,6 +59,24 @@ def test_cnf_toy(tmp_path):
 
 
 @pytest.mark.slow
+def test_flow_matching(tmp_path):
+    png = tmp_path / "flow.png"
+    out = run("examples/flow_matching.py", "--iters", "20", "--batch", "128", "--samples", "256",
+              "--steps", "4", "--repeats", "1", "--plot", str(png))
+    # sample ms, loglik ms, NLL, samples' and log p's relative errors, log p's mean |error|
+    fp32 = numbers_after("torchdiffeq float32", out)
+    bf16 = numbers_after("rampde_fx.mixed_precision bf16", out)
+    assert len(fp32) == len(bf16) == 6 and all(map(math.isfinite, fp32 + bf16))
+    assert min(fp32[:2] + bf16[:2]) > 0
+    assert max(fp32[3:]) < 1e-5
+    assert max(bf16[3:5]) < BF16_GRAD_BOUND
+    # |mean(a) - mean(b)| <= mean|a - ref| + mean|b - ref|, up to the printed 4 decimals
+    assert abs(bf16[2] - fp32[2]) <= bf16[5] + fp32[5] + 1e-4
+    assert "converted by the scope: 2 solve(s)" in out and "runs eagerly" not in out
+    assert png.stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_odenet_classifier():
     out = run("examples/odenet_classifier.py", "--epochs", "1", "--channels", "8")
     fp32 = numbers_after("torchdiffeq float32", out)[0]
