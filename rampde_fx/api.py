@@ -53,10 +53,10 @@ def odeint(
             tuple state), as in torchdiffeq; fixed-grid methods do not use them. Tolerances
             below what ``dtype`` resolves are met at its rounding floor instead, with a
             :class:`rampde_fx.ToleranceWarning` that gives the attainable tolerances.
-        method: an adaptive method, 'dopri5' (the default, as in torchdiffeq), 'bosh3',
-            'fehlberg2', 'adaptive_heun' or 'dopri8'; or a fixed-grid method, 'euler',
-            'midpoint', 'heun2', 'heun3', 'ralston', 'rk4' (torchdiffeq's 3/8 rule) or
-            'rk4_classic'.
+        method: an adaptive method, 'dopri5' (the default, as in torchdiffeq), 'tsit5'
+            (Tsitouras 5(4)), 'bosh3', 'fehlberg2', 'adaptive_heun' or 'dopri8'; or a
+            fixed-grid method, 'euler', 'midpoint', 'heun2', 'heun3', 'ralston', 'rk4'
+            (torchdiffeq's 3/8 rule) or 'rk4_classic'.
         options: a dict, as in torchdiffeq; its numbers are Python numbers or one-element
             tensors. Fixed grids: 'step_size' (or 'grid_constructor(func, y0, t) -> grid'),
             'interp' ('linear' or 'cubic') and 'perturb'; without a step size the grid is

@@ -81,7 +81,7 @@ def test_dopri8_matches_torchdiffeq_in_float64():
     assert solves[0].steps == 5
 
 
-@pytest.mark.parametrize("method", ["dopri5", "fehlberg2"])
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "fehlberg2"])
 def test_gradient_is_exact_for_the_accepted_steps(method):
     """In float64, the discrete adjoint (recomputing each step from its checkpoint) equals
     autograd through the very same forward steps (checkpoint='stages'), for every input."""
@@ -207,7 +207,8 @@ def test_float16_solves_where_torchdiffeq_underflows():
     assert rel_err(half, float64_reference(func, y0, t)[0]) < 2.0**-6
 
 
-def test_too_tight_tolerance_warns_once_and_finishes():
+@pytest.mark.parametrize("method", ["dopri5", "tsit5"])
+def test_too_tight_tolerance_warns_once_and_finishes(method):
     torch.manual_seed(0)
     func, y0 = TimeMLP(dim=4, width=32), torch.randn(16, 4)
     reference = float64_reference(func, y0, T)
@@ -216,7 +217,7 @@ def test_too_tight_tolerance_warns_once_and_finishes():
                       r"than a torch.bfloat16 velocity resolves.*measured rounding noise"
                       r".*attainable") as caught:
         with rampde_fx.collect_stats() as solves:
-            got = rampde_fx.odeint(func, y0, T, rtol=1e-10, atol=1e-10)
+            got = rampde_fx.odeint(func, y0, T, rtol=1e-10, atol=1e-10, method=method)
     stats = solves[0]
     assert 0 < stats.tolerance_limited_steps <= stats.steps < 200
     assert rel_err(got, reference[0]) < U_BF16 / 4
@@ -226,14 +227,17 @@ def test_too_tight_tolerance_warns_once_and_finishes():
                                  str(caught[0].message)).group(1))
     assert 1e-10 < attainable < U_BF16 / 16
     with rampde_fx.collect_stats() as solves:  # float32 meets the tolerance itself
-        rampde_fx.odeint(func, y0, T, rtol=1e-10, atol=1e-10, dtype=torch.float32)
+        rampde_fx.odeint(func, y0, T, rtol=1e-10, atol=1e-10, method=method,
+                         dtype=torch.float32)
     # The floor, not the tolerance, sets the bfloat16 steps: about as many as float32 takes to
     # meet the tolerance (0.7 to 1.2 times, as the rounding varies); steps that chased it
-    # through bfloat16's rounding would be orders of magnitude more.
+    # through bfloat16's rounding would be orders of magnitude more. (tsit5's error weights,
+    # sum |e_i| = 1.2 against dopri5's 0.11, put float32's own rounding above 1e-10: its
+    # float32 solve takes 275 steps where float64 takes 23, and bfloat16 at the floor 23.)
     assert stats.steps < 2 * solves[0].steps and solves[0].tolerance_limited_steps == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per method, dtype and tolerances
-        rampde_fx.odeint(func, y0, T, rtol=1e-10, atol=1e-10)
+        rampde_fx.odeint(func, y0, T, rtol=1e-10, atol=1e-10, method=method)
 
 
 class Forced(nn.Module):
@@ -326,7 +330,7 @@ def solve_quietly(func, y0, t, **options):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dopri5", "bosh3", "adaptive_heun"])
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "adaptive_heun"])
 def test_bfloat16_error_does_not_grow_as_rtol_tightens(method):
     """Below bfloat16's measured floor a tighter rtol costs no accuracy: on each problem, the
     error at every rtol <= 1e-4 is within 5x of the best error at any looser rtol (a floor

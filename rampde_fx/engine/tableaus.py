@@ -2,7 +2,7 @@
 
 Embedded pairs (the adaptive methods) add the weights of their error estimate and of their dense
 output at the step's midpoint; the coefficients are those of torchdiffeq 0.2.5, whose results
-the float32 mode reproduces.
+the float32 mode reproduces, and Tsitouras's published ones for tsit5 (which 0.2.5 lacks).
 """
 from __future__ import annotations
 
@@ -70,6 +70,32 @@ FIXED_GRID_TABLEAUS: dict[str, ButcherTableau] = {tab.name: tab for tab in (
                    a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
                    b=(1 / 6, 1 / 3, 1 / 3, 1 / 6), order=4),
 )}
+
+
+def continuous_weights(coefficients: tuple[tuple[float, ...], ...],
+                       theta: float) -> tuple[float, ...]:
+    """The weights ``b_i(theta) = sum_j coefficients[i][j] * theta**(j + 1)`` of a continuous
+    extension, whose dense output is ``y0 + h * sum_i b_i(theta) k_i`` at ``t0 + theta h``."""
+    return tuple(sum(r * theta ** (j + 1) for j, r in enumerate(row)) for row in coefficients)
+
+
+# Tsitouras's 5(4) pair (Comput. Math. Appl. 62 (2011) 770-775), to double precision.
+_TSIT5_B = (0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742,
+            -3.290069515436081, 2.324710524099774)
+# The embedded 4th-order weights b-hat: the error estimate is the 5th-order solution's difference
+# from that solution.
+_TSIT5_B_LOW = (0.09468075576583945, 0.009183565540343254, 0.4877705284247616,
+                1.234297566930479, -2.7077123499835256, 1.866628418170587, 1 / 66)
+TSIT5_INTERPOLANT: tuple[tuple[float, ...], ...] = (
+    (1.0, -2.763706197274826, 2.9132554618219126, -1.0530884977290216),
+    (0.0, 0.13169999999999998, -0.2234, 0.1017),
+    (0.0, 3.9302962368947516, -5.941033872131505, 2.490627285651253),
+    (0.0, -12.411077166933676, 30.33818863028232, -16.548102889244902),
+    (0.0, 37.50931341651104, -88.1789048947664, 47.37952196281928),
+    (0.0, -27.896526289197286, 65.09189467479366, -34.87065786149661),
+    (0.0, 1.5, -4.0, 2.5))
+"""Tsitouras's 4th-order continuous extension of tsit5: per stage, the coefficients of
+``theta, theta**2, theta**3, theta**4`` in ``b_i(theta)`` (see :func:`continuous_weights`)."""
 
 _DOPRI5_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
 _BOSH3_B = (2 / 9, 1 / 3, 4 / 9)
@@ -144,6 +170,22 @@ ADAPTIVE_TABLEAUS: dict[str, ButcherTableau] = {tab.name: tab for tab in (
              0.3096870143996103, -0.2172325471755352, 0.07833405679331928,
              -0.0018614369715579948, 0.007072844202678841, 0.00690847373200576,
              -0.013838404349047373)),
+    # The step is the published 5th-order solution, first same as last (torchdiffeq's newest
+    # tsit5 steps with b-hat instead, yet reuses the last stage, evaluated on the 5th-order
+    # solution, as the next step's first). The dense output is torchdiffeq's: the quartic through
+    # the step's ends and midpoint with the end slopes. Tsitouras's b_i(theta) are quartics whose
+    # slopes at theta = 0 and 1 pick the first and the last stage, so that quartic is his
+    # interpolant itself.
+    ButcherTableau(
+        "tsit5", c=(0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0),
+        a=((), (0.161,), (-0.008480655492356989, 0.335480655492357),
+           (2.8971530571054935, -6.359448489975075, 4.3622954328695815),
+           (5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525),
+           (5.86145544294642, -12.92096931784711, 8.159367898576159, -0.071584973281401,
+            -0.028269050394068383), _TSIT5_B),
+        b=(*_TSIT5_B, 0.0), order=5,
+        error=tuple(hi - lo for hi, lo in zip((*_TSIT5_B, 0.0), _TSIT5_B_LOW)),
+        mid=continuous_weights(TSIT5_INTERPOLANT, 0.5)),
 )}
 
 UNSUPPORTED_METHODS = ("explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver")
