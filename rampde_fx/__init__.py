@@ -11,7 +11,7 @@ The package is a pipeline, one subpackage per stage: ``interception`` (find a mo
 sweep) -> ``compiled`` (solves under torch.compile) -> ``tools`` (explain, check). Settings and
 every piece of process-wide state live in :mod:`rampde_fx.runtime`.
 """
-from .api import odeint
+from .api import odeint, odeint_event
 from .config import SolveConfig
 from .engine.tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, ButcherTableau
 from .errors import CaptureWarning, ConversionError, ToleranceWarning
@@ -27,5 +27,6 @@ __all__ = [
     "DEFAULT_POLICY", "FIXED_GRID_TABLEAUS", "Precision", "PrecisionPolicy", "SolveConfig",
     "SolveStats", "ToleranceWarning", "VelocityKind", "check", "collect_stats",
     "conversion_diff", "convert", "explain", "graph_diff", "mixed_precision", "odeint",
+    "odeint_event",
 ]
 __version__ = "0.1.0"

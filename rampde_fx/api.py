@@ -1,9 +1,10 @@
-"""``rampde_fx.odeint``: torchdiffeq's ``odeint`` with a low-precision velocity.
+"""``rampde_fx.odeint`` and ``rampde_fx.odeint_event``: torchdiffeq's ``odeint`` and
+``odeint_event`` with a low-precision velocity.
 
 The entry point of a solve: an intercepted call goes to the converted model that routes it;
-under ``torch.compile`` a solve is the compiled path's opaque op; otherwise the engine plans
-it and runs it under the discrete adjoint's autograd function (or without checkpoints, where
-nothing wants gradients).
+under ``torch.compile`` a solve is the compiled path's opaque op (an event solve runs between
+graphs); otherwise the engine plans it and runs it under the discrete adjoint's autograd
+function (or without checkpoints, where nothing wants gradients).
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import runtime
+from .adjoint.event_time import through_event_time
 from .adjoint.function import MixedPrecisionSolve
-from .compiled.op import NOT_IN_GRAPH, run_between_graphs, solve_in_graph
+from .compiled.op import (NOT_IN_GRAPH, run_between_graphs, run_event_between_graphs,
+                          solve_in_graph)
 from .config import SolveConfig, resolve_config
 from .engine.integrate import integrate
 from .engine.plan import TensorOrTuple, prepare_solve
@@ -36,7 +39,7 @@ def odeint(
     event_fn: Callable[..., Any] | None = None,
     config: SolveConfig | None = None,
     adjoint_params: Sequence[torch.Tensor] | None = None,
-) -> TensorOrTuple:
+) -> TensorOrTuple | tuple[torch.Tensor, TensorOrTuple]:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` with the velocity in low precision.
 
     The calling convention is torchdiffeq's ``odeint``. The velocity is captured as a graph and
@@ -74,7 +77,14 @@ def odeint(
             'stages': autograd keeps every stage's activations, which the low-precision velocity
             produces in ``dtype``; no recomputation (less compute, more memory, and no per-step
             adjoint scaling, so it refuses ``scaling`` that would be dynamic).
-        event_fn: not supported yet; raises NotImplementedError.
+        event_fn: ``event_fn(t, y) -> Tensor``: solve until it changes sign, as torchdiffeq
+            does (see Returns). ``t`` must then hold two times: the start, and any time in the
+            direction of the solve. The event function runs as written, in float32 on the
+            solution (all its outputs start positive once multiplied by their signs at the
+            start; the first to change sign is the event). After each accepted step it is
+            evaluated at the step's end; the event time is found by bisection on the step's
+            interpolant to ``atol``, as torchdiffeq does. Fixed-grid methods need
+            ``options['step_size']`` (at most 20000 steps).
         config: a :class:`rampde_fx.SolveConfig` in place of ``dtype``, ``scaling``,
             ``policy`` and ``checkpoint`` (which then must keep their defaults).
         adjoint_params: as in torchdiffeq's ``odeint_adjoint``: the only tensors read by the
@@ -90,7 +100,11 @@ def odeint(
 
     Returns:
         The solution at ``t``, shape ``(len(t), *y0.shape)`` in ``y0``'s dtype (a tuple of such
-        for a tuple ``y0``).
+        for a tuple ``y0``). With ``event_fn``, as torchdiffeq's ``odeint``: ``(event_t,
+        solution)``, the event time (0-dim, ``t``'s dtype, a constant for autograd) and the
+        solution at ``t[0]`` and ``event_t``; its gradients hold the event time fixed, so that
+        :func:`rampde_fx.odeint_event` (or ``torchdiffeq.odeint_event`` with
+        ``odeint_interface=rampde_fx.odeint``) adds the gradient through the event time.
 
     Inside the forward of a module made by :func:`rampde_fx.convert`, the solve is that
     conversion's: its ``dtype``, ``scaling``, ``policy`` and ``checkpoint`` replace these.
@@ -114,13 +128,14 @@ def odeint(
         return handler._rampde_intercept("rampde_fx.odeint", (func, y0, t), given)
     settings = {"dtype": dtype, "scaling": scaling, "policy": policy, "checkpoint": checkpoint}
     if torch.compiler.is_compiling():  # the config is made where the solve is registered
+        arguments = dict(rtol=rtol, atol=atol, method=method, options=options, config=config,
+                         adjoint_params=adjoint_params, **settings)
+        if event_fn is not None:
+            return run_event_between_graphs(odeint, func, y0, t, event_fn=event_fn, **arguments)
         solution = solve_in_graph(func, y0, t, config, settings, rtol=rtol, atol=atol,
-                                  method=method, options=options, event_fn=event_fn,
-                                  adjoint_params=adjoint_params)
+                                  method=method, options=options, adjoint_params=adjoint_params)
         if solution is NOT_IN_GRAPH:
-            return run_between_graphs(odeint, func, y0, t, rtol=rtol, atol=atol, method=method,
-                                      options=options, config=config, event_fn=event_fn,
-                                      adjoint_params=adjoint_params, **settings)
+            return run_between_graphs(odeint, func, y0, t, **arguments)
         return solution
     config = resolve_config(config, None, **settings)
     prepared = prepare_solve(func, y0, t, config, rtol=rtol, atol=atol, method=method,
@@ -137,7 +152,69 @@ def odeint(
         with torch.no_grad(), torch.autocast(prepared.state[0].device.type, enabled=False):
             solution, _, _ = integrate(prepared.plan, prepared.state, prepared.grid,
                                        prepared.times, keep_checkpoints=False)
-    return tuple(solution) if prepared.is_tuple else solution[0]
+    solution = tuple(solution) if prepared.is_tuple else solution[0]
+    return solution if event_fn is None else (prepared.event_time(), solution)
+
+
+def odeint_event(
+    func: Callable[[torch.Tensor, Any], Any],
+    y0: TensorOrTuple,
+    t0: torch.Tensor,
+    *,
+    event_fn: Callable[..., Any],
+    reverse_time: bool = False,
+    odeint_interface: Callable[..., Any] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, TensorOrTuple]:
+    """torchdiffeq's ``odeint_event`` with a low-precision velocity: solve from ``(t0, y0)``
+    until ``event_fn(t, y)`` changes sign.
+
+    Args:
+        func, y0: as in :func:`odeint`.
+        t0: the start time, a tensor.
+        event_fn: ``event_fn(t, y) -> Tensor`` (see :func:`odeint`).
+        reverse_time: solve backwards in time.
+        odeint_interface: as in torchdiffeq: ``torchdiffeq.odeint``, ``odeint_adjoint`` or
+            :func:`odeint` (each solves with :func:`odeint`, the discrete adjoint); None for
+            :func:`odeint`.
+        kwargs: the keywords of :func:`odeint` (``rtol``, ``atol``, ``method``, ``options``,
+            ``dtype``, ``config``, ``adjoint_params``, ...).
+
+    Returns:
+        ``(event_t, solution)``: the event time (``t0``'s dtype) and the solution at ``t0`` and
+        ``event_t``. Their gradients go through the event time by the implicit function
+        theorem, as torchdiffeq defines them (see :mod:`rampde_fx.adjoint.event_time`): for
+        ``y0``, ``t0``, the velocity's parameters, and also for the event function's own
+        tensors (torchdiffeq gives those none).
+
+    Under ``torch.compile`` the event solve runs eagerly between two compiled graphs (a graph
+    break; under ``fullgraph=True`` dynamo's error says so).
+    """
+    if torch.compiler.is_compiling():
+        return run_event_between_graphs(odeint_event, func, y0, t0, event_fn=event_fn,
+                                        reverse_time=reverse_time,
+                                        odeint_interface=odeint_interface, **kwargs)
+    if not solves_like_odeint(odeint_interface):
+        raise ValueError(f"odeint_interface must be torchdiffeq.odeint, odeint_adjoint or "
+                         f"rampde_fx.odeint, got {odeint_interface!r}")
+    if not isinstance(t0, torch.Tensor):
+        raise TypeError(f"t0 must be a tensor (as in torchdiffeq), got {type(t0).__name__}")
+    start = t0.reshape(-1)
+    t = torch.cat([start, start.detach() + (-1.0 if reverse_time else 1.0)])
+    event_t, solution = odeint(func, y0, t, event_fn=event_fn, **kwargs)
+    return through_event_time(func, event_fn, y0, t[0], event_t, solution)
+
+
+def solves_like_odeint(interface: Any) -> bool:
+    """Whether ``odeint_interface`` of an ``odeint_event`` call is one that :func:`odeint`
+    stands for: None, :func:`odeint`, ``torchdiffeq.odeint`` or ``torchdiffeq.odeint_adjoint``."""
+    if interface is None or interface is odeint:
+        return True
+    try:
+        import torchdiffeq
+    except ImportError:
+        return False
+    return interface is torchdiffeq.odeint or interface is torchdiffeq.odeint_adjoint
 
 
 _DEFAULTS: dict[str, Any] = odeint.__kwdefaults__

@@ -458,19 +458,12 @@ def test_unsupported_method_is_refused_at_the_first_call_naming_the_site():
         converted(torch.randn(3, 4))
 
 
-def test_event_fn_given_at_run_time_is_refused_naming_the_site():
-    converted = rampde_fx.convert(UnsupportedMethod(method="rk4", event_fn=lambda t, y: y.sum()))
+def test_odeint_event_with_another_interface_is_refused_naming_the_site():
+    converted = rampde_fx.convert(EventModule(odeint_interface=lambda *args, **kwargs: None))
     with pytest.raises(rampde_fx.ConversionError,
-                       match=r"torchdiffeq.odeint in UnsupportedMethod at '<root>' uses event_fn"):
+                       match=r"torchdiffeq.odeint_event in EventModule at '<root>' passes "
+                             r"odeint_interface=<function"):
         converted(torch.randn(3, 4))
-
-
-def test_odeint_event_reached_at_run_time_is_refused_naming_the_site():
-    converted = rampde_fx.convert(PassedSolver())
-    with pytest.raises(rampde_fx.ConversionError,
-                       match=r"torchdiffeq.odeint_event in PassedSolver at '<root>' uses "
-                             r"odeint_event"):
-        converted(torch.randn(3, 4), solver=torchdiffeq.odeint_event)
 
 
 class BouncingBall(nn.Module):
@@ -481,7 +474,7 @@ class BouncingBall(nn.Module):
         self.func = MLPFunc()
 
     def event_fn(self, t, state):
-        return state.sum()
+        return t - 0.5 + 0.1 * torch.tanh(state.sum())
 
     def get_collision_time(self, state):
         return find_event(self.func, state, torch.tensor(0.0), event_fn=self.event_fn,
@@ -495,12 +488,15 @@ find_event = torchdiffeq.odeint_event
 
 
 class EventModule(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, **solve_kwargs) -> None:
         super().__init__()
         self.func = MLPFunc()
+        self.solve_kwargs = solve_kwargs
 
     def forward(self, x):
-        return torchdiffeq.odeint_event(self.func, x, torch.tensor(0.0), event_fn=lambda t, y: y)
+        return torchdiffeq.odeint_event(self.func, x, torch.tensor(0.0),
+                                        event_fn=lambda t, y: t - 0.5 + 0.1 * torch.tanh(y),
+                                        **self.solve_kwargs)[1]
 
 
 class EventKeyword(nn.Module):
@@ -510,19 +506,19 @@ class EventKeyword(nn.Module):
 
     def forward(self, x):
         return torchdiffeq.odeint(self.func, x, torch.tensor([0.0, 1.0]),
-                                  event_fn=lambda t, y: y.sum())
+                                  event_fn=lambda t, y: t - 0.5 + 0.1 * torch.tanh(y.sum()))[1]
 
 
-@pytest.mark.parametrize("model, match", [
-    (BouncingBall(), r"BouncingBall.get_collision_time \(module BouncingBall at '<root>'\) uses "
-                     r"torchdiffeq.odeint_event"),
-    (nn.Sequential(nn.Linear(4, 4), EventModule()),
-     r"EventModule.forward \(module EventModule at '1'\) uses torchdiffeq.odeint_event"),
-    (EventKeyword(), r"EventKeyword.forward \(module EventKeyword at '<root>'\) passes event_fn="),
-])
-def test_event_handling_is_refused_at_convert(model, match):
-    with pytest.raises(rampde_fx.ConversionError, match=match):
-        rampde_fx.convert(model)
+@pytest.mark.parametrize("model", [BouncingBall(), nn.Sequential(nn.Linear(4, 4), EventModule()),
+                                   EventKeyword()])
+def test_event_solves_convert(model):
+    """Event solves (tests/test_events.py has the details) convert wherever they are made:
+    the float32 mode computes what the model computes."""
+    converted = rampde_fx.convert(model, dtype=torch.float32)
+    x = torch.randn(3, 4)
+    assert rel_err(converted(x), model(x)) < 2e-6
+    (site,) = debug.sites(converted)
+    assert site.is_event_solve
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -23,7 +23,7 @@ def replay(plan: SolvePlan, y0: Sequence[torch.Tensor], grid: torch.Tensor,
     """The solution at every output time, recomputed under autograd from ``y0`` along the
     recorded steps; ``grid``: the solve's grid input (for an adaptive solve, its start)."""
     stepper = plan.stepper
-    if plan.controller.adaptive:  # every step time is the start plus a constant
+    if plan.controller.known_steps is None:  # every step time is the start plus a constant
         offsets = torch.tensor(plan.grid_values, dtype=torch.float64, device=grid.device)
         grid = grid[:1].to(torch.float64) + (offsets - plan.grid_values[0])
     found: dict[int, tuple[torch.Tensor, ...]] = {0: tuple(y0)}

@@ -7,8 +7,9 @@ that step map with the current adjoint and the outputs' cotangents. The adjoint,
 gradients and the time gradients are accumulated in float32 (the state's dtype). With a float32
 velocity the checkpoints are exact and so is the gradient of the discrete solve.
 
-Adaptive solves decided their steps in the forward pass; the sweep walks them like a grid, with
-the step times as constants offset from the first time.
+Adaptive solves (and event solves) decided their steps in the forward pass; the sweep walks
+them like a grid, with the step times as constants offset from the first time. An event solve's
+event time is an output time like any other, held fixed.
 
 For float16 each product runs on a cotangent scaled by a power of two (see ``scaling``); an
 overflow retries the first step at once and any later one by re-running the sweep with a lower
@@ -145,8 +146,8 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
                     times_grad[j] += r
 
     plan.stats.nfe_backward += stepper.evaluations - evaluations_before
-    if grid_grad is not None and plan.controller.adaptive:
-        # Every adaptive step time is the first time plus a constant.
+    if grid_grad is not None and plan.controller.known_steps is None:
+        # Steps decided during the solve: every step time is the first time plus a constant.
         grid_grad = grid_grad.sum(0, keepdim=True).to(times.dtype)
     state_grads = [(a + g[0]) if wants.state else None for a, g in zip(adjoint, solution_grads)]
     return [*state_grads, grid_grad, times_grad,

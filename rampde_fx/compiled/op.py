@@ -54,6 +54,13 @@ _BETWEEN_GRAPHS = (
     "velocity a module built once (in __init__) and set what changes per call as its "
     "attributes before the solve.")
 
+# Why an event solve runs between two compiled graphs.
+_EVENT_BETWEEN_GRAPHS = (
+    "rampde_fx: an event solve (event_fn, odeint_event) runs eagerly between two compiled "
+    "graphs: its steps and its end are found as it runs, and the gradient through its event "
+    "time evaluates the velocity and the event function outside the solve op. Compile without "
+    "fullgraph=True, or compile the code around the event solves instead.")
+
 # What solve_in_graph returns for a velocity that the op cannot take: the caller runs the
 # solve with run_between_graphs.
 NOT_IN_GRAPH = object()
@@ -72,10 +79,17 @@ def run_between_graphs(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
 
 
+@torch.compiler.disable(reason=_EVENT_BETWEEN_GRAPHS)
+def run_event_between_graphs(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, an event solve, eagerly: under ``torch.compile`` a graph break
+    (under ``fullgraph=True``, dynamo's error with the reason)."""
+    return fn(*args, **kwargs)
+
+
 def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
                    settings: dict[str, Any], *, rtol: Any = 1e-7, atol: Any = 1e-9,
                    method: str | None = None, options: dict[str, Any] | None = None,
-                   event_fn: Any = None, report_to_key: int | None = None,
+                   report_to_key: int | None = None,
                    adjoint_params: Sequence[Tensor] | None = None) -> Any:
     """:func:`rampde_fx.odeint` while dynamo traces: one call of the opaque solve op.
 
@@ -88,9 +102,8 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
 
     Returns :data:`NOT_IN_GRAPH` for a velocity that the op cannot take, one made inside the
     compiled code: a plain function (dynamo cannot pass a closure made there), or a module
-    made there (dynamo passes it without its attributes)."""
-    if event_fn is not None:
-        raise NotImplementedError("rampde_fx.odeint does not support event_fn yet")
+    made there (dynamo passes it without its attributes). Event solves do not come here: they
+    run between graphs (:func:`run_event_between_graphs`)."""
     if not DYNAMO_PASSES_OBJECTS:
         raise NotImplementedError(
             f"rampde_fx under torch.compile needs torch 2.13 or later (this is "
@@ -272,7 +285,7 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
                 spec = saved.spec
                 y0 = tuple(state) if spec.is_tuple else state[0]
                 internal, grid, _ = internal_time(leaf, saved.options, spec.func, y0,
-                                                  saved.plan.controller.adaptive)
+                                                  saved.plan.controller.known_steps is None)
                 t_grad = torch.autograd.grad([grid, internal], leaf, [grid_grad, times_grad],
                                              allow_unused=True)[0]
     return [_laid_out_like(g, x)

@@ -56,13 +56,14 @@ def check_grid(grid: Sequence[float], times: Sequence[float]) -> None:
 
 
 def internal_time(t: torch.Tensor, options: dict[str, Any], func: Any, y0: Any,
-                  adaptive: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                  start_only: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Output times and grid in internal time, which increases (``-t`` for decreasing ``t``,
-    as torchdiffeq does), both differentiable in ``t``; and whether time was reversed. The grid
-    of an adaptive method is its start only."""
+    as torchdiffeq does), both differentiable in ``t``; and whether time was reversed. With
+    ``start_only`` (steps decided during the solve: adaptive ones, those until an event) the
+    grid is its start only."""
     reverse = len(t) > 1 and bool(t[0] > t[1])
     internal = -t if reverse else t
-    if adaptive:
+    if start_only:
         return internal, internal[:1], reverse
     constructor = options.get("grid_constructor")
     if reverse and constructor is not None:

@@ -8,6 +8,7 @@ into a :class:`SolvePlan` (host-side description) and its tensor inputs; the for
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Any, Callable, Sequence
@@ -20,8 +21,9 @@ from ..stats import SolveStats, record
 from .arguments import describe, real_number, require_data
 from .callbacks import find_callbacks
 from .controllers import StepController
-from .controllers.adaptive import ADAPTIVE_OPTIONS, adaptive_controller
-from .controllers.fixed_grid import FixedGridController
+from .controllers.adaptive import ADAPTIVE_OPTIONS, adaptive_controller, per_component
+from .controllers.fixed_grid import FixedGridController, SteppingController
+from .events import MAX_FIXED_GRID_EVENT_STEPS, EventController, combine_event_functions
 from .grid import check_grid, internal_time, place_outputs
 from .rng import RngState
 from .step import Nudge, StepExecutor, Stepper, all_finite, velocity_time
@@ -46,7 +48,8 @@ class SolvePlan:
         controller: where to step (a fixed grid, or adaptive control).
         n_components: the number of state components.
         checkpoint_dtypes: the dtype each component's checkpoints are kept in.
-        time_values: the output times (internal time).
+        time_values: the output times (internal time); for an event solve its start and the
+            event time (infinite until found).
         stats: what this solve did.
     """
 
@@ -102,8 +105,11 @@ class PreparedSolve:
         plan: everything host-side (stepper, grid values, output placement, stats).
         state: the components of ``y0``.
         grid: the time grid in internal (increasing) time, differentiable in ``t``; for an
-            adaptive method only its start, from which the forward solve steps.
-        times: the output times in internal time.
+            adaptive method or an event solve only its start, from which the forward solve
+            steps.
+        times: the output times in internal time; for an event solve, its start and a slot
+            that the solve fills with the event time (float64, not differentiable: the state
+            at the event is differentiated with the event time held fixed).
         tensors: the tensors the velocity reads that require grad.
         is_tuple: whether ``y0`` was a tuple.
     """
@@ -114,6 +120,11 @@ class PreparedSolve:
     times: torch.Tensor
     tensors: list[torch.Tensor]
     is_tuple: bool
+
+    def event_time(self) -> torch.Tensor:
+        """After an event solve has run: the event time, in the caller's time and ``t``'s
+        dtype (a constant, as torchdiffeq's ``odeint`` returns it)."""
+        return (self.plan.stepper.time_sign * self.times[1]).to(self.grid.dtype)
 
 
 def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t: torch.Tensor,
@@ -126,33 +137,53 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
     steps; ``executor_for(stepper)`` gives the executor that runs the steps (compiled kernels),
     if any. The solve binds the velocity's tensors (see ``GraphVelocity.bound``): those of
     ``bindings``, by qualified name, and the others as its owner holds them now; those that
-    require grad and are not among ``adjoint_params`` (where given) detached."""
-    tableau = _check_method(method, event_fn)
+    require grad and are not among ``adjoint_params`` (where given) detached. With
+    ``event_fn``, the solve runs until the event (see :mod:`rampde_fx.engine.events`)."""
+    tableau = _check_method(method)
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    if event_fn is not None and not callable(event_fn):
+        raise TypeError(f"event_fn must be callable as event_fn(t, y), got {describe(event_fn)}")
     if adjoint_params is not None:
         bindings = {**_detached_unless_in(func, adjoint_params), **(bindings or {})}
     is_tuple, state = _check_state(y0)
     times = _check_times(t, state[0].device)
+    if event_fn is not None and len(times) != 2:
+        raise ValueError(f"with event_fn, t must hold two times, as in torchdiffeq: the start and "
+                         f"any time in the direction of the solve; got {len(times)}")
     opts = _check_options(tableau, options)
     dtype = config.dtype
 
     perturb = bool(opts.get("perturb", False))
     start_nudge = Nudge.NEXT if perturb else Nudge.NONE
     with torch.autocast(state[0].device.type, enabled=False):
-        internal, grid, reverse = internal_time(times, opts, func, y0, tableau.adaptive)
+        start_only = tableau.adaptive or event_fn is not None
+        internal, grid, reverse = internal_time(times, opts, func, y0, start_only)
         grid_values = grid.detach().tolist()
         internal_values = internal.detach().tolist()
-        if not tableau.adaptive:
+        if not start_only:
             check_grid(grid_values, internal_values)
         # Made before the capture, which is the costly part: its options are checked first.
         callbacks = find_callbacks(func, tableau, is_tuple, reverse)
-        controller: StepController = (
-            adaptive_controller(tableau, opts, rtol, atol, state, is_tuple, dtype, reverse,
-                                callbacks)
-            if tableau.adaptive else
-            FixedGridController(grid_values, place_outputs(grid_values, internal_values),
-                                callbacks))
+        controller: StepController
+        if tableau.adaptive:
+            controller = adaptive_controller(tableau, opts, rtol, atol, state, is_tuple, dtype,
+                                             reverse, callbacks)
+        elif event_fn is None:
+            controller = FixedGridController(
+                grid_values, place_outputs(grid_values, internal_values), callbacks)
+        else:
+            controller = SteppingController(_event_step_size(tableau, opts),
+                                            _event_time_dtype(tableau, state),
+                                            MAX_FIXED_GRID_EVENT_STEPS)
+        if event_fn is not None:  # the outputs: the start, and the event time when found
+            controller = EventController(
+                controller, combine_event_functions(event_fn, times[0], y0), is_tuple,
+                min(per_component("atol", atol, is_tuple, len(state))),
+                -1.0 if reverse else 1.0, _event_time_dtype(tableau, state))
+            internal_values = [internal_values[0], math.inf]
+            internal = torch.tensor([internal_values[0], math.nan], dtype=torch.float64,
+                                    device=grid.device)
         # Captured at the solver's first evaluation: a velocity that reads the time's value
         # sees no time the solver would not use.
         first_time = velocity_time(grid[0].detach(), state, start_nudge, -1.0 if reverse else 1.0)
@@ -197,10 +228,23 @@ def _detached_unless_in(func: Any, adjoint_params: Sequence[torch.Tensor]
             if (value := slot.get()).requires_grad and id(value) not in chosen}
 
 
-def _check_method(method: str | None, event_fn: Any) -> ButcherTableau:
-    if event_fn is not None:
-        raise NotImplementedError("rampde_fx.odeint does not support event_fn yet; solve to a "
-                                  "fixed end time, or use torchdiffeq.odeint for event handling")
+def _event_time_dtype(tableau: ButcherTableau, state: tuple[torch.Tensor, ...]) -> torch.dtype:
+    """The dtype of an event solve's step times, as torchdiffeq's: float64 for adaptive methods,
+    the state's for fixed steps."""
+    if tableau.adaptive:
+        return torch.float64
+    return functools.reduce(torch.promote_types, (c.dtype for c in state))
+
+
+def _event_step_size(tableau: ButcherTableau, opts: dict[str, Any]) -> float:
+    if opts.get("step_size") is None:
+        raise ValueError(f"an event solve with the fixed-grid method {tableau.name!r} needs "
+                         "options['step_size'], as in torchdiffeq: its steps go on until the "
+                         "event")
+    return float(opts["step_size"])
+
+
+def _check_method(method: str | None) -> ButcherTableau:
     method = "dopri5" if method is None else method
     known = {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}
     if method in UNSUPPORTED_METHODS:

@@ -143,30 +143,40 @@ class Stepper:
         return result
 
     def interpolation_reads_stages(self, outputs: Sequence[object]) -> bool:
-        """Whether :meth:`interpolate` reads the step's stages for these outputs."""
+        """Whether :meth:`interpolate` reads the step's stages for these outputs (see
+        :meth:`interpolant`)."""
         return bool(outputs) and self.interp != "linear"
 
     def interpolate(self, t0: torch.Tensor, t1: torch.Tensor, y0: State, y1: State,
                     stages: list[State], outputs: list[tuple[torch.Tensor, float]],
                     t0_value: float, t1_value: float) -> list[State]:
-        """The state at each output time ``(t, t_value)`` inside the step from ``y0`` to ``y1``."""
+        """The state at each output time ``(t, t_value)`` inside the step from ``y0`` to ``y1``;
+        linear interpolation returns exact ends as they are (as torchdiffeq does)."""
         if not outputs:
             return []
-        # Keep interpolation_reads_stages in step with the branches below.
+        at = self.interpolant(t0, t1, y0, y1, stages)
+        if self.interp == "linear":
+            ends = {t0_value: y0, t1_value: y1}
+            return [ends[t_value] if t_value in ends else at(t) for t, t_value in outputs]
+        return [at(t) for t, _ in outputs]
+
+    def interpolant(self, t0: torch.Tensor, t1: torch.Tensor, y0: State, y1: State,
+                    stages: list[State]) -> Callable[[torch.Tensor], State]:
+        """The state inside the step from ``y0`` to ``y1`` as a function of the (internal) time,
+        by the stepper's interpolation ('cubic' evaluates the velocity at the step's end once,
+        here). Reads the stages unless the interpolation is 'linear'."""
         if self.interp == "dense":
             dt = t1 - t0
             mid = _combine(y0, dt, self.tableau.mid, stages)
             coefficients = [dense_output_coefficients(a, b, m, fa, fb, dt)
                             for a, b, m, fa, fb in zip(y0, y1, mid, stages[0], stages[-1])]
-            return [tuple(evaluate_polynomial(c, (t - t0) / dt) for c in coefficients)
-                    for t, _ in outputs]
+            return lambda t: tuple(evaluate_polynomial(c, (t - t0) / dt) for c in coefficients)
         if self.interp == "cubic":
             f1 = self.derivative(t1, y1)
             self.evaluations += 1
-            return [tuple(interpolate_cubic(t0, t1, a, b, fa, fb, t)
-                          for a, b, fa, fb in zip(y0, y1, stages[0], f1)) for t, _ in outputs]
-        return [tuple(interpolate_linear(t0, t1, a, b, t, t0_value, t1_value, t_value)
-                      for a, b in zip(y0, y1)) for t, t_value in outputs]
+            return lambda t: tuple(interpolate_cubic(t0, t1, a, b, fa, fb, t)
+                                   for a, b, fa, fb in zip(y0, y1, stages[0], f1))
+        return lambda t: tuple(interpolate_linear(t0, t1, a, b, t) for a, b in zip(y0, y1))
 
     def advance(self, t0: torch.Tensor, t1: torch.Tensor, y0: State,
                 outputs: list[tuple[torch.Tensor, float]], t0_value: float, t1_value: float,

@@ -8,9 +8,11 @@ so does every other method that the model's own classes define (``sample``, ``lo
 ``compute_all_losses``, helpers). Python control flow, default arguments, ``self.training``,
 loops before the solve and solvers kept in attributes or passed as arguments all run as the
 user wrote them, on every call. Each call of ``torchdiffeq.odeint``,
-``torchdiffeq.odeint_adjoint`` or ``rampde_fx.odeint`` that such a method makes is routed to a :class:`SolveSite`, made when that
-solve is first met and kept for the next calls: it runs :func:`rampde_fx.odeint` with the
-original method, options, tolerances and output times and ``convert``'s precision settings.
+``torchdiffeq.odeint_adjoint``, ``torchdiffeq.odeint_event`` or ``rampde_fx.odeint`` that such a
+method makes is routed to a :class:`SolveSite`, made when that solve is first met and kept for
+the next calls: it runs :func:`rampde_fx.odeint` (:func:`rampde_fx.odeint_event`) with the
+original method, options, tolerances, output times and event function and ``convert``'s
+precision settings.
 
 How sites are identified, and which module ``filter_fn`` is asked about, is described in
 :mod:`rampde_fx.interception.sites`.
@@ -118,51 +120,6 @@ _MODULE_CONTAINERS = tuple(name for name, value in vars(torch.nn.Module()).items
                            if isinstance(value, (dict, set)))
 
 
-def _refuse_unsupported_calls(model: torch.nn.Module) -> None:
-    """ConversionError for a module class whose methods use ``odeint_event`` or pass
-    ``event_fn=``: found in their code, before anything runs."""
-    try:
-        from torchdiffeq import odeint_event
-    except ImportError:
-        odeint_event = None
-    seen: set[type] = set()
-    for qualname, module in model.named_modules():
-        for klass in type(module).__mro__:
-            if klass in seen or klass is object or klass.__module__.partition(".")[0] == "torch":
-                continue
-            seen.add(klass)
-            for name, value in vars(klass).items():
-                function = getattr(value, "__func__", value)  # staticmethod, classmethod
-                if not isinstance(function, types.FunctionType):
-                    continue
-                problem = _unsupported_use(function, odeint_event)
-                if problem is not None:
-                    raise ConversionError(
-                        f"rampde_fx.convert: {klass.__qualname__}.{name} (module "
-                        f"{type(module).__qualname__} at '{qualname or '<root>'}') {problem}, "
-                        "which rampde_fx does not support yet. Convert a model whose solves "
-                        "run to fixed end times, or keep this one in float32.")
-
-
-def _unsupported_use(function: types.FunctionType, odeint_event: Any) -> str | None:
-    for code in _code_objects(function.__code__):
-        if any(name == "odeint_event" or (odeint_event is not None
-                                          and function.__globals__.get(name) is odeint_event)
-               for name in code.co_names):
-            return "uses torchdiffeq.odeint_event"
-        # Keyword names of calls are tuples of constants.
-        if any(isinstance(c, tuple) and "event_fn" in c for c in code.co_consts):
-            return "passes event_fn= to an ODE solve"
-    return None
-
-
-def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
-    yield code
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from _code_objects(const)
-
-
 def convert(
     model: torch.nn.Module,
     *,
@@ -177,8 +134,9 @@ def convert(
 
     Args:
         model: a float32 model whose forward calls ``torchdiffeq.odeint``,
-            ``torchdiffeq.odeint_adjoint`` or ``rampde_fx.odeint``, directly or in submodules,
-            however the solver was imported, stored or passed. It is left untouched and stays
+            ``torchdiffeq.odeint_adjoint``, ``torchdiffeq.odeint_event`` or ``rampde_fx.odeint``
+            (with or without ``event_fn``), directly or in submodules, however the solver was
+            imported, stored or passed. It is left untouched and stays
             usable as the float32 reference.
         dtype: the velocity's precision in every converted solve (see :func:`rampde_fx.odeint`).
         scaling: adjoint scaling of every converted solve: 'auto', 'dynamic' or 'none'.
@@ -211,9 +169,9 @@ def convert(
             ``PrecisionPolicy``.
         ValueError: an invalid ``dtype``, ``scaling`` or ``checkpoint``, or ``config`` given
             beside them.
-        ConversionError: ``model`` is already converted, or its code uses ``odeint_event`` or
-            passes ``event_fn``. Solves that are not supported (an Adams or unknown method, a
-            runtime ``event_fn``) raise it when first called.
+        ConversionError: ``model`` is already converted. Solves that are not supported (an
+            Adams or unknown method, an ``odeint_event`` with another ``odeint_interface``)
+            raise it when first called.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"rampde_fx.convert takes an nn.Module, got {type(model).__qualname__}; "
@@ -228,7 +186,6 @@ def convert(
             raise ConversionError(f"rampde_fx.convert: {class_name(module)} at "
                                   f"'{name or '<root>'}' was already converted; convert the "
                                   "original float32 model instead")
-    _refuse_unsupported_calls(model)
     trampolines.install()
     cls = _converted_class(type(model))
     converted = cls.__new__(cls)

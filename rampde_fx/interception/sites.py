@@ -27,9 +27,10 @@ from typing import Any, Callable
 import torch
 
 from .. import runtime
-from ..api import odeint
+from ..api import odeint, odeint_event, solves_like_odeint
 from ..capture import owner_module, velocity_owner
-from ..compiled.op import NOT_IN_GRAPH, is_plain_function, run_between_graphs, solve_in_graph
+from ..compiled.op import (NOT_IN_GRAPH, is_plain_function, run_between_graphs,
+                           run_event_between_graphs, solve_in_graph)
 from ..config import SolveConfig
 from ..engine.tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS
 from ..errors import ConversionError
@@ -38,8 +39,9 @@ from . import trampolines
 
 METHODS = {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}
 
-# The positional parameters shared by every intercepted solver.
+# The positional parameters of the intercepted solvers.
 _POSITIONAL = ("func", "y0", "t")
+_EVENT_POSITIONAL = ("func", "y0", "t0")  # torchdiffeq.odeint_event
 # Arguments of the original call that the converted solve does not pass on: odeint_adjoint's
 # settings of its adjoint solve (a discrete adjoint solves no adjoint ODE: warned), and
 # rampde_fx.odeint's precision settings (convert's own take their place).
@@ -49,7 +51,8 @@ _DROPPED_ARGUMENTS = (*_ADJOINT_SOLVE_ARGUMENTS, "dtype", "scaling", "policy", "
 
 
 class SolveSite:
-    """One converted ODE solve: runs :func:`rampde_fx.odeint` with the conversion's precision.
+    """One converted ODE solve: runs :func:`rampde_fx.odeint` (for ``torchdiffeq.odeint_event``,
+    :func:`rampde_fx.odeint_event`) with the conversion's precision.
 
     Attributes:
         source: the solver the model calls ('torchdiffeq.odeint', ...).
@@ -82,12 +85,12 @@ class SolveSite:
 
     def accept(self, arguments: dict[str, Any], dropped: tuple[str, ...]) -> None:
         """Record a call's arguments, or raise ConversionError for what rampde_fx cannot solve."""
-        feature = ("odeint_event" if self.source == "torchdiffeq.odeint_event"
-                   else "event_fn" if arguments.get("event_fn") is not None else None)
-        if feature is not None:
+        interface = arguments.get("odeint_interface")
+        if not solves_like_odeint(interface):
             raise ConversionError(
-                f"rampde_fx: {self} uses {feature}, which rampde_fx does not support yet. Pass "
-                "filter_fn to leave this solve as it is, or solve to a fixed end time.")
+                f"rampde_fx: {self} passes odeint_interface={interface!r}; rampde_fx converts "
+                "event solves made with torchdiffeq.odeint, odeint_adjoint or rampde_fx.odeint. "
+                "Pass filter_fn to leave this solve as it is.")
         method = arguments.get("method")
         if method is not None and method not in METHODS:
             raise ConversionError(
@@ -105,10 +108,18 @@ class SolveSite:
         self.call_arguments = arguments
         self.dropped = tuple(sorted(set(self.dropped) | set(dropped)))
 
+    @property
+    def is_event_solve(self) -> bool:
+        """Whether the last call solved until an event."""
+        return self.source == "torchdiffeq.odeint_event" or \
+            self.call_arguments.get("event_fn") is not None
+
     def run(self, func: Any, y0: Any, t: torch.Tensor, arguments: dict[str, Any]) -> Any:
-        """The solve, eagerly; keeps its statistics in :attr:`last_stats`."""
+        """The solve, eagerly (``t``: ``t0`` for ``odeint_event``); keeps its statistics in
+        :attr:`last_stats`."""
+        solver = odeint_event if self.source == "torchdiffeq.odeint_event" else odeint
         with collect_stats() as solves:
-            solution = odeint(func, y0, t, config=self.config, **arguments)
+            solution = solver(func, y0, t, config=self.config, **arguments)
         self.last_stats = solves[-1]
         return solution
 
@@ -152,12 +163,13 @@ class Conversion:
               kwargs: dict[str, Any]) -> Any:
         """Run an intercepted call of ``source`` made inside a method of ``root`` (None: in a
         :class:`rampde_fx.mixed_precision` scope)."""
-        if len(args) > len(_POSITIONAL):
-            raise TypeError(f"{source}() takes {len(_POSITIONAL)} positional arguments but "
+        positional = _EVENT_POSITIONAL if source == "torchdiffeq.odeint_event" else _POSITIONAL
+        if len(args) > len(positional):
+            raise TypeError(f"{source}() takes {len(positional)} positional arguments but "
                             f"{len(args)} were given")
-        call = dict(zip(_POSITIONAL, args))
+        call = dict(zip(positional, args))
         call.update(kwargs)
-        func, y0, t = call.pop("func", None), call.pop("y0", None), call.pop("t", None)
+        func, y0, t = (call.pop(name, None) for name in positional)
         # Tensors: passed to the solve, not kept with the site's arguments (nor made constants
         # of a compiled graph).
         adjoint_params = call.pop("adjoint_params", None)
@@ -165,6 +177,8 @@ class Conversion:
         dropped = tuple(k for k in call if k in _DROPPED_ARGUMENTS)
         solver = odeint if source == "rampde_fx.odeint" else trampolines.original(source)
         if torch.compiler.is_compiling():
+            if source == "torchdiffeq.odeint_event" or arguments.get("event_fn") is not None:
+                return run_event_between_graphs(self.solve, root, source, args, kwargs)
             if is_plain_function(func):
                 return run_between_graphs(self.solve, root, source, args, kwargs)
             owner, method_name = velocity_owner(func)

@@ -96,6 +96,13 @@ def explain(converted: Any) -> str:
         lines.append(f"solve {index}: {site}")
         if site.source.endswith("odeint_adjoint"):
             lines.append(f"  becomes the discrete adjoint, one {dtype} checkpoint per step")
+        if site.is_event_solve:
+            through = ("with gradients through the event time by the implicit function theorem"
+                       if site.source.endswith("odeint_event") else
+                       "the event time a constant of its gradients, as in torchdiffeq.odeint "
+                       "(odeint_event adds the gradient through it)")
+            lines.append("  solves until event_fn changes sign (in float32 after each step, the "
+                         f"event time bisected to atol), {through}")
         if site.dropped:
             lines.append(f"  arguments not passed on: {', '.join(site.dropped)}")
         lines.append(f"  velocity: {site.velocity}")
@@ -106,7 +113,7 @@ def explain(converted: Any) -> str:
         if stats is None:
             lines.append("  not run yet: no call of this solve has completed")
             continue
-        arguments = ", ".join(f"{k}={v!r}" for k, v in sorted(site.call_arguments.items()))
+        arguments = ", ".join(f"{k}={_shown(v)}" for k, v in sorted(site.call_arguments.items()))
         lines.append(f"  arguments: {arguments}")
         steps = f"{stats.steps} steps"
         if stats.method in ADAPTIVE_TABLEAUS:
@@ -123,6 +130,13 @@ def explain(converted: Any) -> str:
             lines.append("  velocity graph (node, dtype, why):")
             lines += [f"    {row}" for row in precision_table(stats.graph.graph).splitlines()]
     return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """An argument as explain shows it: a function or module by its qualified name."""
+    if callable(value) and not isinstance(value, torch.Tensor):
+        return getattr(value, "__qualname__", type(value).__qualname__)
+    return repr(value)
 
 
 def _short(dtype: torch.dtype) -> str:

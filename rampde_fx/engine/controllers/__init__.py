@@ -4,8 +4,10 @@ steps next, and whether it accepts a step.
 A controller proposes an :class:`Attempt`, judges the step the loop took from it, and on
 acceptance names the output times the step reaches and prepares the next attempt. A fixed grid
 (``fixed_grid``) is a controller that never rejects: its attempts are the grid's steps, known
-before the solve. The adaptive controller (``adaptive``) is torchdiffeq's, with a measured
-rounding floor (``rounding_floor``).
+before the solve; steps of a fixed size that go on until an event (``SteppingController``) are
+decided as the solve goes. The adaptive controller (``adaptive``) is torchdiffeq's, with a
+measured rounding floor (``rounding_floor``). An event solve wraps either in
+:class:`rampde_fx.engine.events.EventController`.
 """
 from __future__ import annotations
 
@@ -44,8 +46,11 @@ class Attempt:
 class StepController(Protocol):
     """What the forward loop asks of a controller (one per solve)."""
 
-    adaptive: bool  # whether the steps are decided during the solve
-    known_steps: int | None  # the number of steps, where known before the solve
+    adaptive: bool  # whether steps are judged (and may be rejected) during the solve
+    # The number of steps, where known before the solve. None: the steps are decided during
+    # the solve, and the grid input is their start only (every step time is the start plus a
+    # constant, for the backward pass too).
+    known_steps: int | None
 
     def start(self, stepper: Stepper, stats: SolveStats, y0: State, grid: torch.Tensor,
               times: torch.Tensor, time_values: list[float]) -> None:

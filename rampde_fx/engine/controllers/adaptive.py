@@ -425,8 +425,8 @@ def adaptive_controller(tableau: ButcherTableau, options: dict[str, Any], rtol: 
     low_unit = torch.finfo(dtype).eps / 2
     return AdaptiveController(
         tableau=tableau,
-        rtol=_per_component("rtol", rtol, is_tuple, len(state)),
-        atol=_per_component("atol", atol, is_tuple, len(state)),
+        rtol=per_component("rtol", rtol, is_tuple, len(state)),
+        atol=per_component("atol", atol, is_tuple, len(state)),
         norm=_checked_norm(options.get("norm"), state, is_tuple),
         is_tuple=is_tuple,
         first_step=None if first_step is None else number("first_step", 0.0, sign="positive"),
@@ -440,7 +440,7 @@ def adaptive_controller(tableau: ButcherTableau, options: dict[str, Any], rtol: 
     )
 
 
-def _per_component(name: str, value: Any, is_tuple: bool,
+def per_component(name: str, value: Any, is_tuple: bool,
                    components: int) -> tuple[float, ...]:
     """A tolerance per state component: one number for all, or, as torchdiffeq takes them, a
     sequence (for a tuple state also a 1-D tensor) of one per component."""
