@@ -10,6 +10,12 @@ classes:
   as soon as one of its floating inputs is low precision, otherwise as it was. This keeps the time
   input in float32 until it meets the state, and casts a weight only where it meets an activation.
 
+An op that would run in the low dtype but has no kernel for it on its device (linear algebra:
+``inv``, ``solve``, ``cholesky``, ``eigh``, ``det``, ``slogdet``...; FFTs; whatever rejects the
+dtype there) runs in float32 instead: the precision rewrite asks the op itself (see
+:mod:`rampde_fx.passes.kernel_support`). Only a policy that names such an op ``LOW`` itself (in
+``low_ops`` beyond the default's, or by ``override``) is refused, with a ``ConversionError``.
+
 Override it with :func:`dataclasses.replace`, or keep ops in float32 with
 :meth:`PrecisionPolicy.with_full_ops`, e.g. ``tanh``::
 
@@ -21,7 +27,7 @@ import builtins
 import dataclasses
 import enum
 import operator
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
@@ -50,6 +56,14 @@ _FULL_OPS = frozenset({
 })
 
 
+class Classification(NamedTuple):
+    """How :meth:`PrecisionPolicy.classify` places an operation."""
+
+    precision: Precision
+    what: str  # the op and why it is in its class, as diagnostics show it
+    explicit: bool  # chosen by the policy's override or by sets differing from the default's
+
+
 @dataclasses.dataclass(frozen=True)
 class PrecisionPolicy:
     """Which operations of a velocity run in the low dtype (``low_ops``) and which in float32
@@ -71,19 +85,22 @@ class PrecisionPolicy:
         if both:
             raise ValueError(f"PrecisionPolicy: ops {sorted(both)} are in both low_ops and full_ops")
 
-    def classify(self, node: torch.fx.Node) -> tuple[Precision, str]:
-        """The precision class of a call node, and what it is (``"'linear', a matmul-class
-        op"``), as diagnostics show it."""
+    def classify(self, node: torch.fx.Node) -> Classification:
+        """The precision class of a call node, what it is (``"'linear', a matmul-class
+        op"``), as diagnostics show it, and whether the user chose it."""
         name = op_name(node)
         if self.override is not None:
             chosen = self.override(name, node)
             if chosen is not None:
-                return chosen, f"'{name}', by policy override"
+                return Classification(chosen, f"'{name}', by policy override", True)
         if name in self.low_ops:
-            return Precision.LOW, f"'{name}', a matmul-class op"
+            return Classification(Precision.LOW, f"'{name}', a matmul-class op",
+                                  name not in _LOW_OPS)
         if name in self.full_ops:
-            return Precision.FULL, f"'{name}', a precision-sensitive op"
-        return Precision.FOLLOW, f"'{name}', which follows its inputs"
+            return Classification(Precision.FULL, f"'{name}', a precision-sensitive op",
+                                  name not in _FULL_OPS)
+        return Classification(Precision.FOLLOW, f"'{name}', which follows its inputs",
+                              name in _LOW_OPS | _FULL_OPS)
 
     def with_full_ops(self, ops: Iterable[str]) -> PrecisionPolicy:
         """This policy with the canonical op names ``ops`` evaluated in float32 (and removed

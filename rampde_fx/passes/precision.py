@@ -14,7 +14,10 @@ Rules (``L`` is the low dtype, ``F`` the full dtype: float32, or wider if ``L`` 
   the graph, so autograd delivers float32 gradients to the user's own Parameters);
 * ``FULL`` ops get their 16-bit floating inputs cast to ``F``;
 * ``FOLLOW`` ops: when a floating input is in ``L``, the other floating inputs with dimensions are
-  cast to ``L``; zero-dim inputs (the time, Python-like scalars) are left to type promotion.
+  cast to ``L``; zero-dim inputs (the time, Python-like scalars) are left to type promotion;
+* an op that would run in ``L`` by these rules but has no kernel for ``L`` on its device (linear
+  algebra, FFTs...: :mod:`.kernel_support` runs it to find out) is a ``FULL`` op, and its reason
+  says why; where the user's own policy makes it ``LOW``, the rewrite raises ``ConversionError``.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
-from ..policy import Precision, PrecisionPolicy
+from ..errors import ConversionError
+from ..policy import Precision, PrecisionPolicy, op_name
+from .kernel_support import runs_in_low_dtype
 
 _SHORT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                 torch.float64: "fp64"}
@@ -38,11 +43,16 @@ class NodePrecision:
 
     precision: Precision | None  # None for casts, inputs and non-compute nodes
     reason: str
+    no_low_kernel: bool = False  # float32 because its op has no kernel for the low dtype
 
 
 def full_dtype_for(low_dtype: torch.dtype) -> torch.dtype:
     """The dtype that precision-sensitive ops use next to ``low_dtype``."""
     return torch.promote_types(low_dtype, torch.float32)
+
+
+def _long_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _is_float_tensor(value: Any) -> bool:
@@ -77,10 +87,11 @@ def rewrite_for_precision(
     inputs = dict(zip((n.target for n in graph.find_nodes(op="placeholder")),
                       example_inputs))
 
-    def record(node: fx.Node, value: Any, precision: Precision | None, reason: str) -> fx.Node:
+    def record(node: fx.Node, value: Any, precision: Precision | None, reason: str,
+               no_low_kernel: bool = False) -> fx.Node:
         fake[node] = value
         node.meta["val"] = value
-        node.meta["rampde_precision"] = NodePrecision(precision, reason)
+        node.meta["rampde_precision"] = NodePrecision(precision, reason, no_low_kernel)
         return node
 
     def cast(node: fx.Node, dtype: torch.dtype, reason: str) -> fx.Node:
@@ -99,6 +110,22 @@ def rewrite_for_precision(
         fx.node.map_arg((node.args, node.kwargs), found.append)
         return [env[n] for n in found]
 
+    def rejecting_device(node: fx.Node, dtypes: dict[fx.Node, torch.dtype]) -> str | None:
+        """The device type where ``node``'s op, its inputs cast to ``dtypes``, would run in
+        the low dtype but has no kernel for it; None where it has or needs none."""
+        if low_dtype == full_dtype or not isinstance(node.target, torch._ops.OpOverload):
+            return None
+        with mode:
+            values = {n: fake[n].to(dtypes[n]) if n in dtypes else fake[n]
+                      for n in inputs_of(node)}
+        low = [v for v in values.values() if isinstance(v, torch.Tensor) and v.dtype == low_dtype]
+        if not low:
+            return None
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[env[n]])
+        if runs_in_low_dtype(node.target, args, kwargs, low_dtype, full_dtype):
+            return None
+        return low[0].device.type
+
     for node in graph.nodes:
         if node.op == "output":
             new_graph.output(fx.node.map_arg(node.args[0], env.__getitem__))
@@ -114,23 +141,36 @@ def rewrite_for_precision(
                 why = "attribute of the velocity"
             record(new_node, value, None, why)
         else:
-            precision, what = policy.classify(node)
+            precision, what, explicit = policy.classify(node)
             written = {env[n] for n in written_arguments(node)}  # never replaced by a cast
             floats = [n for n in inputs_of(node) if _is_float_tensor(fake[n]) and n not in written]
-            replace: dict[fx.Node, fx.Node] = {}
+            widened = {n: full_dtype for n in floats
+                       if fake[n].dtype.itemsize < full_dtype.itemsize}
+            dtypes: dict[fx.Node, torch.dtype] = {}  # the inputs to cast, and to what
+            why = f"input of {what}"
             if precision is Precision.LOW:
-                replace = {n: cast(n, low_dtype, f"input of {what}") for n in floats}
+                dtypes = {n: low_dtype for n in floats}
             elif precision is Precision.FULL:
-                replace = {n: cast(n, full_dtype, f"input of {what}")
-                           for n in floats if fake[n].dtype.itemsize < full_dtype.itemsize}
+                dtypes = widened
             elif any(fake[n].dtype == low_dtype for n in floats):
-                low_name = str(low_dtype).replace("torch.", "")
-                replace = {n: cast(n, low_dtype, f"input of {what}, next to a {low_name} input")
-                           for n in floats if fake[n].dim() > 0}
+                dtypes = {n: low_dtype for n in floats if fake[n].dim() > 0}
+                why = f"input of {what}, next to a {_long_name(low_dtype)} input"
+            device = rejecting_device(node, dtypes)
+            if device is not None:  # run it in float32, unless the user asked for low
+                name, low_name = op_name(node), _long_name(low_dtype)
+                if precision is Precision.LOW and explicit:
+                    raise ConversionError(
+                        f"rampde_fx: the precision policy runs '{name}' in {low_name}, but "
+                        f"the op has no {low_name} kernel on {device}; left out of low_ops "
+                        "and the override, it runs in float32")
+                precision, what = Precision.FULL, f"'{name}', which has no {low_name} kernel " \
+                    f"on {device}"
+                dtypes, why = widened, f"input of {what}"
+            replace = {n: cast(n, dtype, why) for n, dtype in dtypes.items()}
             new_node = new_graph.node_copy(node, lambda n: replace.get(env[n], env[n]))
             with mode:
                 value = _run_on_fake(graph_module, new_node, fake)
-            record(new_node, value, precision, what)
+            record(new_node, value, precision, what, no_low_kernel=device is not None)
         env[node] = new_node
         if node.op == "placeholder" and node.target in state_placeholders:
             env[node] = cast(new_node, low_dtype, "the state enters the velocity in low precision")

@@ -42,7 +42,7 @@ import statistics
 import sys
 import textwrap
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -174,7 +174,8 @@ class CheckReport:
             default policy or with some ops in float32; float32 when none does.
         suggested_policy: the default policy, plus the ops found in float32.
         suggested_error: the measured error of the suggestion.
-        notes: what else a reader should know (solves that run eagerly...).
+        notes: what else a reader should know (solves that run eagerly, ops that run in
+            float32 for want of a low-precision kernel...).
         seconds: how long the check took.
     """
 
@@ -450,6 +451,9 @@ class _Checker:
                  f"({site.last_stats.fallback_reason}): the policy does not "
                  "apply to it and none of its ops is searched"
                  for site in sites if site.last_stats.velocity is VelocityKind.EAGER]
+        notes += [f"in the {_short(dtype)} solves, {reason}, runs in float32"
+                  for dtype, (_, model) in zip(modes, everything)
+                  for reason in _without_low_kernel(model)]
         float32 = everything[0][0]
         if float32.error > target:
             notes.append(f"the float32 mode is {float32.error:.1e} from float64, above the "
@@ -506,19 +510,28 @@ class _Checker:
                         error(chosen))
 
 
+def _computing_nodes(converted: torch.nn.Module) -> Iterator[fx.Node]:
+    """The op nodes of the velocity graphs of ``converted``'s last solves."""
+    for site in sites_of(converted):
+        graph = site.last_stats.graph if site.last_stats is not None else None
+        if graph is not None:
+            yield from (node for node in graph.graph.nodes if node.op == "call_function")
+
+
 def _low_ops(converted: torch.nn.Module, dtype: torch.dtype) -> list[str]:
     """Sorted canonical names of the computing ops that produce ``dtype`` values in the
     velocity graphs of ``converted``'s last solves."""
-    names = set()
-    for site in sites_of(converted):
-        graph = site.last_stats.graph if site.last_stats is not None else None
-        if graph is None:
-            continue
-        for node in graph.graph.nodes:
-            if (node.op == "call_function" and _produces(node, dtype)
-                    and op_name(node) not in _DATA_MOVEMENT):
-                names.add(op_name(node))
-    return sorted(names)
+    return sorted({op_name(node) for node in _computing_nodes(converted)
+                   if _produces(node, dtype) and op_name(node) not in _DATA_MOVEMENT})
+
+
+def _without_low_kernel(converted: torch.nn.Module) -> list[str]:
+    """Why each op of the velocity graphs of ``converted``'s last solves that has no kernel
+    for their low dtype runs in float32, once per op (``"'linalg_inv_ex', which has no
+    bfloat16 kernel on cpu"``)."""
+    return list(dict.fromkeys(node.meta["rampde_precision"].reason
+                              for node in _computing_nodes(converted)
+                              if node.meta["rampde_precision"].no_low_kernel))
 
 
 def _produces(node: fx.Node, dtype: torch.dtype) -> bool:
