@@ -14,7 +14,7 @@ import torch
 from . import runtime
 from .adjoint.function import MixedPrecisionSolve
 from .compiled.op import NOT_IN_GRAPH, run_between_graphs, solve_in_graph
-from .config import SolveConfig, resolve_config
+from .config import Budget, SolveConfig, resolve_config
 from .engine.integrate import integrate
 from .engine.plan import TensorOrTuple, prepare_solve
 from .policy import PrecisionPolicy
@@ -32,7 +32,7 @@ def odeint(
     dtype: torch.dtype = torch.bfloat16,
     scaling: str = "auto",
     policy: PrecisionPolicy | None = None,
-    checkpoint: str = "steps",
+    checkpoint: str | Budget = "steps",
     event_fn: Callable[..., Any] | None = None,
     config: SolveConfig | None = None,
     adjoint_params: Sequence[torch.Tensor] | None = None,
@@ -70,10 +70,15 @@ def odeint(
         policy: which ops run in ``dtype`` and which in float32; default
             :data:`rampde_fx.DEFAULT_POLICY`.
         checkpoint: what the backward pass starts from. 'steps' (default): the state of each
-            step, in ``dtype``; the backward pass recomputes each step (least memory).
-            'stages': autograd keeps every stage's activations, which the low-precision velocity
-            produces in ``dtype``; no recomputation (less compute, more memory, and no per-step
-            adjoint scaling, so it refuses ``scaling`` that would be dynamic).
+            step, in ``dtype``; the backward pass recomputes each step. 'stages': autograd
+            keeps every stage's activations, which the low-precision velocity produces in
+            ``dtype``; no recomputation (less compute, more memory, and no per-step adjoint
+            scaling, so it refuses ``scaling`` that would be dynamic).
+            ``rampde_fx.Budget(n)``: at most ``n`` states (in ``y0``'s dtype) whatever the
+            number of steps; the backward pass recomputes the others from them by binomial
+            checkpointing (Griewank's revolve: on a fixed grid of ``l`` steps, the fewest
+            recomputed steps any schedule of ``n`` states achieves; an adaptive solve keeps
+            evenly spaced accepted steps), and its gradients equal those of 'steps'.
         event_fn: not supported yet; raises NotImplementedError.
         config: a :class:`rampde_fx.SolveConfig` in place of ``dtype``, ``scaling``,
             ``policy`` and ``checkpoint`` (which then must keep their defaults).
