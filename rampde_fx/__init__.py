@@ -12,7 +12,7 @@ sweep) -> ``compiled`` (solves under torch.compile) -> ``tools`` (explain, check
 every piece of process-wide state live in :mod:`rampde_fx.runtime`.
 """
 from .api import odeint, odeint_event
-from .config import SolveConfig
+from .config import Budget, SolveConfig
 from .engine.tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, ButcherTableau
 from .errors import CaptureWarning, ConversionError, ToleranceWarning
 from .interception.convert import convert
@@ -23,7 +23,8 @@ from .tools.check import CheckReport, check
 from .tools.explain import conversion_diff, explain, graph_diff
 
 __all__ = [
-    "ADAPTIVE_TABLEAUS", "ButcherTableau", "CaptureWarning", "CheckReport", "ConversionError",
+    "ADAPTIVE_TABLEAUS", "Budget", "ButcherTableau", "CaptureWarning", "CheckReport",
+    "ConversionError",
     "DEFAULT_POLICY", "FIXED_GRID_TABLEAUS", "Precision", "PrecisionPolicy", "SolveConfig",
     "SolveStats", "ToleranceWarning", "VelocityKind", "check", "collect_stats",
     "conversion_diff", "convert", "explain", "graph_diff", "mixed_precision", "odeint",

@@ -17,7 +17,7 @@ from .adjoint.event_time import through_event_time
 from .adjoint.function import MixedPrecisionSolve
 from .compiled.op import (NOT_IN_GRAPH, run_between_graphs, run_event_between_graphs,
                           solve_in_graph)
-from .config import SolveConfig, resolve_config
+from .config import Budget, SolveConfig, resolve_config
 from .engine.integrate import integrate
 from .engine.plan import TensorOrTuple, prepare_solve
 from .policy import PrecisionPolicy
@@ -35,7 +35,7 @@ def odeint(
     dtype: torch.dtype = torch.bfloat16,
     scaling: str = "auto",
     policy: PrecisionPolicy | None = None,
-    checkpoint: str = "steps",
+    checkpoint: str | Budget = "steps",
     event_fn: Callable[..., Any] | None = None,
     config: SolveConfig | None = None,
     adjoint_params: Sequence[torch.Tensor] | None = None,
@@ -73,10 +73,15 @@ def odeint(
         policy: which ops run in ``dtype`` and which in float32; default
             :data:`rampde_fx.DEFAULT_POLICY`.
         checkpoint: what the backward pass starts from. 'steps' (default): the state of each
-            step, in ``dtype``; the backward pass recomputes each step (least memory).
-            'stages': autograd keeps every stage's activations, which the low-precision velocity
-            produces in ``dtype``; no recomputation (less compute, more memory, and no per-step
-            adjoint scaling, so it refuses ``scaling`` that would be dynamic).
+            step, in ``dtype``; the backward pass recomputes each step. 'stages': autograd
+            keeps every stage's activations, which the low-precision velocity produces in
+            ``dtype``; no recomputation (less compute, more memory, and no per-step adjoint
+            scaling, so it refuses ``scaling`` that would be dynamic).
+            ``rampde_fx.Budget(n)``: at most ``n`` states (in ``y0``'s dtype) whatever the
+            number of steps; the backward pass recomputes the others from them by binomial
+            checkpointing (Griewank's revolve: on a fixed grid of ``l`` steps, the fewest
+            recomputed steps any schedule of ``n`` states achieves; an adaptive solve keeps
+            evenly spaced accepted steps), and its gradients equal those of 'steps'.
         event_fn: ``event_fn(t, y) -> Tensor``: solve until it changes sign, as torchdiffeq
             does (see Returns). ``t`` must then hold two times: the start, and any time in the
             direction of the solve. The event function runs as written, in float32 on the

@@ -2,7 +2,8 @@
 
 :func:`rampde_fx.convert`, its solve sites, the plan of every solve and the specs of compiled
 solves all hold one ``SolveConfig``; the ``dtype``, ``scaling``, ``policy`` and ``checkpoint``
-keywords of the public functions are shorthand for it.
+keywords of the public functions are shorthand for it. :class:`Budget` is the bounded form of
+``checkpoint``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,42 @@ CHECKPOINT_MODES = ("steps", "stages")
 
 
 @dataclasses.dataclass(frozen=True)
+class Budget:
+    """``checkpoint=Budget(n)``: keep at most ``n`` states for the backward pass, whatever the
+    number of steps, and recompute the others from them (binomial checkpointing, Griewank's
+    revolve).
+
+    The states are kept in the state's own dtype (float32), so that the backward pass re-runs
+    the forward steps exactly; each step's start is then rounded to the low dtype as
+    ``checkpoint='steps'`` keeps it, and the gradients are those of ``checkpoint='steps'``.
+    A fixed grid keeps the states that the optimal binomial schedule for its number of steps
+    needs; an adaptive solve, whose number of steps is unknown while it runs, keeps evenly
+    spaced accepted steps (halving them whenever ``n`` are kept) and recomputes between them
+    by the same schedule. See :mod:`rampde_fx.engine.schedule` for the counts, and
+    :mod:`rampde_fx.engine.checkpoints` for what else is kept (generator states and buffer
+    values, with the kept states).
+
+    Attributes:
+        states: ``n``, the largest number of states kept, at least 1 (the initial state is one
+            of them).
+
+    Raises:
+        TypeError: ``states`` is not an int.
+        ValueError: ``states`` is below 1.
+    """
+
+    states: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.states, int) or isinstance(self.states, bool):
+            raise TypeError(f"rampde_fx.Budget takes the number of states to keep, an int, got "
+                            f"{type(self.states).__qualname__}")
+        if self.states < 1:
+            raise ValueError(f"rampde_fx.Budget must keep at least 1 state (the initial one), "
+                             f"got {self.states}")
+
+
+@dataclasses.dataclass(frozen=True)
 class SolveConfig:
     """How a solve runs in mixed precision.
 
@@ -30,8 +67,10 @@ class SolveConfig:
         policy: which ops run in ``dtype`` and which in float32; ``None`` stands for
             :data:`rampde_fx.DEFAULT_POLICY`.
         checkpoint: what the backward pass starts from: 'steps' (the state of each step, in
-            ``dtype``; the backward pass recomputes each step) or 'stages' (autograd keeps
-            every stage's activations; no per-step adjoint scaling).
+            ``dtype``; the backward pass recomputes each step), 'stages' (autograd keeps
+            every stage's activations; no per-step adjoint scaling) or a :class:`Budget`
+            (at most ``n`` states, in the state's dtype, whatever the number of steps; the
+            backward pass recomputes the others, and its gradients are those of 'steps').
 
     Raises:
         ValueError: an unsupported dtype, scaling or checkpoint, or checkpoint='stages' with
@@ -42,7 +81,7 @@ class SolveConfig:
     dtype: torch.dtype = torch.bfloat16
     scaling: str = "auto"
     policy: PrecisionPolicy = DEFAULT_POLICY
-    checkpoint: str = "steps"
+    checkpoint: str | Budget = "steps"
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
@@ -50,9 +89,9 @@ class SolveConfig:
                              f"{self.dtype}")
         if self.scaling not in SCALING_MODES:
             raise ValueError(f"scaling must be one of {SCALING_MODES}, got {self.scaling!r}")
-        if self.checkpoint not in CHECKPOINT_MODES:
-            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got "
-                             f"{self.checkpoint!r}")
+        if not isinstance(self.checkpoint, Budget) and self.checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES} or a "
+                             f"rampde_fx.Budget(n), got {self.checkpoint!r}")
         if self.checkpoint == "stages" and self.dynamic_scaling:
             raise ValueError("checkpoint='stages' has no per-step adjoint scaling; use "
                              "checkpoint='steps' for float16, or pass scaling='none'")
@@ -72,6 +111,12 @@ class SolveConfig:
     def keeps_stages(self) -> bool:
         """Whether autograd keeps every stage's activations (``checkpoint='stages'``)."""
         return self.checkpoint == "stages"
+
+    @property
+    def budget(self) -> int | None:
+        """The largest number of states kept for the backward pass (``checkpoint=Budget(n)``);
+        None where every step's state is kept."""
+        return self.checkpoint.states if isinstance(self.checkpoint, Budget) else None
 
 
 # The public functions' defaults of the settings keywords (None: the default policy).

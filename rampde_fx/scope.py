@@ -15,7 +15,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from . import runtime
-from .config import SolveConfig, resolve_config
+from .config import Budget, SolveConfig, resolve_config
 from .interception import trampolines
 from .interception.sites import Conversion, SolveSite
 from .policy import PrecisionPolicy
@@ -47,7 +47,7 @@ class mixed_precision:  # noqa: N801 (named like torch.autocast, which it is use
     """
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16, *, scaling: str = "auto",
-                 policy: PrecisionPolicy | None = None, checkpoint: str = "steps",
+                 policy: PrecisionPolicy | None = None, checkpoint: str | Budget = "steps",
                  filter_fn: Callable[[torch.nn.Module | None, str], bool] | None = None,
                  config: SolveConfig | None = None) -> None:
         config = resolve_config(config, "rampde_fx.mixed_precision", dtype=dtype,

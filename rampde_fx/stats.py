@@ -35,7 +35,8 @@ class SolveStats:
             the velocity dtype's rounding floor, because rtol/atol asked for less (see
             :class:`rampde_fx.ToleranceWarning`).
         nfe_forward: velocity evaluations in the forward solve (rejected steps included).
-        nfe_backward: velocity evaluations in backward passes (recomputation), retries included.
+        nfe_backward: velocity evaluations in backward passes (recomputation: of each step, and
+            under a ``Budget`` of the forward steps to the starts not kept), retries included.
         backward_sweeps: backward sweeps run, retries included.
         scale_retries: steps or sweeps recomputed with a smaller scale after an overflow.
         scale_log2: log2 of the scale used at each step of the last sweep (step order), on the

@@ -144,3 +144,15 @@ def test_adaptive_step_counts():
     fp32, fp16 = (numbers_after("1e-03 rampde_fx " + name, out) for name in ("fp32", "fp16"))
     assert fp16[0] < fp32[0] + 2**-10  # output error: float16's roundoff beside dopri5's own
     assert "ToleranceWarning" in out  # 1e-6 is below bfloat16's rounding floor
+
+
+@pytest.mark.slow
+def test_budget_benchmark():
+    out = run("benchmarks/budget.py", "--steps", "300", "--states", "4", "16", "--long-steps",
+              "600", "--long-states", "8", "--batch", "8")
+    # checkpoint, kept (number, MiB), states, nfe fwd, nfe bwd, recomputed, bound, ratio...
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:5]}
+    assert rows["4"][3] == "4" and rows["16"][3] == "16"  # states kept
+    assert rows["4"][8] == rows["16"][8] == "1.000"  # recomputed steps: revolve's bound
+    assert all(row[-1] == "0.0e+00" for row in rows.values())  # the gradients of 'steps'
+    assert "600 steps, Budget(8)" in out and "ratio 1.000" in out

@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from ..engine.plan import SolvePlan
-from ..engine.rng import replayed_rng
+from ..engine.checkpoints import rerun_step
+from ..engine.plan import SolvePlan, StepContext
 
 
 def replay(plan: SolvePlan, y0: Sequence[torch.Tensor], grid: torch.Tensor,
@@ -28,16 +28,12 @@ def replay(plan: SolvePlan, y0: Sequence[torch.Tensor], grid: torch.Tensor,
         grid = grid[:1].to(torch.float64) + (offsets - plan.grid_values[0])
     found: dict[int, tuple[torch.Tensor, ...]] = {0: tuple(y0)}
     y = tuple(y0)
+    context = plan.context_of(0) or StepContext()
     executor, stepper.executor = stepper.executor, None  # compiled kernels record no graph
     try:
         for step in range(plan.steps):
-            indices = plan.outputs_per_step[step]
-            with stepper.velocity.recomputing(plan.buffer_values_of(step)), \
-                    replayed_rng(plan.rng_state_of(step), grid.device):
-                y, values = stepper.advance(
-                    grid[step], grid[step + 1], y, [(times[j], plan.time_values[j]) for j in indices],
-                    plan.grid_values[step], plan.grid_values[step + 1], plan.start_nudge(step))
-            found.update(zip(indices, values))
+            y, values, context = rerun_step(plan, step, grid, times, y, context)
+            found.update(zip(plan.outputs_per_step[step], values))
     finally:
         stepper.executor = executor
     return [torch.stack([found[j][c] for j in range(len(plan.time_values))])

@@ -1,9 +1,11 @@
 """The backward sweep of the discrete adjoint ("discretize, then optimize").
 
-Walk the accepted steps backwards; for step ``n`` rebuild the state from its low-precision
-checkpoint, recompute the step (and the outputs interpolated inside it) under autograd, or by
-the stepper's executor (a compiled backward kernel), and take one vector-Jacobian product of
-that step map with the current adjoint and the outputs' cotangents. The adjoint, the parameter
+Walk the accepted steps backwards; for step ``n`` take its start, in the low dtype, from the
+checkpoints (``engine.checkpoints.step_starts``: its own checkpoint, or under a budget the
+state re-run from the nearest kept one), recompute the step (and the outputs interpolated
+inside it) under autograd, or by the stepper's executor (a compiled backward kernel), and take
+one vector-Jacobian product of that step map with the current adjoint and the outputs'
+cotangents. The adjoint, the parameter
 gradients and the time gradients are accumulated in float32 (the state's dtype). With a float32
 velocity the checkpoints are exact and so is the gradient of the discrete solve.
 
@@ -23,8 +25,8 @@ from typing import Sequence
 
 import torch
 
+from ..engine.checkpoints import StepStart, replaying, step_starts
 from ..engine.plan import SolvePlan
-from ..engine.rng import replayed_rng
 from ..engine.step import Stepper, all_finite
 from .scaling import RETRY_STEP_LOG2, AdjointScaler
 from .vjp import vector_jacobian_product
@@ -99,7 +101,7 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
     kernel_tensors = _executor_positions(stepper, velocity_tensors, wants.tensors)
     evaluations_before = stepper.evaluations
 
-    for step in reversed(range(plan.steps)):
+    for step, start in step_starts(plan, checkpoints, grid, times):
         indices = plan.outputs_per_step[step]
         fused = kernel_tensors is not None and all(
             plan.time_values[j] == plan.grid_values[step + 1] for j in indices) and not (
@@ -113,12 +115,12 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
         for attempt in range(MAX_FIRST_STEP_RETRIES + 1):
             scale = scaler.scale_for(cotangents) if scaler is not None else None
             if fused:
-                results, largest = _kernel_step(plan, step, grid, state_dtypes, checkpoints,
+                results, largest = _kernel_step(plan, step, grid, state_dtypes, start,
                                                 cotangents, scale, kernel_tensors, wants,
                                                 None if scaler else list(tensor_grads.values()))
             else:
                 results, largest = _recomputed_step(plan, step, grid, times, state_dtypes,
-                                                    checkpoints, cotangents, scale,
+                                                    start, cotangents, scale,
                                                     wanted_tensors, wants)
             if scaler is None:
                 break
@@ -167,16 +169,16 @@ def _executor_positions(stepper: Stepper, velocity_tensors: Sequence[torch.Tenso
 
 
 def _kernel_step(plan: SolvePlan, step: int, grid: torch.Tensor,
-                 state_dtypes: Sequence[torch.dtype], checkpoints: list[torch.Tensor],
+                 state_dtypes: Sequence[torch.dtype], start: StepStart,
                  cotangents: list[torch.Tensor], scale: torch.Tensor | None,
                  positions: list[int], wants: Wants,
                  accumulators: list[torch.Tensor] | None
                  ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
     """A step by the stepper's executor; the results are unscaled, and the tensors' gradients
     are None where the executor added them to ``accumulators``."""
-    with plan.stepper.velocity.recomputing(plan.buffer_values_of(step)):
+    with replaying(plan, start.context, grid.device):
         adjoint, grads, extra = plan.stepper.executor.backward_step(
-            grid[step], grid[step + 1], [store[step] for store in checkpoints], state_dtypes,
+            grid[step], grid[step + 1], start.state, state_dtypes,
             cotangents, scale, plan.start_nudge(step), positions, accumulators, wants.grid)
     plan.stepper.evaluations += plan.stepper.tableau.stages
     largest = extra[-1:] if scale is not None else []
@@ -185,7 +187,7 @@ def _kernel_step(plan: SolvePlan, step: int, grid: torch.Tensor,
 
 
 def _recomputed_step(plan: SolvePlan, step: int, grid: torch.Tensor, times: torch.Tensor,
-                     state_dtypes: Sequence[torch.dtype], checkpoints: list[torch.Tensor],
+                     state_dtypes: Sequence[torch.dtype], start: StepStart,
                      cotangents: list[torch.Tensor], scale: torch.Tensor | None,
                      wanted_tensors: list[torch.Tensor], wants: Wants
                      ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
@@ -193,10 +195,9 @@ def _recomputed_step(plan: SolvePlan, step: int, grid: torch.Tensor, times: torc
     results and the scaled ones (to watch for overflow)."""
     stepper = plan.stepper
     indices = plan.outputs_per_step[step]
-    with torch.enable_grad(), stepper.velocity.recomputing(plan.buffer_values_of(step)), \
-            replayed_rng(plan.rng_state_of(step), grid.device):
-        y_start = tuple(store[step].to(d).detach().requires_grad_()
-                        for store, d in zip(checkpoints, state_dtypes))
+    with torch.enable_grad(), replaying(plan, start.context, grid.device):
+        y_start = tuple(c.to(d).detach().requires_grad_()
+                        for c, d in zip(start.state, state_dtypes))
         t0 = grid[step].detach().requires_grad_(wants.grid)
         t1 = grid[step + 1].detach().requires_grad_(wants.grid)
         output_times = [(times[j].detach().requires_grad_(wants.times), plan.time_values[j])

@@ -210,17 +210,19 @@ class GraphVelocity:
         return lambda t, y: self._run(t, y, tensors)
 
     @contextlib.contextmanager
-    def recomputing(self, values: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+    def recomputing(self, values: dict[str, torch.Tensor] | None = None
+                    ) -> Iterator[dict[str, torch.Tensor]]:
         """Evaluations inside a re-run forward step: they read copies, made once for the step,
         of the velocity's mutable tensors (its in-place updates of its buffers happen in the
         forward only, and carry from one stage to the next as they did there); copies of
-        ``values`` where given (the buffers as the forward step found them, by name)."""
+        ``values`` where given (the buffers as the forward step found them, by name). Yields
+        the copies, by name: after the step, the values it left."""
         values = values or {}
         self._shared.replaying = True
-        self._shared.replay_tensors = {name: values.get(name, x).clone()
-                                       for name, x in self.mutable_tensors().items()}
+        self._shared.replay_tensors = copies = {name: values.get(name, x).clone()
+                                                for name, x in self.mutable_tensors().items()}
         try:
-            yield
+            yield copies
         finally:
             self._shared.replaying, self._shared.replay_tensors = False, None
 

@@ -41,8 +41,8 @@ from ..engine.plan import SolvePlan, prepare_solve
 from ..errors import CaptureWarning
 from ..passes.cpu import cpu_kernel_transform
 from .kernels import kernels_for
-from .registry import (DYNAMO_PASSES_OBJECTS, CompiledSolveSpec, lift_numbers, lower_numbers,
-                       register, tensor_at, tensor_names)
+from .registry import (DYNAMO_PASSES_OBJECTS, CompiledSolveSpec, lift_budget, lift_numbers,
+                       lower_numbers, register, tensor_at, tensor_names)
 
 
 # Why a solve runs between two compiled graphs (the graph break's reason, shown by dynamo, and
@@ -116,8 +116,8 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
     owner, method_name = velocity_owner(func)
     numbers: list[Any] = []
     rtol, atol, options = lift_numbers((rtol, atol, options), numbers)
-    spec_key = register(owner, method_name, config, settings, report_to_key, rtol, atol, method,
-                        options, is_tuple)
+    spec_key = register(owner, method_name, config, lift_budget(settings), report_to_key, rtol,
+                        atol, method, options, is_tuple)
     if not spec_key:
         return NOT_IN_GRAPH
     tensors = [tensor_at(owner, name) for name in tensor_names(spec_key)]

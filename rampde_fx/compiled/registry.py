@@ -21,13 +21,32 @@ from torch import Tensor
 from .. import runtime
 from ..capture import lifted_slots
 from ..capture.slots import MODULE_INTERNALS
-from ..config import SolveConfig, resolve_config
+from ..config import Budget, SolveConfig, resolve_config
 
 # Python numbers among a solve's tolerances and options are inputs of the op, not constants of
 # the graph, so a new step size or tolerance needs no recompilation. In the registered
 # arguments each is replaced by a marker ``(_NUMBER, position in the op's numbers, is int)``:
 # a plain tuple, which dynamo passes to the registration as a constant.
 _NUMBER = "rampde_fx.number"
+# A Budget among the settings reaches the registration as ``(_BUDGET, states)``: dynamo passes
+# a tuple of constants, but not a frozen dataclass made in the compiled code.
+_BUDGET = "rampde_fx.Budget"
+
+
+def lift_budget(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings keywords with a :class:`~rampde_fx.Budget` checkpoint as a plain tuple (see
+    :func:`register`, which makes it a Budget again)."""
+    checkpoint = settings.get("checkpoint")
+    if isinstance(checkpoint, Budget):
+        return {**settings, "checkpoint": (_BUDGET, checkpoint.states)}
+    return settings
+
+
+def _lower_budget(settings: dict[str, Any]) -> dict[str, Any]:
+    checkpoint = settings.get("checkpoint")
+    if isinstance(checkpoint, tuple) and len(checkpoint) == 2 and checkpoint[0] == _BUDGET:
+        return {**settings, "checkpoint": Budget(checkpoint[1])}
+    return settings
 
 
 def lift_numbers(value: Any, numbers: list[Any]) -> Any:
@@ -96,7 +115,7 @@ def register(owner: torch.nn.Module, method_name: Any, config: Any, settings: An
     velocity module made inside the compiled code (see :func:`made_while_tracing`)."""
     if made_while_tracing(owner):
         return 0
-    config = resolve_config(config, None, **settings)
+    config = resolve_config(config, None, **_lower_budget(settings))
     report_to = None if report_to_key is None else runtime.object_of(report_to_key)
     func = owner if method_name is None else getattr(owner, method_name)
     # Options that are no dict are kept as given: the solve refuses them, as an eager one does.

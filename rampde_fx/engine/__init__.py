@@ -7,6 +7,8 @@ grids, internal time, output placement), ``step`` (the mixed-precision RK step, 
 steps), ``rng`` (generator states replayed in recomputation), ``callbacks`` (torchdiffeq's step
 callbacks), ``controllers`` (where to step: a fixed grid, or adaptive control with its measured
 rounding floor), ``arguments`` (checks of numbers and tensors that ``plan`` and the controllers
-share), ``plan`` (a validated solve: :func:`~rampde_fx.engine.plan.prepare_solve`) and
-``integrate`` (the forward loop). The engine knows nothing of the compiler stack.
+share), ``plan`` (a validated solve: :func:`~rampde_fx.engine.plan.prepare_solve`), ``schedule``
+(binomial checkpointing: which step starts a ``Budget`` keeps), ``checkpoints`` (what a solve
+keeps for its backward pass, and every step's start rebuilt from it) and ``integrate`` (the
+forward loop). The engine knows nothing of the compiler stack.
 """

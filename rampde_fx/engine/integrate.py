@@ -2,11 +2,13 @@
 
 The loop asks the plan's controller (:mod:`rampde_fx.engine.controllers`) for an attempt,
 takes the step (by the stepper, or its executor), lets the controller judge it, and on
-acceptance keeps the step's start as a low-precision checkpoint, writes the outputs the step
-reaches (interpolated inside it) and records the step for the backward pass: its times, its
-outputs, its first stage's nudge, the values of the buffers its evaluations change in place,
-and the generator state it drew from where the velocity draws random numbers on a fixed grid
-(adaptive steps are not replayed: a warning says so).
+acceptance hands the step's start to the checkpoint store (``checkpoints``: every one in the
+low dtype, or those a budget keeps), writes the outputs the step reaches (interpolated inside
+it) and records the step for the backward pass: its times, its outputs, its first stage's nudge
+and, for the steps whose start is kept, what it found: the values of the buffers its
+evaluations change in place, and the generator state it drew from where the velocity draws
+random numbers on a fixed grid (adaptive steps are not replayed: a warning says so; their
+buffer values are recorded for every step, since rejected attempts change them too).
 """
 from __future__ import annotations
 
@@ -15,64 +17,45 @@ import warnings
 import torch
 
 from ..capture import State
-from .plan import SolvePlan
-from .rng import RngState, rng_state
+from .checkpoints import checkpoint_store
+from .plan import SolvePlan, StepContext
+from .rng import rng_state
 
 
-class BufferHistory:
-    """The values that a velocity's buffers had at the start of each accepted step, for those
-    its evaluations change in place (a power iteration's vectors; found by their version
-    counters on the first attempt): the backward pass re-runs each step with them, so it sees
-    what the forward step saw."""
+class ContextRecorder:
+    """Records what accepted steps found besides their states (:class:`StepContext`): the
+    generator state each drew from, where the velocity draws random numbers on a fixed grid,
+    and the values of the buffers that its evaluations change in place (a power iteration's
+    vectors; found by their version counters on the first attempt), for the steps the caller
+    wants."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._tensors = tensors
-        self._changed: list[str] | None = None  # unknown before the first attempt
-        self.per_step: list[dict[str, torch.Tensor]] = []
+    def __init__(self, buffers: dict[str, torch.Tensor], device: torch.device,
+                 draws: bool) -> None:
+        self._buffers, self._device, self._draws = buffers, device, draws
+        self._changed: list[str] | None = None if buffers else []  # None: not yet known
+        self.contexts: dict[int, StepContext] = {}
 
-    def before_attempt(self) -> None:
-        names = self._tensors if self._changed is None else self._changed
-        self._pending = {name: self._tensors[name].clone() for name in names}
-        self._versions = {name: x._version for name, x in self._tensors.items()}
+    def before_attempt(self, wanted: bool) -> None:
+        """Before an attempt at a step whose context is ``wanted`` (the first attempt's
+        buffers are copied all the same, to find those that change)."""
+        if self._changed is None:  # the first attempt: copy every buffer, to find those that change
+            self._versions = {name: x._version for name, x in self._buffers.items()}
+            names = list(self._buffers)
+        else:
+            names = self._changed if wanted else []
+        self._pending = StepContext(rng_state(self._device) if self._draws and wanted else None,
+                                    {name: self._buffers[name].clone() for name in names})
 
-    def after_attempt(self, accepted: bool) -> None:
+    def after_attempt(self, step: int, accepted: bool, wanted: bool) -> None:
+        """After the attempt: records its context as step ``step``'s where accepted and
+        wanted."""
         if self._changed is None:
-            self._changed = [name for name, x in self._tensors.items()
+            self._changed = [name for name, x in self._buffers.items()
                              if x._version != self._versions[name]]
-            self._pending = {name: self._pending[name] for name in self._changed}
-        if accepted:
-            self.per_step.append(self._pending)
-
-    def result(self) -> list[dict[str, torch.Tensor]] | None:
-        return self.per_step if self._changed else None
-
-
-class CheckpointStore:
-    """The state at each accepted step's start, in the plan's checkpoint dtypes: written into
-    tensors allocated once where the number of steps is known, else collected and stacked."""
-
-    def __init__(self, y0: State, dtypes: tuple[torch.dtype, ...], steps: int | None) -> None:
-        self._y0, self._dtypes = y0, dtypes
-        self._count = 0
-        self._stores: list[torch.Tensor] | list[list[torch.Tensor]] = (
-            [[] for _ in y0] if steps is None else
-            [torch.empty((steps, *c.shape), dtype=d, device=c.device) for c, d in zip(y0, dtypes)])
-        self._preallocated = steps is not None
-
-    def append(self, y: State) -> None:
-        for store, c, d in zip(self._stores, y, self._dtypes):
-            if self._preallocated:
-                store[self._count] = c
-            else:
-                store.append(c.detach().to(d))
-        self._count += 1
-
-    def tensors(self) -> list[torch.Tensor]:
-        if self._preallocated:
-            return list(self._stores)
-        return [torch.stack(store) if store else
-                torch.empty((0, *c.shape), dtype=d, device=c.device)
-                for store, c, d in zip(self._stores, self._y0, self._dtypes)]
+        if accepted and wanted and (self._draws or self._changed):
+            rng, buffers = self._pending.rng, self._pending.buffers
+            self.contexts[step] = StepContext(
+                rng, {name: buffers[name] for name in self._changed} if self._changed else None)
 
 
 def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tensor,
@@ -95,29 +78,28 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
                       "recomputes the steps with new draws, so gradients do not match the "
                       "forward's; use a fixed-grid method, or eval() mode.", RuntimeWarning,
                       stacklevel=5)
-    rng_states: list[RngState] | None = [] if replay and not controller.adaptive else None
-    checkpoints = CheckpointStore(y0, plan.checkpoint_dtypes, controller.known_steps) \
-        if keep_checkpoints else None
+    checkpoints = checkpoint_store(plan, y0) if keep_checkpoints else None
     mutable = velocity.mutable_tensors() if keep_checkpoints else {}
-    buffers = BufferHistory(mutable) if mutable else None
+    draws = replay and not controller.adaptive
+    recorder = ContextRecorder(mutable, grid.device, draws) if mutable or draws else None
     grid_values, outputs_per_step, start_nudges = [time_values[0]], [], []
     controller.start(stepper, stats, y0, grid, times, time_values)
     y = y0
     while (attempt := controller.attempt(y)) is not None:
-        if rng_states is not None:
-            rng_states.append(rng_state(grid.device))
-        if buffers is not None:
-            buffers.before_attempt()
+        step = len(outputs_per_step)
+        wanted = recorder is not None and (controller.adaptive or checkpoints.keeps(step))
+        if recorder is not None:
+            recorder.before_attempt(wanted)
         y1, stages = stepper.take_step(
             attempt.t0, attempt.t1, y, attempt.first,
             attempt.start_nudge if attempt.first is None else None, attempt.stages_read)
         accepted = controller.judge(attempt, y, y1, stages)
-        if buffers is not None:
-            buffers.after_attempt(accepted)
+        if recorder is not None:
+            recorder.after_attempt(step, accepted, wanted)
         if not accepted:
             continue
         if checkpoints is not None:
-            checkpoints.append(y)
+            checkpoints.append(step, y)
         indices = controller.accept(attempt, y1, stages)
         outputs = stepper.interpolate(attempt.t0, attempt.t1, y, y1, stages,
                                       [(times[j], time_values[j]) for j in indices],
@@ -129,11 +111,11 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
         outputs_per_step.append(indices)
         start_nudges.append(attempt.start_nudge)
         y = y1
-    plan.record_steps(grid_values, outputs_per_step, start_nudges, rng_states,
-                      None if buffers is None else buffers.result())
+    kept, segments = checkpoints.result() if checkpoints is not None else ([], None)
+    plan.record_steps(grid_values, outputs_per_step, start_nudges,
+                      {} if recorder is None else recorder.contexts, segments)
     stats.steps = plan.steps
     stats.nfe_forward = stepper.evaluations
     velocity.advance_counters(stepper.evaluations)
     controller.finish()
-    return solution, checkpoints.tensors() if checkpoints is not None else [], \
-        controller.grid_of(grid_values)
+    return solution, kept, controller.grid_of(grid_values)

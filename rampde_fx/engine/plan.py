@@ -26,6 +26,7 @@ from .controllers.fixed_grid import FixedGridController, SteppingController
 from .events import MAX_FIXED_GRID_EVENT_STEPS, EventController, combine_event_functions
 from .grid import check_grid, internal_time, place_outputs
 from .rng import RngState
+from .schedule import Segment
 from .step import Nudge, StepExecutor, Stepper, all_finite, velocity_time
 from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, UNSUPPORTED_METHODS, ButcherTableau
 
@@ -34,13 +35,29 @@ FIXED_GRID_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb")
 TensorOrTuple = torch.Tensor | tuple[torch.Tensor, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What a forward step found besides its state, for its recomputation.
+
+    Attributes:
+        rng: the generator state it drew from, where the velocity draws random numbers on a
+            fixed grid (adaptive steps are not replayed); else None.
+        buffers: the values of the buffers that its evaluations change in place, by name;
+            None where none does.
+    """
+
+    rng: RngState | None = None
+    buffers: dict[str, torch.Tensor] | None = None
+
+
 @dataclasses.dataclass
 class SolvePlan:
     """The host-side description of one solve (everything that is not a tensor input).
 
     The forward loop (:func:`rampde_fx.engine.integrate.integrate`) records the steps it took
-    (:meth:`record_steps`): their times, the outputs each reaches, their first stages' nudges
-    and, where replayed, their generator states; the backward pass walks them.
+    (:meth:`record_steps`): their times, the outputs each reaches, their first stages' nudges,
+    what the kept ones found (:class:`StepContext`) and, under a budget, the segments the
+    backward pass recomputes; the backward pass walks them.
 
     Attributes:
         config: the precision settings.
@@ -51,6 +68,12 @@ class SolvePlan:
         time_values: the output times (internal time); for an event solve its start and the
             event time (infinite until found).
         stats: what this solve did.
+        contexts: what steps found besides their states, by step, where there is something to
+            replay: every step's with ``checkpoint='steps'``; under a budget those of the kept
+            steps (a re-run step finds the next one's), and every step's buffer values in an
+            adaptive solve (its rejected attempts also change them).
+        segments: under a budget, the kept steps and the states at hand for the steps after
+            each (see :mod:`rampde_fx.engine.schedule`); None where every step is kept.
     """
 
     config: SolveConfig
@@ -63,31 +86,24 @@ class SolvePlan:
     grid_values: list[float] = dataclasses.field(default_factory=list)
     outputs_per_step: list[list[int]] = dataclasses.field(default_factory=list)
     start_nudges: list[Nudge | None] = dataclasses.field(default_factory=list)
-    rng_states: list[RngState] | None = None
-    buffer_values: list[dict[str, torch.Tensor]] | None = None
+    contexts: dict[int, StepContext] = dataclasses.field(default_factory=dict)
+    segments: list[Segment] | None = None
     # The user's velocity, kept alive while this solve and its backward pass can run: the
     # captured velocity holds it weakly (its cache must not keep modules alive).
     func: Any = None
 
     def record_steps(self, grid_values: list[float], outputs_per_step: list[list[int]],
-                     start_nudges: list[Nudge | None], rng_states: list[RngState] | None,
-                     buffer_values: list[dict[str, torch.Tensor]] | None) -> None:
+                     start_nudges: list[Nudge | None], contexts: dict[int, StepContext],
+                     segments: list[Segment] | None) -> None:
         """What the forward loop took: the accepted steps' times, their outputs, their first
-        stages' nudges (None: the stepper's default), their generator states, and the values
-        of the buffers they change in place."""
+        stages' nudges (None: the stepper's default), what they found, and the segments of a
+        budget."""
         self.grid_values, self.outputs_per_step = grid_values, outputs_per_step
-        self.start_nudges, self.rng_states = start_nudges, rng_states
-        self.buffer_values = buffer_values
+        self.start_nudges, self.contexts, self.segments = start_nudges, contexts, segments
 
-    def buffer_values_of(self, step: int) -> dict[str, torch.Tensor] | None:
-        """The values of the buffers that forward step ``step`` found, where steps change
-        them in place."""
-        return None if self.buffer_values is None else self.buffer_values[step]
-
-    def rng_state_of(self, step: int) -> RngState | None:
-        """What the generators were at the start of forward step ``step``, if the velocity
-        draws random numbers and the grid is fixed (adaptive steps are not replayed)."""
-        return None if self.rng_states is None else self.rng_states[step]
+    def context_of(self, step: int) -> StepContext | None:
+        """What forward step ``step`` found, where recorded."""
+        return self.contexts.get(step)
 
     @property
     def steps(self) -> int:

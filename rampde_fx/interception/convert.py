@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import runtime
-from ..config import SolveConfig, resolve_config
+from ..config import Budget, SolveConfig, resolve_config
 from ..errors import ConversionError
 from ..policy import PrecisionPolicy
 from . import trampolines
@@ -126,7 +126,7 @@ def convert(
     dtype: torch.dtype = torch.bfloat16,
     scaling: str = "auto",
     policy: PrecisionPolicy | None = None,
-    checkpoint: str = "steps",
+    checkpoint: str | Budget = "steps",
     filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
     config: SolveConfig | None = None,
 ) -> torch.nn.Module:
@@ -142,8 +142,8 @@ def convert(
         scaling: adjoint scaling of every converted solve: 'auto', 'dynamic' or 'none'.
         policy: the precision policy of the velocities; default
             :data:`rampde_fx.DEFAULT_POLICY`.
-        checkpoint: 'steps' or 'stages', for every converted solve (see
-            :func:`rampde_fx.odeint`).
+        checkpoint: 'steps', 'stages' or a :class:`rampde_fx.Budget`, for every converted
+            solve (see :func:`rampde_fx.odeint`).
         filter_fn: ``filter_fn(module, qualified_name) -> bool`` is called once per solve, when
             it is first met, with the module whose forward makes it and that module's name in
             ``model`` ('' for ``model`` itself); solves for which it returns False run as

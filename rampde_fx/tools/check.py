@@ -49,6 +49,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ..api import odeint
+from ..config import Budget
 from ..interception import trampolines
 from ..interception.convert import convert
 from ..interception.sites import sites_of
@@ -177,6 +178,7 @@ class CheckReport:
         notes: what else a reader should know (solves that run eagerly, ops that run in
             float32 for want of a low-precision kernel...).
         seconds: how long the check took.
+        checkpoint: the ``checkpoint`` of the converted solves measured (and suggested).
     """
 
     model: str
@@ -190,6 +192,7 @@ class CheckReport:
     suggested_error: float
     notes: tuple[str, ...]
     seconds: float
+    checkpoint: str | Budget = "steps"
 
     def __str__(self) -> str:
         return self.format()
@@ -225,6 +228,7 @@ def check(
     target: float = DEFAULT_TARGET,
     repeats: int = 3,
     verbose: bool | None = None,
+    checkpoint: str | Budget = "steps",
 ) -> CheckReport:
     """Measure how low precision changes ``model``'s outputs and gradients, and which
     operations of its velocities matter; suggest a dtype and a policy for
@@ -244,6 +248,8 @@ def check(
             fewer once they took two seconds.
         verbose: progress lines on stderr: True always, False never, None (default) once the
             check has run for a few seconds.
+        checkpoint: the ``checkpoint`` of the converted solves (see :func:`rampde_fx.convert`):
+            with a :class:`rampde_fx.Budget`, "kept for backward" is what the budget keeps.
 
     Returns:
         A :class:`CheckReport`; ``print(report)`` shows it, and
@@ -267,7 +273,7 @@ def check(
         raise ValueError(f"rampde_fx.check: repeats must be at least 1, got {repeats}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
         else tuple(example_inputs)
-    checker = _Checker(model, inputs, loss_fn, repeats, _Progress(verbose))
+    checker = _Checker(model, inputs, loss_fn, repeats, _Progress(verbose), checkpoint)
     return checker.report(dtypes, target)
 
 
@@ -332,7 +338,7 @@ class _Checker:
 
     def __init__(self, model: torch.nn.Module, inputs: tuple[Any, ...],
                  loss_fn: Callable[[Any], torch.Tensor] | None, repeats: int,
-                 progress: _Progress) -> None:
+                 progress: _Progress, checkpoint: str | Budget) -> None:
         self.model_name = type(model).__qualname__
         self.work = copy.deepcopy(model)  # converted copies share its parameters and buffers
         self.inputs = inputs
@@ -341,6 +347,7 @@ class _Checker:
                      else "loss_fn")
         self.repeats = repeats
         self.progress = progress
+        self.checkpoint = checkpoint
         self.names = [n for n, p in self.work.named_parameters() if p.requires_grad]
         self.buffers = [(b, b.detach().clone()) for b in self.work.buffers()]
         self.devices = sorted({p.device for p in self.work.parameters() if p.device.type == "cuda"},
@@ -422,7 +429,7 @@ class _Checker:
             self.progress(f"{_short(dtype)}{kept}, {where} converted")
             only = None if qualname is None else (lambda module, name: name == qualname)
             model = convert(self.work, dtype=dtype, policy=DEFAULT_POLICY.with_full_ops(key[1]),
-                            filter_fn=only)
+                            checkpoint=self.checkpoint, filter_fn=only)
             self.converted_runs[key] = (self.measure(model, _short(dtype), timed=timed), model)
         return self.converted_runs[key]
 
@@ -468,7 +475,8 @@ class _Checker:
                               search.found_error)
                 break
         return CheckReport(self.model_name, self.loss, len(self.names), target, tuple(scopes),
-                           tuple(searches), *suggestion, tuple(notes), self.progress.elapsed())
+                           tuple(searches), *suggestion, tuple(notes), self.progress.elapsed(),
+                           self.checkpoint)
 
     def _search(self, dtype: torch.dtype, target: float) -> OpSearch:
         """Which ops matter in ``dtype``: each alone in float32, then, where the default policy
@@ -629,4 +637,9 @@ def _suggestion_lines(report: CheckReport, what: str) -> list[str]:
         why = (f"suggested: {dtype} with the default policy: {what} "
                f"{report.suggested_error:.1e}, within the target {report.target:.1e}")
         code = f"mp = rampde_fx.convert(model, dtype=torch.{dtype})"
+    if report.checkpoint != "steps":
+        checkpoint = report.checkpoint
+        given = f"rampde_fx.Budget({checkpoint.states})" if isinstance(checkpoint, Budget) \
+            else repr(checkpoint)
+        code = f"{code[:-1]}, checkpoint={given})"
     return [*_prose(why), f"  {code}"]

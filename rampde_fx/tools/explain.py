@@ -94,8 +94,11 @@ def explain(converted: Any) -> str:
     for index, site in enumerate(record.sites):
         lines.append("")
         lines.append(f"solve {index}: {site}")
+        config = site.config
         if site.source.endswith("odeint_adjoint"):
-            lines.append(f"  becomes the discrete adjoint, one {dtype} checkpoint per step")
+            kept = f"one {dtype} checkpoint per step" if config.budget is None else \
+                f"at most {config.budget} states kept, the other steps recomputed"
+            lines.append(f"  becomes the discrete adjoint, {kept}")
         if site.is_event_solve:
             through = ("with gradients through the event time by the implicit function theorem"
                        if site.source.endswith("odeint_event") else
@@ -106,9 +109,10 @@ def explain(converted: Any) -> str:
         if site.dropped:
             lines.append(f"  arguments not passed on: {', '.join(site.dropped)}")
         lines.append(f"  velocity: {site.velocity}")
-        config = site.config
+        checkpoint = "" if config.checkpoint == "steps" else f", checkpoint: {config.checkpoint!r}"
         lines.append(f"  dtype: {_short(config.dtype)}, scaling: {config.scaling}, "
-                     f"policy: {'default' if config.policy == DEFAULT_POLICY else 'custom'}")
+                     f"policy: {'default' if config.policy == DEFAULT_POLICY else 'custom'}"
+                     f"{checkpoint}")
         stats = site.last_stats
         if stats is None:
             lines.append("  not run yet: no call of this solve has completed")
