@@ -31,21 +31,7 @@ import torchdiffeq
 from torch import nn
 
 import rampde_fx
-from ode_models import rel_err
-
-
-class VelocityNet(nn.Module):
-    """``v(t, x)``: a ``dim + 1 -> width -> width -> dim`` SiLU MLP on ``(x, t)``."""
-
-    def __init__(self, dim: int = 2, width: int = 64) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width),
-                                 nn.SiLU(), nn.Linear(width, dim))
-
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # t: one time for the batch (a solver's) or one per sample (training)
-        t = t.reshape(-1, 1).expand(x.shape[0], 1)
-        return self.net(torch.cat([x, t], dim=1))
+from ode_models import FlowMLPVelocity, rel_err
 
 
 def two_moons(n: int, generator: torch.Generator, noise: float = 0.08) -> torch.Tensor:
@@ -58,7 +44,7 @@ def two_moons(n: int, generator: torch.Generator, noise: float = 0.08) -> torch.
     return points + noise * torch.randn(n, 2, generator=generator)
 
 
-def train(model: VelocityNet, iters: int, batch: int) -> float:
+def train(model: FlowMLPVelocity, iters: int, batch: int) -> float:
     """Conditional flow matching in float32; returns milliseconds per iteration."""
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iters)
@@ -163,7 +149,7 @@ def main() -> None:
                         help="where to save the PNG ('' for none)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = VelocityNet()
+    model = FlowMLPVelocity()
     print(f"training v(t, x) by conditional flow matching in float32, batch {args.batch}:")
     ms_per_iter = train(model, args.iters, args.batch)
     print(f"  {ms_per_iter:.2f} ms/iter")

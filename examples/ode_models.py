@@ -4,7 +4,10 @@ Shared by the examples and by ``benchmarks/run.py`` so that both exercise the sa
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torchdiffeq
 from torch import nn
 
 
@@ -51,11 +54,12 @@ class ConvBlockVelocity(nn.Module):
 
 
 class ConcatConv2d(nn.Module):
-    """ODE-Net's 3x3 convolution that sees the time as an extra input channel."""
+    """ODE-Net's 3x3 convolution that sees the time as an extra input channel
+    (``channels -> out_channels``, by default ``channels``)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, out_channels: int | None = None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels + 1, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels + 1, out_channels or channels, 3, padding=1)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         time_channel = torch.ones_like(x[:, :1]) * t
@@ -105,3 +109,96 @@ class HyperCNFVelocity(nn.Module):
             divergence = sum(torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0][:, i]
                              for i in range(self.dim))
         return dz, -divergence.view(-1, 1)
+
+
+class FlowMLPVelocity(nn.Module):
+    """Flow-matching velocity ``v(t, x)``: a ``dim + 1 -> width -> width -> dim`` SiLU MLP on
+    ``(x, t)``."""
+
+    def __init__(self, dim: int = 2, width: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width),
+                                 nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # t: one time for the batch (a solver's) or one per sample (training)
+        t = t.reshape(-1, 1).expand(x.shape[0], 1)
+        return self.net(torch.cat([x, t], dim=1))
+
+
+class FlowConvVelocity(nn.Module):
+    """Flow-matching velocity on images: three time-channel 3x3 convolutions,
+    ``channels -> width -> width -> channels``, with SiLU between them."""
+
+    def __init__(self, channels: int = 1, width: int = 32) -> None:
+        super().__init__()
+        self.conv1 = ConcatConv2d(channels, width)
+        self.conv2 = ConcatConv2d(width)
+        self.conv3 = ConcatConv2d(width, channels)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.silu(self.conv1(t, x))
+        x = nn.functional.silu(self.conv2(t, x))
+        return self.conv3(t, x)
+
+
+class DivergenceVelocity(nn.Module):
+    """The log-density ODE of a flow ``v(t, x)`` on ``(x, logp)``: ``(v, div v)``, the
+    divergence by exact trace (one ``torch.autograd.grad`` per dimension of a sample) or, with
+    ``noise`` (the shape of ``x``, drawn once), Hutchinson's estimate ``noise . (dv/dx) noise``
+    (one ``torch.autograd.grad`` in all). Integrated from data at t=1 to noise at t=0, ``logp``
+    accumulates ``log p(x) - log N(z)`` (see :func:`log_density`)."""
+
+    def __init__(self, velocity: nn.Module, noise: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.velocity = velocity
+        self.register_buffer("noise", noise)
+
+    def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, _ = state
+        # dv/dx, also when the solve itself runs without autograd (sampling, evaluation)
+        with torch.enable_grad():
+            x = x.requires_grad_(True)
+            v = self.velocity(t, x)
+            if self.noise is None:
+                flat_v = v.flatten(1)
+                divergence = sum(
+                    torch.autograd.grad(flat_v[:, i].sum(), x, create_graph=True)[0]
+                    .flatten(1)[:, i] for i in range(flat_v.shape[1]))
+            else:
+                vjp, = torch.autograd.grad(v, x, self.noise, create_graph=True)
+                divergence = (vjp * self.noise).flatten(1).sum(1)
+        return v, divergence.view(-1, 1)
+
+
+def log_density(solution: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``log p(x)`` per sample from the solution of a :class:`DivergenceVelocity` from t=1 to
+    t=0: the standard normal's log-density at the end point plus the accumulated divergence."""
+    z, integral = solution[0][-1].flatten(1), solution[1][-1].view(-1)
+    return -0.5 * z.square().sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi) + integral
+
+
+class ODERNN(nn.Module):
+    """ODE-RNN (Rubanova et al., 2019) over irregular observation times: a GRU cell updates the
+    hidden state with each observation, a readout maps it to an output, and between
+    consecutive times the hidden state evolves by an ODE solve of a tanh-MLP velocity (one
+    ``torchdiffeq.odeint`` call per interval, with ``solver``'s method and options)."""
+
+    def __init__(self, dim: int, hidden: int, width: int, solver: dict) -> None:
+        super().__init__()
+        self.func = MLPVelocity(hidden, width)
+        self.cell = nn.GRUCell(dim, hidden)
+        self.readout = nn.Linear(hidden, dim)
+        self.solver = solver
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Outputs ``(len(t), batch, dim)`` for observations ``x`` ``(batch, len(t), dim)``."""
+        h = x.new_zeros(x.shape[0], self.cell.hidden_size)
+        outputs = []
+        for i in range(len(t)):
+            if i > 0:
+                h = torchdiffeq.odeint(self.func, h, t[i - 1:i + 1], **self.solver)[-1]
+            h = self.cell(x[:, i], h)
+            outputs.append(self.readout(h))
+        return torch.stack(outputs)

@@ -135,6 +135,33 @@ def test_benchmark_cnf_and_adaptive(tmp_path):
 
 
 @pytest.mark.slow
+def test_benchmark_inference_and_odernn(tmp_path):
+    report = benchmark(tmp_path, "sample", "likelihood", "odernn")["workloads"]
+    inference = report["sample"] + report["likelihood"]
+    tables = {row["table"] for row in inference}
+    assert len(tables) == 5 and len(inference) == 5 * 5
+    for table in tables:
+        rows = {row["variant"]: row for row in inference if row["table"] == table}
+        assert not any("skipped" in row for row in rows.values()), table
+        assert all(row["median_ms"] > 0 and "grad_err" not in row and "saved_MiB" not in row
+                   for row in rows.values()), table
+        # fixed grids: float32 at roundoff; dopri5 at 1e-3 against a float64 solve at 1e-8
+        assert rows["torchdiffeq fp32"]["output_err"] < (1e-3 if "dopri5" in table else 1e-5)
+        ours = rows["rampde_fx bf16"]["output_err"]
+        assert ours < BF16_GRAD_BOUND, table
+        # the scope converts the torchdiffeq call into the same solve
+        assert rows["rampde_fx.mixed_precision bf16"]["output_err"] == pytest.approx(ours)
+        assert rows["rampde_fx bf16 compiled"]["output_err"] < 1.5 * ours, table
+    rows = {row["variant"]: row for row in report["odernn"]}
+    assert len(rows) == 4 and not any("skipped" in row for row in rows.values())
+    ours, compiled = rows["rampde_fx bf16 convert"], rows["rampde_fx bf16 convert compiled"]
+    assert ours["grad_err"] < min(BF16_GRAD_BOUND, rows["torchdiffeq autocast bf16"]["grad_err"])
+    assert compiled["grad_err"] == pytest.approx(ours["grad_err"], rel=0.5)
+    assert 0 < ours["saved_MiB"] < rows["torchdiffeq fp32"]["saved_MiB"]
+    assert compiled["first_call_s"] > ours["first_call_s"] > 0
+
+
+@pytest.mark.slow
 def test_adaptive_step_counts():
     out = run("benchmarks/adaptive_steps.py", "--channels", "8", "--size", "8", "--batch", "2")
     rows = {tuple(line.split()[:3]): line for line in out.splitlines()}
