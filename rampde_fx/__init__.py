@@ -13,6 +13,7 @@ every piece of process-wide state live in :mod:`rampde_fx.runtime`.
 """
 from .api import odeint, odeint_event
 from .config import Budget, SolveConfig
+from .engine.plan import METHODS
 from .engine.tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, ButcherTableau
 from .errors import CaptureWarning, ConversionError, ToleranceWarning
 from .interception.convert import convert
@@ -25,7 +26,7 @@ from .tools.explain import conversion_diff, explain, graph_diff
 __all__ = [
     "ADAPTIVE_TABLEAUS", "Budget", "ButcherTableau", "CaptureWarning", "CheckReport",
     "ConversionError",
-    "DEFAULT_POLICY", "FIXED_GRID_TABLEAUS", "Precision", "PrecisionPolicy", "SolveConfig",
+    "DEFAULT_POLICY", "FIXED_GRID_TABLEAUS", "METHODS", "Precision", "PrecisionPolicy", "SolveConfig",
     "SolveStats", "ToleranceWarning", "VelocityKind", "check", "collect_stats",
     "conversion_diff", "convert", "explain", "graph_diff", "mixed_precision", "odeint",
     "odeint_event",

@@ -59,11 +59,14 @@ def odeint(
         method: an adaptive method, 'dopri5' (the default, as in torchdiffeq), 'tsit5'
             (Tsitouras 5(4)), 'bosh3', 'fehlberg2', 'adaptive_heun' or 'dopri8'; or a
             fixed-grid method, 'euler', 'midpoint', 'heun2', 'heun3', 'ralston', 'rk4'
-            (torchdiffeq's 3/8 rule) or 'rk4_classic'.
+            (torchdiffeq's 3/8 rule) or 'rk4_classic'; or a fixed-grid Adams method,
+            'explicit_adams' or 'implicit_adams' (also named 'fixed_adams'), whose corrector
+            stops where two iterates agree to ``rtol``/``atol``.
         options: a dict, as in torchdiffeq; its numbers are Python numbers or one-element
             tensors. Fixed grids: 'step_size' (or 'grid_constructor(func, y0, t) -> grid'),
             'interp' ('linear' or 'cubic') and 'perturb'; without a step size the grid is
-            ``t``. Adaptive methods: 'first_step', 'safety', 'ifactor', 'dfactor',
+            ``t``. Adams methods also take 'max_order' (2 to 12, default 12) and 'max_iters'
+            (corrector evaluations per step, default 4). Adaptive methods: 'first_step', 'safety', 'ifactor', 'dfactor',
             'max_num_steps', 'step_t', 'jump_t', 'min_step', 'max_step', 'norm' (and 'dtype',
             which has no effect: their times are float64 on the host).
         dtype: the velocity's precision: torch.bfloat16 (default), torch.float16, or

@@ -45,7 +45,8 @@ class MethodODE(torch.nn.Module):
                                 options={"step_size": 0.2, "interp": "cubic"})[-1]
 
 
-@pytest.mark.parametrize("method", list(rampde_fx.FIXED_GRID_TABLEAUS))
+@pytest.mark.parametrize("method", [*rampde_fx.FIXED_GRID_TABLEAUS, "explicit_adams",
+                                    "implicit_adams"])
 def test_every_method_compiles_as_one_graph(method, cheap_steps):
     torch.manual_seed(0)
     model = MethodODE(method)

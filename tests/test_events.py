@@ -24,6 +24,9 @@ SOLVES = {
     "rk4": {"method": "rk4", "options": {"step_size": 0.05}, "atol": 1e-7},
     "cubic": {"method": "midpoint", "options": {"step_size": 0.05, "interp": "cubic"},
               "atol": 1e-7},
+    "explicit_adams": {"method": "explicit_adams", "options": {"step_size": 0.05}, "atol": 1e-7},
+    "implicit_adams": {"method": "implicit_adams", "options": {"step_size": 0.05},
+                       "rtol": 1e-5, "atol": 1e-7},
 }
 # float32 mode against torchdiffeq: (outputs, gradients). Fixed grids: float32's resolution of
 # a step, whose ends are float32 times in both solvers (torchdiffeq's event steps add the exact
@@ -31,7 +34,8 @@ SOLVES = {
 # Adaptive methods: both solvers choose the steps from error estimates near float32 rounding,
 # and torchdiffeq's gradients also differentiate its step-size controller (as in
 # tests/test_adaptive.py).
-FP32_TOLERANCE = {"dopri5": (1e-5, 1e-4), "rk4": (5e-6, 5e-6), "cubic": (5e-6, 5e-6)}
+FP32_TOLERANCE = {"dopri5": (1e-5, 1e-4), "rk4": (5e-6, 5e-6), "cubic": (5e-6, 5e-6),
+                  "explicit_adams": (5e-6, 5e-6), "implicit_adams": (5e-6, 5e-6)}
 
 
 class BouncingBall(nn.Module):
@@ -103,7 +107,7 @@ def test_bouncing_ball_float32_matches_torchdiffeq(solve):
     assert rel_err(ours[2], exact[2]) < 2 * rel_err(theirs[2], exact[2]) + tolerance
 
 
-@pytest.mark.parametrize("solve", ["rk4", "cubic"])
+@pytest.mark.parametrize("solve", ["rk4", "cubic", "explicit_adams", "implicit_adams"])
 def test_bouncing_ball_float64_mode_is_torchdiffeq(solve):
     """With no low precision, a fixed-grid event solve is torchdiffeq's, operation for
     operation: the same steps, bisection and implicit-function-theorem gradients, to float64

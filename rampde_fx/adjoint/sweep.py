@@ -20,6 +20,7 @@ target, so the number of host synchronisations per backward pass does not grow w
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 from typing import Sequence
 
@@ -100,6 +101,10 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
     wanted_tensors = [velocity_tensors[i] for i in wants.tensors]
     kernel_tensors = _executor_positions(stepper, velocity_tensors, wants.tensors)
     evaluations_before = stepper.evaluations
+    # A multistep method's steps read earlier steps' derivatives: the cotangent of each
+    # step's derivative f_n, gathered from the later steps that read it (see engine.adams).
+    derivative_cotangents: dict[int, tuple[torch.Tensor, ...]] = {}
+    carried = n * (stepper.checkpoint_width - 1)
 
     for step, start in step_starts(plan, checkpoints, grid, times):
         indices = plan.outputs_per_step[step]
@@ -112,6 +117,9 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
                 cotangents = [a + g[j] for a, g in zip(cotangents, solution_grads)]
         else:
             cotangents = list(adjoint) + [solution_grads[c][j] for j in indices for c in range(n)]
+        if stepper.multistep:
+            cotangents += derivative_cotangents.pop(step, None) or [
+                torch.zeros_like(a) for a in adjoint]
         for attempt in range(MAX_FIRST_STEP_RETRIES + 1):
             scale = scaler.scale_for(cotangents) if scaler is not None else None
             if fused:
@@ -132,6 +140,14 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
             scaler.assume_more_gain()
             plan.stats.scale_retries += 1
         adjoint = [a.detach() for a in results[:n]]
+        if carried:
+            sums_grads = [torch.zeros_like(c) if g is None else g
+                          for g, c in zip(results[-carried:], start.state[n:])]
+            results = results[:-carried]
+            for earlier, cotangent in stepper.carried_cotangents(step, sums_grads):
+                found = derivative_cotangents.get(earlier)
+                derivative_cotangents[earlier] = cotangent if found is None else tuple(
+                    a + b for a, b in zip(found, cotangent))
         rest = results[n:]
         for i, r in zip(wants.tensors, rest[:len(wants.tensors)]):
             if r is not None:
@@ -196,20 +212,31 @@ def _recomputed_step(plan: SolvePlan, step: int, grid: torch.Tensor, times: torc
     stepper = plan.stepper
     indices = plan.outputs_per_step[step]
     with torch.enable_grad(), replaying(plan, start.context, grid.device):
-        y_start = tuple(c.to(d).detach().requires_grad_()
-                        for c, d in zip(start.state, state_dtypes))
+        n = plan.n_components
+        # The start, then (multistep) the sums of earlier derivatives that the step read.
+        leaves = [c.to(d).detach().requires_grad_()
+                  for c, d in zip(start.state, itertools.cycle(state_dtypes))]
+        y_start, sums = tuple(leaves[:n]), tuple(leaves[n:])
         t0 = grid[step].detach().requires_grad_(wants.grid)
         t1 = grid[step + 1].detach().requires_grad_(wants.grid)
         output_times = [(times[j].detach().requires_grad_(wants.times), plan.time_values[j])
                         for j in indices]
-        y_end, outputs = stepper.advance(t0, t1, y_start, output_times, plan.grid_values[step],
-                                         plan.grid_values[step + 1], plan.start_nudge(step))
-        produced = list(y_end) + [c for value in outputs for c in value]
+        values = (plan.grid_values[step], plan.grid_values[step + 1])
+        if stepper.multistep:  # also the step's derivative, which later steps read
+            y_end, stages = stepper.recompute(step, t0, t1, y_start, sums,
+                                              plan.start_nudge(step))
+            outputs = stepper.interpolate(t0, t1, y_start, y_end, stages, output_times, *values)
+            derivative = list(stages[0])
+        else:
+            y_end, outputs = stepper.advance(t0, t1, y_start, output_times, *values,
+                                             plan.start_nudge(step))
+            derivative = []
+        produced = list(y_end) + [c for value in outputs for c in value] + derivative
         inputs = [*y_start, *wanted_tensors]
         inputs += [t0, t1] if wants.grid else []
         inputs += [t for t, _ in output_times] if wants.times else []
+        inputs += list(sums)
         scaled = vector_jacobian_product(produced, inputs, cotangents, scale)
     results = scaled if scale is None else [None if r is None else r / scale for r in scaled]
-    n = plan.n_components
     results[:n] = [torch.zeros_like(y) if r is None else r for r, y in zip(results[:n], y_start)]
     return results, scaled

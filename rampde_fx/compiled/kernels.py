@@ -18,8 +18,9 @@ recompilation limit never counts kernels. Each kernel is compiled per input sign
 them with the velocity (and the capture cache drops the velocity with its class); each solve
 runs them on its own tensors.
 
-Only velocities that are one graph of plain ops get kernels: an eager fallback, graphs per time
-value, or random draws (replayed from the generators of eager kernels) run as they are.
+Only Runge-Kutta steps of velocities that are one graph of plain ops get kernels: an eager
+fallback, graphs per time value, random draws (replayed from the generators of eager kernels)
+and the Adams methods' steps (which read earlier steps' derivatives) run as they are.
 """
 from __future__ import annotations
 
@@ -177,7 +178,8 @@ def kernels_for(stepper: Stepper, dtype: torch.dtype, device: torch.device,
     graph of plain ops (see the module docstring). ``transform`` changes the velocity's graph
     for this device's kernels (see ``passes.cpu``)."""
     velocity = stepper.velocity
-    if not isinstance(velocity, GraphVelocity) or velocity.time_indexed or velocity.draws_random:
+    if (not isinstance(velocity, GraphVelocity) or velocity.time_indexed
+            or velocity.draws_random or stepper.multistep):
         return None
     per_velocity = runtime.STEP_KERNELS.setdefault(velocity.base, {})
     key = (stepper.tableau, stepper.start_nudge, stepper.end_nudge, stepper.time_sign,

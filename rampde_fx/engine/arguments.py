@@ -49,3 +49,20 @@ def real_number(name: str, value: Any, *,
             (sign, sign != "any"), ("finite", finite and not whole), ("whole", whole)) if wanted)
         raise ValueError(f"{name} must be a {kind} number, got {number:g}")
     return number
+
+
+def per_component(name: str, value: Any, is_tuple: bool,
+                  components: int) -> tuple[float, ...]:
+    """A tolerance per state component: one number for all, or, as torchdiffeq takes them, a
+    sequence (for a tuple state also a 1-D tensor) of one per component."""
+    sequence = isinstance(value, (tuple, list)) or (
+        is_tuple and isinstance(value, torch.Tensor) and value.dim() == 1)
+    values = list(value) if sequence else [value] * components
+    if len(values) != components:
+        raise ValueError(f"{name} has {len(values)} entries for a state of {components} "
+                         "components")
+    if any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in values):
+        raise NotImplementedError(f"{name} has a tensor of several elements: rampde_fx takes "
+                                  "one tolerance per state component, not one per element")
+    return tuple(real_number(f"{name}[{i}]" if sequence else name, v)
+                 for i, v in enumerate(values))

@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import torch
 
-from .tableaus import ButcherTableau
 
 CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
 
@@ -49,7 +48,7 @@ class StepCallbacks:
             callback(-t0 if self.time_sign < 0 else t0, y if self.is_tuple else y[0], dt)
 
 
-def find_callbacks(func: Any, tableau: ButcherTableau, is_tuple: bool,
+def find_callbacks(func: Any, method: str, adaptive: bool, is_tuple: bool,
                    reverse: bool) -> StepCallbacks:
     """The callbacks ``func`` defines; those the method does not call (a fixed grid only
     calls ``callback_step``) are left out with torchdiffeq's warning."""
@@ -60,10 +59,10 @@ def find_callbacks(func: Any, tableau: ButcherTableau, is_tuple: bool,
     if adjoint:
         warnings.warn(f"rampde_fx does not call {adjoint}: its backward pass recomputes the "
                       "accepted steps, it solves no adjoint ODE", stacklevel=4)
-    supported = CALLBACK_NAMES if tableau.adaptive else CALLBACK_NAMES[:1]
+    supported = CALLBACK_NAMES if adaptive else CALLBACK_NAMES[:1]
     unsupported = sorted(set(found) - set(supported))
     if unsupported:
-        warnings.warn(f"Solver {tableau.name!r} does not support callbacks {unsupported}",
+        warnings.warn(f"Solver {method!r} does not support callbacks {unsupported}",
                       stacklevel=4)
     return StepCallbacks({name: found[name] for name in supported if name in found}, is_tuple,
                          -1.0 if reverse else 1.0)

@@ -105,7 +105,8 @@ def checkpoint_store(plan: SolvePlan, y0: State) -> Store:
     """The store of the plan's checkpoint setting."""
     budget, steps = plan.config.budget, plan.controller.known_steps
     if budget is None:
-        return CheckpointStore(y0, plan.checkpoint_dtypes, steps)
+        return CheckpointStore(tuple(y0) * plan.stepper.checkpoint_width,
+                               plan.checkpoint_dtypes, steps)
     return BudgetStore(y0, budget, steps)
 
 

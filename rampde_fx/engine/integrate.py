@@ -84,6 +84,7 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
     recorder = ContextRecorder(mutable, grid.device, draws) if mutable or draws else None
     grid_values, outputs_per_step, start_nudges = [time_values[0]], [], []
     controller.start(stepper, stats, y0, grid, times, time_values)
+    stepper.restart()
     y = y0
     while (attempt := controller.attempt(y)) is not None:
         step = len(outputs_per_step)
@@ -99,7 +100,7 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
         if not accepted:
             continue
         if checkpoints is not None:
-            checkpoints.append(step, y)
+            checkpoints.append(step, stepper.checkpoint_of(y))
         indices = controller.accept(attempt, y1, stages)
         outputs = stepper.interpolate(attempt.t0, attempt.t1, y, y1, stages,
                                       [(times[j], time_values[j]) for j in indices],

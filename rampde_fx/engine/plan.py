@@ -18,10 +18,11 @@ import torch
 from ..capture import capture_velocity, lifted_slots
 from ..config import SolveConfig
 from ..stats import SolveStats, record
-from .arguments import describe, real_number, require_data
+from .adams import ADAMS_METHODS, ADAMS_OPTIONS, AdamsStepper, adams_settings
+from .arguments import describe, per_component, real_number, require_data
 from .callbacks import find_callbacks
 from .controllers import StepController
-from .controllers.adaptive import ADAPTIVE_OPTIONS, adaptive_controller, per_component
+from .controllers.adaptive import ADAPTIVE_OPTIONS, adaptive_controller
 from .controllers.fixed_grid import FixedGridController, SteppingController
 from .events import MAX_FIXED_GRID_EVENT_STEPS, EventController, combine_event_functions
 from .grid import check_grid, internal_time, place_outputs
@@ -29,6 +30,9 @@ from .rng import RngState
 from .schedule import Segment
 from .step import Nudge, StepExecutor, Stepper, all_finite, velocity_time
 from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, UNSUPPORTED_METHODS, ButcherTableau
+
+# Every method, by name: torchdiffeq's, less scipy_solver, and tsit5 and rk4_classic.
+METHODS = (*ADAPTIVE_TABLEAUS, *FIXED_GRID_TABLEAUS, *ADAMS_METHODS)
 
 FIXED_GRID_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb")
 
@@ -64,7 +68,9 @@ class SolvePlan:
         stepper: the method, the velocity and where it is evaluated.
         controller: where to step (a fixed grid, or adaptive control).
         n_components: the number of state components.
-        checkpoint_dtypes: the dtype each component's checkpoints are kept in.
+        checkpoint_dtypes: the dtype of each tensor of a step's checkpoint (its start's
+            components, then those of what else the stepper keeps: see
+            :meth:`Stepper.checkpoint_of`).
         time_values: the output times (internal time); for an event solve its start and the
             event time (infinite until found).
         stats: what this solve did.
@@ -155,7 +161,7 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
     ``bindings``, by qualified name, and the others as its owner holds them now; those that
     require grad and are not among ``adjoint_params`` (where given) detached. With
     ``event_fn``, the solve runs until the event (see :mod:`rampde_fx.engine.events`)."""
-    tableau = _check_method(method)
+    name, tableau = _check_method(method)
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     if event_fn is not None and not callable(event_fn):
@@ -167,7 +173,15 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
     if event_fn is not None and len(times) != 2:
         raise ValueError(f"with event_fn, t must hold two times, as in torchdiffeq: the start and "
                          f"any time in the direction of the solve; got {len(times)}")
-    opts = _check_options(tableau, options)
+    opts = _check_options(name, tableau, options)
+    adams = (adams_settings(name, opts, rtol, atol, is_tuple, len(state))
+             if name in ADAMS_METHODS else None)
+    if adams is not None and config.budget is not None:
+        raise NotImplementedError(
+            f"checkpoint=Budget(n) does not support method {name!r} yet: its steps read the "
+            "derivatives of earlier steps, which a budget's recomputation from a kept state "
+            "would not have. Use checkpoint='steps' (one low-precision state and the sums of "
+            "earlier derivatives per step), or a Runge-Kutta method")
     dtype = config.dtype
 
     perturb = bool(opts.get("perturb", False))
@@ -180,7 +194,7 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         if not start_only:
             check_grid(grid_values, internal_values)
         # Made before the capture, which is the costly part: its options are checked first.
-        callbacks = find_callbacks(func, tableau, is_tuple, reverse)
+        callbacks = find_callbacks(func, name, tableau.adaptive, is_tuple, reverse)
         controller: StepController
         if tableau.adaptive:
             controller = adaptive_controller(tableau, opts, rtol, atol, state, is_tuple, dtype,
@@ -189,7 +203,7 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
             controller = FixedGridController(
                 grid_values, place_outputs(grid_values, internal_values), callbacks)
         else:
-            controller = SteppingController(_event_step_size(tableau, opts),
+            controller = SteppingController(_event_step_size(name, opts),
                                             _event_time_dtype(tableau, state),
                                             MAX_FIXED_GRID_EVENT_STEPS)
         if event_fn is not None:  # the outputs: the start, and the event time when found
@@ -206,15 +220,16 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         velocity = capture_velocity(func, first_time, state, is_tuple, dtype, config.policy,
                                     bindings)
     captured = getattr(velocity, "original_graph_module", None)
-    stats = SolveStats(method=tableau.name, dtype=dtype, scaling=config.dynamic_scaling,
+    stats = SolveStats(method=name, dtype=dtype, scaling=config.dynamic_scaling,
                        velocity=velocity.kind, fallback_reason=velocity.fallback_reason,
                        graph=getattr(velocity, "graph_module", None),
                        captured_code=None if captured is None else captured.code)
     record(stats)
-    stepper = Stepper(velocity, tableau, start_nudge=start_nudge,
-                      end_nudge=Nudge.PREV if perturb or tableau.adaptive else Nudge.NONE,
-                      time_sign=-1.0 if reverse else 1.0,
-                      interp="dense" if tableau.adaptive else opts.get("interp", "linear"))
+    stepper = (Stepper if adams is None else AdamsStepper)(
+        velocity, tableau, start_nudge=start_nudge,
+        end_nudge=Nudge.PREV if perturb or tableau.adaptive else Nudge.NONE,
+        time_sign=-1.0 if reverse else 1.0,
+        interp="dense" if tableau.adaptive else opts.get("interp", "linear"), **(adams or {}))
     if executor_for is not None:
         stepper.executor = executor_for(stepper)
     plan = SolvePlan(
@@ -224,7 +239,7 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         controller=controller,
         n_components=len(state),
         checkpoint_dtypes=tuple(dtype if dtype.itemsize < c.dtype.itemsize else c.dtype
-                                for c in state),
+                                for c in state) * stepper.checkpoint_width,
         time_values=internal_values,
         stats=stats,
     )
@@ -252,24 +267,25 @@ def _event_time_dtype(tableau: ButcherTableau, state: tuple[torch.Tensor, ...]) 
     return functools.reduce(torch.promote_types, (c.dtype for c in state))
 
 
-def _event_step_size(tableau: ButcherTableau, opts: dict[str, Any]) -> float:
+def _event_step_size(method: str, opts: dict[str, Any]) -> float:
     if opts.get("step_size") is None:
-        raise ValueError(f"an event solve with the fixed-grid method {tableau.name!r} needs "
+        raise ValueError(f"an event solve with the fixed-grid method {method!r} needs "
                          "options['step_size'], as in torchdiffeq: its steps go on until the "
                          "event")
     return float(opts["step_size"])
 
 
-def _check_method(method: str | None) -> ButcherTableau:
+def _check_method(method: str | None) -> tuple[str, ButcherTableau]:
+    """The method's name and its tableau (for the Adams methods, that of their first steps)."""
     method = "dopri5" if method is None else method
-    known = {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}
+    known = ", ".join(repr(m) for m in METHODS)
     if method in UNSUPPORTED_METHODS:
         raise NotImplementedError(f"method {method!r} is not supported by rampde_fx; use one of "
-                                  f"{', '.join(repr(m) for m in known)}")
-    if method not in known:
-        raise ValueError(f"unknown method {method!r}; rampde_fx solves with "
-                         f"{', '.join(repr(m) for m in known)}")
-    return known[method]
+                                  f"{known}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; rampde_fx solves with {known}")
+    return method, {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}.get(method,
+                                                                   FIXED_GRID_TABLEAUS["rk4"])
 
 
 def _check_state(y0: Any) -> tuple[bool, tuple[torch.Tensor, ...]]:
@@ -317,18 +333,20 @@ def _check_times(t: Any, device: torch.device) -> torch.Tensor:
     return t
 
 
-def _check_options(tableau: ButcherTableau, options: dict[str, Any] | None) -> dict[str, Any]:
+def _check_options(method: str, tableau: ButcherTableau,
+                   options: dict[str, Any] | None) -> dict[str, Any]:
     """The options, checked here where every method takes them; the adaptive controller
     checks its own (see :func:`~rampde_fx.engine.controllers.adaptive.adaptive_controller`)."""
     if not isinstance(options, (dict, type(None))):
         raise TypeError(f"options must be a dict of option names to values (or None), got "
                         f"{describe(options)}; pass a dict, e.g. options={{'step_size': 0.1}}")
     opts = dict(options or {})
-    allowed = ADAPTIVE_OPTIONS if tableau.adaptive else FIXED_GRID_OPTIONS
+    kind, allowed = ("adaptive", ADAPTIVE_OPTIONS) if tableau.adaptive else \
+        ("Adams", FIXED_GRID_OPTIONS + ADAMS_OPTIONS) if method in ADAMS_METHODS else \
+        ("fixed-grid", FIXED_GRID_OPTIONS)
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
-        kind = "adaptive" if tableau.adaptive else "fixed-grid"
-        raise ValueError(f"method {tableau.name!r} does not take options {unknown}; {kind} "
+        raise ValueError(f"method {method!r} does not take options {unknown}; {kind} "
                          f"methods take {list(allowed)}")
     if opts.get("step_size") is not None and opts.get("grid_constructor") is not None:
         raise ValueError("options step_size and grid_constructor are mutually exclusive")

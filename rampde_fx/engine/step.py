@@ -78,6 +78,22 @@ class Stepper:
     evaluations: int = 0
     executor: StepExecutor | None = None
 
+    # Whether a step reads the derivatives of earlier steps (the Adams methods,
+    # ``engine.adams``): its checkpoint then holds more than its start.
+    multistep = False
+
+    def restart(self) -> None:
+        """Called before a solve's first step (a multistep method forgets its history)."""
+
+    @property
+    def checkpoint_width(self) -> int:
+        """The number of tensors per state component in a step's checkpoint."""
+        return 1
+
+    def checkpoint_of(self, y: State) -> State:
+        """What the backward pass needs of the step just taken from ``y``: ``y``."""
+        return y
+
     def derivative(self, tau: torch.Tensor, y: State, nudge: Nudge = Nudge.NONE,
                    velocity: Callable[[torch.Tensor, State], State] | None = None) -> State:
         """The velocity (``velocity`` where given) at internal time ``tau``, upcast to each

@@ -188,4 +188,4 @@ ADAPTIVE_TABLEAUS: dict[str, ButcherTableau] = {tab.name: tab for tab in (
         mid=continuous_weights(TSIT5_INTERPOLANT, 0.5)),
 )}
 
-UNSUPPORTED_METHODS = ("explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver")
+UNSUPPORTED_METHODS = ("scipy_solver",)

@@ -32,12 +32,10 @@ from ..capture import owner_module, velocity_owner
 from ..compiled.op import (NOT_IN_GRAPH, is_plain_function, run_between_graphs,
                            run_event_between_graphs, solve_in_graph)
 from ..config import SolveConfig
-from ..engine.tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS
+from ..engine.plan import METHODS
 from ..errors import ConversionError
 from ..stats import SolveStats, collect_stats
 from . import trampolines
-
-METHODS = {**ADAPTIVE_TABLEAUS, **FIXED_GRID_TABLEAUS}
 
 # The positional parameters of the intercepted solvers.
 _POSITIONAL = ("func", "y0", "t")

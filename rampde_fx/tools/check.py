@@ -50,6 +50,7 @@ from torch.utils import _pytree as pytree
 
 from ..api import odeint
 from ..config import Budget
+from ..engine.adams import LOW_PRECISION_ORDER, MAX_ORDER, bashforth
 from ..interception import trampolines
 from ..interception.convert import convert
 from ..interception.sites import sites_of
@@ -461,6 +462,7 @@ class _Checker:
         notes += [f"in the {_short(dtype)} solves, {reason}, runs in float32"
                   for dtype, (_, model) in zip(modes, everything)
                   for reason in _without_low_kernel(model)]
+        notes += [_adams_note(site) for site in sites if _adams_note(site)]
         float32 = everything[0][0]
         if float32.error > target:
             notes.append(f"the float32 mode is {float32.error:.1e} from float64, above the "
@@ -545,6 +547,19 @@ def _without_low_kernel(converted: torch.nn.Module) -> list[str]:
 def _produces(node: fx.Node, dtype: torch.dtype) -> bool:
     return any(isinstance(v, torch.Tensor) and v.dtype == dtype
                for v in pytree.tree_leaves(node.meta.get("val")))
+
+
+def _adams_note(site: Any) -> str | None:
+    """For an explicit Adams solve of high order: its weights amplify the velocity's rounding
+    (a corrected step ends with the Adams-Moulton weights, whose magnitudes sum to at most 30)."""
+    options = site.call_arguments.get("options") or {}
+    order = int(options.get("max_order", MAX_ORDER)) - 1
+    if site.last_stats.method != "explicit_adams" or order <= LOW_PRECISION_ORDER:
+        return None
+    return (f"{site} steps with explicit_adams up to order {order}, whose weights sum to "
+            f"{sum(map(abs, bashforth(order))):.0f} in magnitude and amplify the low precision's "
+            f"rounding as much; options={{'max_order': {LOW_PRECISION_ORDER + 1}}} brings that "
+            f"to {sum(map(abs, bashforth(LOW_PRECISION_ORDER))):.0f}")
 
 
 def _describe(site: Any, steps: dict[str, int]) -> str:

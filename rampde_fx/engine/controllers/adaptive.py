@@ -39,7 +39,7 @@ from ... import runtime
 from ...capture import State
 from ...errors import ToleranceWarning
 from ...stats import SolveStats
-from ..arguments import describe, real_number, require_data
+from ..arguments import describe, per_component, real_number, require_data
 from ..callbacks import StepCallbacks
 from ..step import Nudge, Stepper, all_finite, weighted_sum
 from ..tableaus import ButcherTableau
@@ -438,23 +438,6 @@ def adaptive_controller(tableau: ButcherTableau, options: dict[str, Any], rtol: 
         unit_roundoff=low_unit if low_unit > state_unit else None,
         callbacks=callbacks,
     )
-
-
-def per_component(name: str, value: Any, is_tuple: bool,
-                   components: int) -> tuple[float, ...]:
-    """A tolerance per state component: one number for all, or, as torchdiffeq takes them, a
-    sequence (for a tuple state also a 1-D tensor) of one per component."""
-    sequence = isinstance(value, (tuple, list)) or (
-        is_tuple and isinstance(value, torch.Tensor) and value.dim() == 1)
-    values = list(value) if sequence else [value] * components
-    if len(values) != components:
-        raise ValueError(f"{name} has {len(values)} entries for a state of {components} "
-                         "components")
-    if any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in values):
-        raise NotImplementedError(f"{name} has a tensor of several elements: rampde_fx takes "
-                                  "one tolerance per state component, not one per element")
-    return tuple(real_number(f"{name}[{i}]" if sequence else name, v)
-                 for i, v in enumerate(values))
 
 
 def _checked_norm(norm: Any, state: State, is_tuple: bool) -> Callable[[Any], Any]:
