@@ -1,6 +1,7 @@
 """Converted models under DistributedDataParallel: two gloo processes on CPU, each given half
 of a batch, reach the gradients that one process computes, for a fixed grid, a checkpoint
-budget, an event solve and an adaptive method, in float32 and bfloat16 modes."""
+budget, an event solve, an adaptive method and an Adams method, in float32 and bfloat16
+modes."""
 from __future__ import annotations
 
 import datetime
@@ -32,7 +33,8 @@ BATCH = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
 
 class Flow(nn.Module):
     """A linear encoder, then a velocity MLP solved over ``T`` by ``torchdiffeq.odeint``; each
-    sample on its own except through an adaptive solve's steps, which its whole batch chooses."""
+    sample on its own except through what its whole batch decides: an adaptive solve's steps,
+    an Adams corrector's convergence."""
 
     def __init__(self, **solve_kwargs) -> None:
         super().__init__()
@@ -74,11 +76,15 @@ CASES: dict[str, tuple[Callable[[], nn.Module], dict, bool]] = {
     "budget": (lambda: Flow(**RK4), {"checkpoint": rampde_fx.Budget(BUDGET)}, True),
     "event": (Event, {}, False),
     "dopri5": (lambda: Flow(rtol=1e-5, atol=1e-6), {}, False),
+    # The corrector stops where the whole batch of its solve has converged.
+    "implicit_adams": (lambda: Flow(method="implicit_adams", options={"step_size": 0.05},
+                                    rtol=1e-4, atol=1e-6), {}, False),
 }
 # Gradients of float32 mode against float32 torchdiffeq: fixed grids agree to float32
 # roundoff; the event time to float32's resolution of a step (see test_events.FP32_TOLERANCE);
 # torchdiffeq's adaptive gradients also differentiate its step-size controller.
-FP32_TOLERANCE = {"rk4": 1e-6, "budget": 1e-6, "event": 5e-6, "dopri5": 1e-4}
+FP32_TOLERANCE = {"rk4": 1e-6, "budget": 1e-6, "event": 5e-6, "dopri5": 1e-4,
+                  "implicit_adams": 1e-6}
 
 
 def loss(outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
