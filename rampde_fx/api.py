@@ -2,8 +2,8 @@
 ``odeint_event`` with a low-precision velocity.
 
 The entry point of a solve: an intercepted call goes to the converted model that routes it;
-under ``torch.compile`` a solve is the compiled path's opaque op (an event solve runs between
-graphs); otherwise the engine plans it and runs it under the discrete adjoint's autograd
+under ``torch.compile`` a solve is the compiled path's opaque op (a velocity or event function
+made inside the compiled code runs between graphs); otherwise the engine plans it and runs it under the discrete adjoint's autograd
 function (or without checkpoints, where nothing wants gradients).
 """
 from __future__ import annotations
@@ -138,12 +138,12 @@ def odeint(
     if torch.compiler.is_compiling():  # the config is made where the solve is registered
         arguments = dict(rtol=rtol, atol=atol, method=method, options=options, config=config,
                          adjoint_params=adjoint_params, **settings)
-        if event_fn is not None:
-            return run_event_between_graphs(odeint, func, y0, t, event_fn=event_fn, **arguments)
         solution = solve_in_graph(func, y0, t, config, settings, rtol=rtol, atol=atol,
-                                  method=method, options=options, adjoint_params=adjoint_params)
+                                  method=method, options=options, adjoint_params=adjoint_params,
+                                  event_fn=event_fn)
         if solution is NOT_IN_GRAPH:
-            return run_between_graphs(odeint, func, y0, t, **arguments)
+            between = run_between_graphs if event_fn is None else run_event_between_graphs
+            return between(odeint, func, y0, t, event_fn=event_fn, **arguments)
         return solution
     config = resolve_config(config, None, **settings)
     prepared = prepare_solve(func, y0, t, config, rtol=rtol, atol=atol, method=method,
@@ -195,13 +195,22 @@ def odeint_event(
         ``y0``, ``t0``, the velocity's parameters, and also for the event function's own
         tensors (torchdiffeq gives those none).
 
-    Under ``torch.compile`` the event solve runs eagerly between two compiled graphs (a graph
-    break; under ``fullgraph=True`` dynamo's error says so).
+    Under ``torch.compile`` the solve is one op of the graph, as :func:`odeint`'s, where the
+    velocity and the event function are modules or their methods; one made inside the compiled
+    code (a lambda, a closure) runs eagerly between two compiled graphs (a graph break; under
+    ``fullgraph=True`` dynamo's error says so).
     """
-    if torch.compiler.is_compiling():
-        return run_event_between_graphs(odeint_event, func, y0, t0, event_fn=event_fn,
-                                        reverse_time=reverse_time,
-                                        odeint_interface=odeint_interface, **kwargs)
+    return solve_to_event(lambda t: odeint(func, y0, t, event_fn=event_fn, **kwargs), func, y0,
+                          t0, event_fn, reverse_time, odeint_interface)
+
+
+def solve_to_event(solve: Callable[[torch.Tensor], tuple[torch.Tensor, Any]],
+                   func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple,
+                   t0: torch.Tensor, event_fn: Callable[..., Any], reverse_time: bool,
+                   odeint_interface: Callable[..., Any] | None
+                   ) -> tuple[torch.Tensor, TensorOrTuple]:
+    """:func:`odeint_event` by ``solve(t)``, an event solve over ``t = [t0, t0 +- 1]`` (as
+    :func:`odeint` with ``event_fn``), with the gradients through the event time."""
     if not solves_like_odeint(odeint_interface):
         raise ValueError(f"odeint_interface must be torchdiffeq.odeint, odeint_adjoint or "
                          f"rampde_fx.odeint, got {odeint_interface!r}")
@@ -209,7 +218,7 @@ def odeint_event(
         raise TypeError(f"t0 must be a tensor (as in torchdiffeq), got {type(t0).__name__}")
     start = t0.reshape(-1)
     t = torch.cat([start, start.detach() + (-1.0 if reverse_time else 1.0)])
-    event_t, solution = odeint(func, y0, t, event_fn=event_fn, **kwargs)
+    event_t, solution = solve(t)
     return through_event_time(func, event_fn, y0, t[0], event_t, solution)
 
 

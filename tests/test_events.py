@@ -372,17 +372,39 @@ def test_event_solves_in_a_converted_model_and_explain():
 
 @pytest.mark.filterwarnings("ignore::rampde_fx.ToleranceWarning")
 def test_compiled_event_solves_equal_eager(cheap_steps):
-    """Under torch.compile (default mode) each event solve runs eagerly between two graphs:
-    the compiled bf16 ball gives the eager event times, state and gradients. fullgraph=True
-    gets dynamo's error with the reason."""
+    """Under torch.compile(fullgraph=True) the three-bounce bf16 ball (velocity and event
+    function methods of the model) is one graph: each event solve is one op, and the gradient
+    through its event time is traced around it. Event times, state and gradients are the eager
+    ones."""
     model = BouncingBall(rtol=1e-5, atol=1e-6)
     converted = rampde_fx.convert(model, dtype=torch.bfloat16)
     eager = bounce(converted)
-    compiled = bounce(torch.compile(converted, backend="aot_eager"))
+    explanation = torch._dynamo.explain(converted)(torch.tensor(1.0), torch.tensor(0.5))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+    compiled = bounce(torch.compile(converted, fullgraph=True, backend="aot_eager"))
     for got, want in zip(compiled, eager):
         assert rel_err(got, want) < 1e-6
-    with pytest.raises(Exception, match="an event solve .* runs eagerly between two compiled"):
-        bounce(torch.compile(rampde_fx.convert(model), fullgraph=True, backend="aot_eager"))
+
+
+def test_compiled_event_function_made_per_call_runs_between_graphs(fresh_dynamo):
+    """An event function made inside the compiled code (a lambda) cannot reach the solve op:
+    the solve runs eagerly between two graphs, with the eager result, and fullgraph=True gets
+    dynamo's error with the reason."""
+    func = Fall()
+    h0 = torch.tensor([1.0, 0.0], requires_grad=True)
+
+    def flight(h0):
+        t, solution = rampde_fx.odeint_event(func, h0, torch.tensor(0.0),
+                                             event_fn=lambda t, y: y[0], method="rk4",
+                                             options={"step_size": 0.05}, atol=1e-7)
+        return t, solution[-1]
+
+    eager = flight(h0)
+    for got, want in zip(torch.compile(flight, backend="aot_eager")(h0), eager):
+        assert rel_err(got, want) < 1e-7
+    torch._dynamo.reset()  # else the frame compiled above runs as it was
+    with pytest.raises(Exception, match="event function is made inside the compiled code"):
+        torch.compile(flight, fullgraph=True, backend="aot_eager")(h0)
 
 
 def test_event_at_the_start_and_refusals():

@@ -46,15 +46,11 @@ def through_event_time(func: Callable[[torch.Tensor, Any], Any], event_fn: Event
     with torch.no_grad():
         velocity = func(t, structured([c.detach() for c in state]))
     velocity = list(velocity) if is_tuple else [velocity]
-    with torch.enable_grad():  # g_t and g_y at the event
-        t_leaf = t.clone().requires_grad_()
-        y_leaves = [c.detach().requires_grad_() for c in state]
-        partials = torch.autograd.grad(event(t_leaf, structured(y_leaves)), [t_leaf, *y_leaves],
-                                       allow_unused=True)
-    along_flow = sum((torch.sum(d * v) for d, v in zip(partials[1:], velocity)
-                      if d is not None), torch.zeros((), dtype=t.dtype, device=t.device))
-    if partials[0] is not None:
-        along_flow = along_flow + partials[0]
+    # g_t and g_y at the event, by torch.func (which dynamo traces, unlike autograd.grad)
+    value, pullback = torch.func.vjp(lambda time, *y: event(time, structured(list(y))), t,
+                                     *[c.detach() for c in state])
+    g_t, *g_y = pullback(torch.ones_like(value))
+    along_flow = g_t + sum(torch.sum(d * v) for d, v in zip(g_y, velocity))
     residual = event(t, structured(state))  # its value is about 0; its gradient is dg/dp
     shift = -(residual - residual.detach()) / (along_flow.detach() + 1e-12)
     rows = [torch.stack([c[0], s + v.detach() * shift.to(s.dtype)])

@@ -56,10 +56,10 @@ _BETWEEN_GRAPHS = (
 
 # Why an event solve runs between two compiled graphs.
 _EVENT_BETWEEN_GRAPHS = (
-    "rampde_fx: an event solve (event_fn, odeint_event) runs eagerly between two compiled "
-    "graphs: its steps and its end are found as it runs, and the gradient through its event "
-    "time evaluates the velocity and the event function outside the solve op. Compile without "
-    "fullgraph=True, or compile the code around the event solves instead.")
+    "rampde_fx: this event solve's velocity or event function is made inside the compiled code "
+    "(a lambda, closure or module built per call), which dynamo cannot hand to the compiled "
+    "solve op, so the solve runs eagerly between two compiled graphs. For one graph "
+    "(fullgraph=True), make both modules built once, or methods of one (event_fn=self.hit).")
 
 # What solve_in_graph returns for a velocity that the op cannot take: the caller runs the
 # solve with run_between_graphs.
@@ -81,8 +81,8 @@ def run_between_graphs(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 @torch.compiler.disable(reason=_EVENT_BETWEEN_GRAPHS)
 def run_event_between_graphs(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, an event solve, eagerly: under ``torch.compile`` a graph break
-    (under ``fullgraph=True``, dynamo's error with the reason)."""
+    """``fn(*args, **kwargs)``, an event solve, eagerly: under ``torch.compile`` a graph break,
+    at which dynamo rebuilds the velocity or event function made in the compiled code."""
     return fn(*args, **kwargs)
 
 
@@ -90,7 +90,8 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
                    settings: dict[str, Any], *, rtol: Any = 1e-7, atol: Any = 1e-9,
                    method: str | None = None, options: dict[str, Any] | None = None,
                    report_to_key: int | None = None,
-                   adjoint_params: Sequence[Tensor] | None = None) -> Any:
+                   adjoint_params: Sequence[Tensor] | None = None,
+                   event_fn: Any = None) -> Any:
     """:func:`rampde_fx.odeint` while dynamo traces: one call of the opaque solve op.
 
     ``config``, or the settings keywords ``settings`` of :func:`rampde_fx.odeint`, give the
@@ -102,22 +103,24 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
 
     Returns :data:`NOT_IN_GRAPH` for a velocity that the op cannot take, one made inside the
     compiled code: a plain function (dynamo cannot pass a closure made there), or a module
-    made there (dynamo passes it without its attributes). Event solves do not come here: they
-    run between graphs (:func:`run_event_between_graphs`)."""
+    made there (dynamo passes it without its attributes); likewise for an event solve's
+    ``event_fn``. An event solve returns ``(event_t, solution)``, as :func:`rampde_fx.odeint`."""
     if not DYNAMO_PASSES_OBJECTS:
         raise NotImplementedError(
             f"rampde_fx under torch.compile needs torch 2.13 or later (this is "
             f"{torch.__version__}): its dynamo passes the velocity module to the solve's "
             "registration. Run the converted model without torch.compile, or upgrade torch.")
-    if is_plain_function(func):
+    if is_plain_function(func) or (event_fn is not None and is_plain_function(event_fn)):
         return NOT_IN_GRAPH
     is_tuple = isinstance(y0, tuple)
     state = list(y0) if is_tuple else [y0]
     owner, method_name = velocity_owner(func)
     numbers: list[Any] = []
     rtol, atol, options = lift_numbers((rtol, atol, options), numbers)
+    event_owner, event_method_name = (None, None) if event_fn is None else \
+        velocity_owner(event_fn)
     spec_key = register(owner, method_name, config, lift_budget(settings), report_to_key, rtol,
-                        atol, method, options, is_tuple)
+                        atol, method, options, is_tuple, event_owner, event_method_name)
     if not spec_key:
         return NOT_IN_GRAPH
     tensors = [tensor_at(owner, name) for name in tensor_names(spec_key)]
@@ -125,9 +128,10 @@ def solve_in_graph(func: Any, y0: Any, t: Tensor, config: SolveConfig | None,
     needs = [recording and x.requires_grad for x in [*state, t]] + [
         recording and x.requires_grad
         and (adjoint_params is None or any(x is p for p in adjoint_params)) for x in tensors]
-    *solution, _ticket = torch.ops.rampde_fx.solve(
+    outputs = torch.ops.rampde_fx.solve(
         spec_key, torch.tensor(numbers, dtype=torch.float64), state, t, tensors, needs)
-    return tuple(solution) if is_tuple else solution[0]
+    solution = tuple(outputs[:len(state)]) if is_tuple else outputs[0]
+    return solution if event_fn is None else (outputs[-1], solution)
 
 
 def _plain_python_keys() -> tuple[Any, Any]:
@@ -198,9 +202,10 @@ def _warn_about_unbound(read: list[Tensor], bound: list[Tensor], func: Any) -> N
 @torch.library.custom_op("rampde_fx::solve", mutates_args=())
 def _solve(spec_key: int, numbers: Tensor, state: list[Tensor], t: Tensor, tensors: list[Tensor],
            needs: list[bool]) -> list[Tensor]:
-    """The whole forward solve; returns the solution components and a ticket. ``needs``: which
-    of ``[*state, t, *tensors]`` want gradients (the solve keeps what its backward needs for
-    those only)."""
+    """The whole forward solve; returns the solution components, a ticket and, for an event
+    solve, the event time (a constant for autograd, as :func:`rampde_fx.odeint` returns it).
+    ``needs``: which of ``[*state, t, *tensors]`` want gradients (the solve keeps what its
+    backward needs for those only)."""
     spec: CompiledSolveSpec | None = runtime.object_of(spec_key)
     if spec is None:
         raise RuntimeError("rampde_fx: the model of this compiled solve was deleted; compile "
@@ -222,7 +227,8 @@ def _solve(spec_key: int, numbers: Tensor, state: list[Tensor], t: Tensor, tenso
         y0 = tuple(leaves[:-1]) if spec.is_tuple else leaves[0]
         prepared = prepare_solve(
             spec.func, y0, leaves[-1], config, rtol=rtol, atol=atol, method=spec.method,
-            options=options, event_fn=None, bindings=dict(zip(spec.tensor_names, tensor_leaves)),
+            options=options, event_fn=spec.event_fn,
+            bindings=dict(zip(spec.tensor_names, tensor_leaves)),
             executor_for=lambda stepper: kernels_for(
                 stepper, config.dtype, t.device, keep_stages,
                 cpu_kernel_transform(config.dtype, t.device, keep_stages)))
@@ -243,13 +249,15 @@ def _solve(spec_key: int, numbers: Tensor, state: list[Tensor], t: Tensor, tenso
             _Saved(spec, options, prepared.plan, grid.detach(), prepared.times.detach(),
                    checkpoints, tensor_leaves))
         weakref.finalize(ticket, runtime.SAVED_SOLVES.pop, number, None)
-    return [c.detach() for c in solution] + [ticket]
+    event = [] if spec.event_owner is None else [prepared.event_time()]
+    return [c.detach() for c in solution] + [ticket] + event
 
 
 @_solve.register_fake
 def _(spec_key, numbers, state, t, tensors, needs):
+    event = [] if runtime.object_of(spec_key).event_owner is None else [t.new_empty(())]
     return [*(c.new_empty((t.shape[0], *c.shape)) for c in state),
-            torch.empty((), dtype=torch.int64)]
+            torch.empty((), dtype=torch.int64), *event]
 
 
 @torch.library.custom_op("rampde_fx::solve_backward", mutates_args=())
@@ -270,7 +278,9 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
         return [_laid_out_like(g, x) for g, x in zip(grads, [*state, t, *tensors])]
     plan = saved.plan
     n = plan.n_components
-    wants = Wants(state=any(needs[:n]), grid=needs[n], times=needs[n],
+    # An event solve's output times are its start and the event time, held fixed.
+    event = saved.spec.event_owner is not None
+    wants = Wants(state=any(needs[:n]), grid=needs[n], times=needs[n] and not event,
                   tensors=[i for i, need in enumerate(needs[n + 1:]) if need])
     with _as_from_python(), torch.autocast(t.device.type, enabled=False):
         grads = backward_with_retries(plan, tuple(c.dtype for c in state), saved.grid,
@@ -286,7 +296,10 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
                 y0 = tuple(state) if spec.is_tuple else state[0]
                 internal, grid, _ = internal_time(leaf, saved.options, spec.func, y0,
                                                   saved.plan.controller.known_steps is None)
-                t_grad = torch.autograd.grad([grid, internal], leaf, [grid_grad, times_grad],
+                pairs = [(x, g) for x, g in ((grid, grid_grad), (internal, times_grad))
+                         if g is not None]
+                outputs, grads_of_outputs = zip(*pairs)
+                t_grad = torch.autograd.grad(list(outputs), leaf, list(grads_of_outputs),
                                              allow_unused=True)[0]
     return [_laid_out_like(g, x)
             for g, x in zip([*state_grads, t_grad, *tensor_grads], [*state, t, *tensors])]
@@ -310,7 +323,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> N
     _spec_key, _numbers, state, t, tensors, needs = inputs
     ctx.n_components = len(state)
     ctx.needs = list(needs)
-    ctx.save_for_backward(output[-1], t, *state, *tensors)
+    ctx.save_for_backward(output[len(state)], t, *state, *tensors)
 
 
 def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:

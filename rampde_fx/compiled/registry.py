@@ -91,13 +91,29 @@ class CompiledSolveSpec:
     report_to: "weakref.ref[Any] | None"  # whose ``last_stats`` each run sets (a convert site)
     # The tensors of the velocity's owner, by qualified name, in the order the op takes them.
     tensor_names: tuple[str, ...]
+    # An event solve's event function: its owner (held weakly) and method name, as the
+    # velocity's; None without an event.
+    event_owner: "weakref.ref[Any] | None" = None
+    event_method_name: str | None = None
 
     @property
     def func(self) -> Callable[..., Any]:
-        owner = self.owner()
-        if owner is None:
-            raise RuntimeError("rampde_fx: the velocity of this compiled solve was deleted")
-        return owner if self.method_name is None else getattr(owner, self.method_name)
+        return _resolved(self.owner, self.method_name, "velocity")
+
+    @property
+    def event_fn(self) -> Callable[..., Any] | None:
+        if self.event_owner is None:
+            return None
+        return _resolved(self.event_owner, self.event_method_name, "event function")
+
+
+def _resolved(owner_ref: "weakref.ref[Any]", method_name: str | None,
+              what: str) -> Callable[..., Any]:
+    """The callable that ``owner_ref`` and ``method_name`` name (see CompiledSolveSpec)."""
+    owner = owner_ref()
+    if owner is None:
+        raise RuntimeError(f"rampde_fx: the {what} of this compiled solve was deleted")
+    return owner if method_name is None else getattr(owner, method_name)
 
 
 DYNAMO_PASSES_OBJECTS = tuple(int(part) for part in
@@ -107,13 +123,14 @@ DYNAMO_PASSES_OBJECTS = tuple(int(part) for part in
 @torch.compiler.assume_constant_result
 def register(owner: torch.nn.Module, method_name: Any, config: Any, settings: Any,
              report_to_key: Any, rtol: Any, atol: Any, method: Any, options: Any,
-             is_tuple: Any) -> int:
+             is_tuple: Any, event_owner: Any = None, event_method_name: Any = None) -> int:
     """Runs while dynamo traces a solve: the key of its spec, a constant of the graph. The
-    velocity is ``owner`` itself or its method ``method_name``; the precision settings are
+    velocity is ``owner`` itself or its method ``method_name`` (an event solve's event
+    function likewise ``event_owner`` or its method); the precision settings are
     ``config``, or those the settings keywords give (see :func:`rampde_fx.config.resolve_config`).
     An equal spec of the same owner is reused, so recompilation registers nothing new. 0 for a
     velocity module made inside the compiled code (see :func:`made_while_tracing`)."""
-    if made_while_tracing(owner):
+    if made_while_tracing(owner) or made_while_tracing(event_owner):
         return 0
     config = resolve_config(config, None, **_lower_budget(settings))
     report_to = None if report_to_key is None else runtime.object_of(report_to_key)
@@ -122,7 +139,9 @@ def register(owner: torch.nn.Module, method_name: Any, config: Any, settings: An
     spec = CompiledSolveSpec(weakref.ref(owner), method_name, rtol, atol, method,
                              {} if options is None else options, config, is_tuple,
                              None if report_to is None else weakref.ref(report_to),
-                             tuple(lifted_slots(func)))
+                             tuple(lifted_slots(func)),
+                             None if event_owner is None else weakref.ref(event_owner),
+                             event_method_name)
     specs = runtime.SPECS_OF.setdefault(owner, {})
     key = next((key for key, known in specs.items() if known == spec), None)
     if key is None:

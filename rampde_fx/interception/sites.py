@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from .. import runtime
-from ..api import odeint, odeint_event, solves_like_odeint
+from ..api import odeint, odeint_event, solve_to_event, solves_like_odeint
 from ..capture import owner_module, velocity_owner
 from ..compiled.op import (NOT_IN_GRAPH, is_plain_function, run_between_graphs,
                            run_event_between_graphs, solve_in_graph)
@@ -40,6 +40,8 @@ from . import trampolines
 # The positional parameters of the intercepted solvers.
 _POSITIONAL = ("func", "y0", "t")
 _EVENT_POSITIONAL = ("func", "y0", "t0")  # torchdiffeq.odeint_event
+# Arguments of odeint_event that its solve (odeint with event_fn) does not take.
+_EVENT_ONLY_ARGUMENTS = ("reverse_time", "odeint_interface")
 # Arguments of the original call that the converted solve does not pass on: odeint_adjoint's
 # settings of its adjoint solve (a discrete adjoint solves no adjoint ODE: warned), and
 # rampde_fx.odeint's precision settings (convert's own take their place).
@@ -175,20 +177,35 @@ class Conversion:
         dropped = tuple(k for k in call if k in _DROPPED_ARGUMENTS)
         solver = odeint if source == "rampde_fx.odeint" else trampolines.original(source)
         if torch.compiler.is_compiling():
-            if source == "torchdiffeq.odeint_event" or arguments.get("event_fn") is not None:
-                return run_event_between_graphs(self.solve, root, source, args, kwargs)
-            if is_plain_function(func):
-                return run_between_graphs(self.solve, root, source, args, kwargs)
+            event_fn = arguments.get("event_fn")
+            between = run_between_graphs if event_fn is None else run_event_between_graphs
+            if is_plain_function(func) or (event_fn is not None and is_plain_function(event_fn)):
+                return between(self.solve, root, source, args, kwargs)
             owner, method_name = velocity_owner(func)
-            site_key = _site_while_compiling(self, root, source, owner, method_name,
-                                             arguments, dropped)
+            # dynamo passes modules to the registration, not bound methods in a dict
+            event_owner, event_method = (None, None) if event_fn is None else \
+                velocity_owner(event_fn)
+            site_key = _site_while_compiling(
+                self, root, source, owner, method_name,
+                {k: v for k, v in arguments.items() if k != "event_fn"}, dropped, event_owner,
+                event_method)
             if not site_key:
                 return trampolines.run_within(None, solver, *args, **kwargs)
-            solution = solve_in_graph(func, y0, t, self.config, {}, **arguments,
-                                      report_to_key=site_key, adjoint_params=adjoint_params)
-            if solution is NOT_IN_GRAPH:
-                return run_between_graphs(self.solve, root, source, args, kwargs)
-            return solution
+            in_graph = {k: v for k, v in arguments.items() if k not in _EVENT_ONLY_ARGUMENTS}
+
+            def solve(times: torch.Tensor) -> Any:
+                found = solve_in_graph(func, y0, times, self.config, {}, **in_graph,
+                                       report_to_key=site_key, adjoint_params=adjoint_params)
+                if found is NOT_IN_GRAPH:  # a velocity module made in the compiled code
+                    return between(odeint, func, y0, times, config=self.config, **in_graph,
+                                   adjoint_params=adjoint_params)
+                return found
+
+            if source == "torchdiffeq.odeint_event":
+                return solve_to_event(solve, func, y0, t, event_fn,
+                                      arguments.get("reverse_time", False),
+                                      arguments.get("odeint_interface"))
+            return solve(t)
         # Frames up from the caller of the handler's _rampde_intercept.
         site = self.site(root, source, func, arguments, dropped, caller=sys._getframe(2))
         if site is None:
@@ -239,11 +256,16 @@ class Conversion:
 @torch.compiler.assume_constant_result
 def _site_while_compiling(conversion: Conversion, root: torch.nn.Module | None, source: str,
                           owner: Any, method_name: str | None, arguments: dict[str, Any],
-                          dropped: tuple[str, ...]) -> int:
+                          dropped: tuple[str, ...], event_owner: Any,
+                          event_method: str | None) -> int:
     """Runs while dynamo traces a solve: the key (``runtime.key_of``) of its site, which the
     conversion keeps alive, or 0 for a solve that runs as written. The velocity is ``owner``
-    or its method ``method_name``."""
+    or its method ``method_name``; an event solve's event function likewise ``event_owner``
+    or its method ``event_method``."""
     func = owner if method_name is None else getattr(owner, method_name)
+    if event_owner is not None:
+        arguments = {**arguments, "event_fn": event_owner if event_method is None
+                     else getattr(event_owner, event_method)}
     site = conversion.site(root, source, func, arguments, dropped, caller=None)
     return 0 if site is None else runtime.key_of(site)
 
