@@ -336,7 +336,7 @@ class UnsupportedMethod(nn.Module):
 
 @pytest.mark.parametrize("model, error", [
     (FailsAfterTheSolve(), RuntimeError),
-    (UnsupportedMethod(method="implicit_adams"), rampde_fx.ConversionError),
+    (UnsupportedMethod(method="scipy_solver"), rampde_fx.ConversionError),
 ])
 def test_no_conversion_stays_active_after_an_exception(model, error):
     converted = rampde_fx.convert(model)
@@ -442,7 +442,7 @@ def test_filter_fn_chooses_the_solves():
 
 
 def test_filter_fn_leaves_an_unsupported_solve_as_it_is():
-    model = UnsupportedMethod(method="explicit_adams", options=field_models.STEP)
+    model = UnsupportedMethod(method="scipy_solver")
     converted = rampde_fx.convert(model, filter_fn=lambda module, name: False)
     x = torch.randn(3, 4)
     assert torch.equal(converted(x), model(x))
@@ -451,10 +451,10 @@ def test_filter_fn_leaves_an_unsupported_solve_as_it_is():
 # --- what convert refuses, and when -----------------------------------------------------------
 
 def test_unsupported_method_is_refused_at_the_first_call_naming_the_site():
-    converted = rampde_fx.convert(UnsupportedMethod(method="implicit_adams"))
+    converted = rampde_fx.convert(UnsupportedMethod(method="scipy_solver"))
     with pytest.raises(rampde_fx.ConversionError,
                        match=r"torchdiffeq.odeint in UnsupportedMethod at '<root>' uses "
-                             r"method='implicit_adams'"):
+                             r"method='scipy_solver'"):
         converted(torch.randn(3, 4))
 
 

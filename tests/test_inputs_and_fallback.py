@@ -16,8 +16,8 @@ T = torch.linspace(0, 1, 3)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"method": "implicit_adams"}, NotImplementedError,
-     r"'implicit_adams' is not supported.*'dopri5'.*'rk4'"),
+    ({"method": "scipy_solver"}, NotImplementedError,
+     r"'scipy_solver' is not supported.*'dopri5'.*'rk4'"),
     ({"method": "rk45"}, ValueError, r"unknown method 'rk45'"),
     ({"method": "rk4", "event_fn": lambda t, y: y}, ValueError,
      r"with event_fn, t must hold two times"),
