@@ -1,7 +1,8 @@
 """The Adams methods (explicit_adams, implicit_adams, fixed_adams): torchdiffeq's semantics
 (rk4 start, order growing with the history, the corrector's convergence test and the dropped
 history of a step that does not converge), the exact discrete adjoint in float64, float32 parity
-with torchdiffeq, low precision against float64, converted and compiled models, refusals."""
+with torchdiffeq, low precision against float64, converted models, checkpoint budgets,
+refusals."""
 from __future__ import annotations
 
 import copy
@@ -16,6 +17,8 @@ from torchdiffeq._impl import fixed_adams
 import rampde_fx
 from models import rel_err
 from rampde_fx.engine.adams import bashforth, moulton
+from rampde_fx.engine.schedule import fewest_recomputed_steps, fixed_grid_segments
+from rampde_fx.tools.memory import saved_tensor_bytes
 
 U_BF16, U_FP16 = 2.0 ** -8, 2.0 ** -11
 T = torch.tensor([0.0, 0.3, 1.0])
@@ -209,11 +212,52 @@ def test_converted_model_in_float32_is_the_original(method):
     assert f"last solve: {method}, 20 steps" in rampde_fx.explain(converted)
 
 
+@pytest.mark.parametrize("states", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["default", "not-converging"])
+@pytest.mark.parametrize("method", METHODS)
+def test_budget_gradients_equal_checkpoint_per_step(method, name, dtype, states):
+    """A budget keeps each state with the earlier derivatives that the next steps read, and a
+    re-run step repeats the forward's (its history, its corrector evaluations): the gradients
+    are those of checkpoint='steps', bit for bit. Each re-run step costs its evaluations (one
+    per Adams step and corrector iteration, four per rk4 step)."""
+    torch.manual_seed(6)
+    func = Field()
+    y0 = torch.randn(5, 3)
+    options, rtol = OPTIONS[name]
+    results = []
+    for checkpoint in ("steps", rampde_fx.Budget(states)):
+        with rampde_fx.collect_stats() as stats:
+            results.append(solve_and_grad(rampde_fx.odeint, func, y0, T, method, options, rtol,
+                                          dtype=dtype, checkpoint=checkpoint))
+        results[-1].append(stats[0])
+    (*every, every_stats), (*budget, budget_stats) = results
+    for got, want in zip(budget, every):
+        assert torch.equal(got, want)
+    extra = budget_stats.nfe_backward - every_stats.nfe_backward
+    fewest = fewest_recomputed_steps(budget_stats.steps, states)
+    most = 1 + options.get("max_iters", 4) if method == "implicit_adams" else 1
+    assert fewest <= extra <= max(4, most) * fewest
+
+
+@pytest.mark.parametrize("max_order", [4, 12])
+def test_budget_bytes_kept(max_order):
+    """A budget of n keeps at most n resume points of max_order - 1 states each (the state
+    and the earlier derivatives the next steps read), in the state's dtype, and the grid."""
+    func = Field()
+    y0 = torch.randn(64, 3, requires_grad=True)
+    steps, states = 200, 8
+    kept = saved_tensor_bytes(lambda: rampde_fx.odeint(
+        func, y0, T, method="explicit_adams", options={"step_size": 1 / steps,
+                                                       "max_order": max_order},
+        checkpoint=rampde_fx.Budget(states)))
+    grid_and_times = (steps + 1 + len(T)) * 4
+    assert kept - grid_and_times == len(fixed_grid_segments(steps, states)) * (
+        max_order - 1) * y0.numel() * 4
+
+
 def test_refusals_and_warnings():
     func, y0 = Field(), torch.randn(2, 3)
-    with pytest.raises(NotImplementedError, match="Budget.*'explicit_adams'.*checkpoint='steps'"):
-        rampde_fx.odeint(func, y0.requires_grad_(), T, method="explicit_adams",
-                         options={"step_size": 0.1}, checkpoint=rampde_fx.Budget(4))
     with pytest.raises(ValueError, match=r"max_order'\] must be from 2 to 12"):
         rampde_fx.odeint(func, y0, T, method="implicit_adams", options={"max_order": 13})
     with pytest.raises(ValueError, match="Adams methods take .*'max_iters'"):

@@ -98,12 +98,17 @@ class AdamsStepper(Stepper):
     """The steps of an Adams method (see the module docstring); ``tableau`` is ``rk4``, the
     method of the first steps.
 
+    A solve records, per step, the length of the history it read and its corrector
+    evaluations; a step taken again (a budget's re-run, from :meth:`resume`) reads them instead
+    of deciding anew, so that it repeats the forward's step exactly.
+
     Attributes:
         implicit: whether the Adams-Moulton corrector runs.
         max_order: one more than the longest history.
         max_iters: the most corrector evaluations per step.
         rtol, atol: per state component, the corrector's convergence tolerances.
-        orders: per step of the last solve, the length of the history it read (0: an rk4 step).
+        lengths: per step of the last solve, the length of the history it read (its own
+            derivative included).
         corrections: per step of the last solve, its corrector evaluations.
     """
 
@@ -112,7 +117,7 @@ class AdamsStepper(Stepper):
     max_iters: int = DEFAULT_MAX_ITERS
     rtol: tuple[float, ...] = ()
     atol: tuple[float, ...] = ()
-    orders: list[int] = dataclasses.field(default_factory=list)
+    lengths: list[int] = dataclasses.field(default_factory=list)
     corrections: list[int] = dataclasses.field(default_factory=list)
 
     multistep = True
@@ -121,24 +126,50 @@ class AdamsStepper(Stepper):
         self.restart()
 
     def restart(self) -> None:
-        self._history: list[State] = []  # newest first
-        self._read: tuple[int, list[State]] = (0, [])  # the last step's order and history
-        self.orders, self.corrections = [], []
+        self._history: list[State] = []  # the earlier derivatives, newest first
+        self._step = 0  # the index of the next step
+        self.lengths, self.corrections = [], []
 
     @property
     def checkpoint_width(self) -> int:
         return 3 if self.implicit else 2
 
+    @property
+    def resume_width(self) -> int:
+        return self.max_order - 1
+
+    def order_of(self, step: int) -> int:
+        """The order of step ``step`` of the last solve: the length of the history it read, or
+        0 for an rk4 step."""
+        length = self.lengths[step]
+        return length if length >= MIN_ORDER else 0
+
     def checkpoint_of(self, y: State) -> State:
-        """The last step's start and the sums of the earlier derivatives it read (zeros for
-        an rk4 step)."""
-        order, history = self._read
-        if order == 0:
+        """At the next step's start: the start and the sums of the earlier derivatives the
+        step reads (zeros for an rk4 step)."""
+        order = min(len(self._history) + 1, self.max_order - 1)
+        if order < MIN_ORDER:
             return (*y, *(torch.zeros_like(c) for c in y * (self.checkpoint_width - 1)))
-        sums = _sums(bashforth(order)[1:], history[1:])
+        sums = _sums(bashforth(order)[1:], self._history)
         if self.implicit:
-            sums += _sums(moulton(order + 1)[2:], history[1:])
+            sums += _sums(moulton(order + 1)[2:], self._history)
         return (*y, *sums)
+
+    def resume_point(self, y: State) -> State:
+        """At the next step's start: the start and the earlier derivatives that the steps from
+        here read (at most ``max_order - 2``), padded with zeros to a fixed number."""
+        earlier = self._history[:self.max_order - 2]
+        padding = [tuple(torch.zeros_like(c) for c in y)] * (self.max_order - 2 - len(earlier))
+        return tuple(c for derivatives in (y, *earlier, *padding) for c in derivatives)
+
+    def resume(self, step: int, kept: State) -> State:
+        """Continue the last solve at step ``step`` from its :meth:`resume_point`; returns the
+        step's start."""
+        n = len(kept) // self.resume_width
+        self._history = [tuple(kept[i:i + n]) for i in range(n, len(kept), n)][
+            :self.lengths[step] - 1]
+        self._step = step
+        return tuple(kept[:n])
 
     def step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None = None,
              start_nudge: Nudge | None = None) -> tuple[State, list[State]]:
@@ -147,25 +178,36 @@ class AdamsStepper(Stepper):
         summed in torchdiffeq's order, so that float32 solves round as its do."""
         f0 = self.derivative(t0, y, self.start_nudge if start_nudge is None else start_nudge)
         self.evaluations += 1
-        self._history = history = [f0, *self._history][:self.max_order - 1]
-        order = len(history) if len(history) >= MIN_ORDER else 0
-        self._read = (order, history)
-        self.orders.append(order)
+        history = [f0, *self._history][:self.max_order - 1]
+        step, self._step = self._step, self._step + 1
+        recorded = step < len(self.lengths)
+        if not recorded:
+            self.lengths.append(len(history))
+        order = self.order_of(step)
         if order == 0:
-            self.corrections.append(0)
-            return self._rk4_step(t0, t1, y, f0)
-        dt = t1 - t0
-        predicted = tuple(functools.reduce(operator.add, (_times(dt, b) * f[c] for b, f in zip(
-            bashforth(order), history))) for c in range(len(y)))
-        delta = (tuple(dt * d for d in _sums(moulton(order + 1)[1:], history))
-                 if self.implicit else None)
-        y1, corrections, converged = self._adams_step(t0, t1, y, order, predicted, delta, None)
-        self.corrections.append(corrections)
-        if not converged:
-            warnings.warn("Functional iteration did not converge. Solution may be incorrect.",
-                          stacklevel=5)
-            self._history = history[:-1]  # drops the oldest
-        return y1, [f0]
+            if not recorded:
+                self.corrections.append(0)
+            y1, stages = self._rk4_step(t0, t1, y, f0)
+        else:
+            dt = t1 - t0
+            predicted = tuple(functools.reduce(operator.add, (
+                _times(dt, b) * f[c] for b, f in zip(bashforth(order), history)))
+                for c in range(len(y)))
+            delta = (tuple(dt * d for d in _sums(moulton(order + 1)[1:], history))
+                     if self.implicit else None)
+            y1, corrections, converged = self._adams_step(
+                t0, t1, y, order, predicted, delta, self.corrections[step] if recorded else None)
+            stages = [f0]
+            if not recorded:
+                self.corrections.append(corrections)
+                if not converged:
+                    warnings.warn("Functional iteration did not converge. Solution may be "
+                                  "incorrect.", stacklevel=5)
+                    history = history[:-1]  # drops the oldest
+        if recorded and step + 1 < len(self.lengths):  # as the forward's history went on
+            history = history[:self.lengths[step + 1] - 1]
+        self._history = history
+        return y1, stages
 
     def take_step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None = None,
                   start_nudge: Nudge | None = None, stages_read: bool = True
@@ -179,7 +221,7 @@ class AdamsStepper(Stepper):
         took; returns the new state and ``[f_n]``."""
         f0 = self.derivative(t0, y, self.start_nudge if start_nudge is None else start_nudge)
         self.evaluations += 1
-        order = self.orders[step]
+        order = self.order_of(step)
         if order == 0:
             return self._rk4_step(t0, t1, y, f0)
         dt, n = t1 - t0, len(y)
@@ -194,7 +236,7 @@ class AdamsStepper(Stepper):
                            ) -> list[tuple[int, State]]:
         """The cotangents of the earlier derivatives that step ``step`` read, as ``(m,
         cotangent of f_m)``, from those of its checkpoint's sums."""
-        order = self.orders[step]
+        order = self.order_of(step)
         if order == 0:
             return []
         n = len(cotangents) // (self.checkpoint_width - 1)

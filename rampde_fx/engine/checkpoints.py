@@ -10,7 +10,9 @@ kept states (:func:`rerun_step`, as the forward took them: the same kernels, gen
 and buffer values) and rounds each start as ``'steps'`` would have kept it, so the backward
 pass computes the same gradients. (In an adaptive solve a re-run step evaluates its first stage
 anew where the forward reused the previous step's last one: the same value, except for a
-velocity that reads buffers it changes in place.)
+velocity that reads buffers it changes in place.) A multistep method's step also reads
+earlier steps' derivatives: a budget keeps them with each state, and a re-run step continues
+from them (see :meth:`~rampde_fx.engine.step.Stepper.resume`).
 
 Between the forward and the backward pass a budget keeps at most ``n`` states; while the
 backward pass of a fixed grid runs, the states it recomputes (at most ``n - 1`` at a time) come
@@ -26,16 +28,21 @@ import torch
 
 from ..capture import State
 from .plan import SolvePlan, StepContext
+from .step import Stepper
 from .rng import rng_state, replayed_rng
 from .schedule import Segment, Thinning, binomial_split, fixed_grid_segments
 
 
 class CheckpointStore:
-    """``checkpoint='steps'``: the state at each accepted step's start, in the plan's
-    checkpoint dtypes: written into tensors allocated once where the number of steps is known,
-    else collected and stacked."""
+    """``checkpoint='steps'``: each accepted step's checkpoint (its start, and for a multistep
+    method what else it reads: :meth:`Stepper.checkpoint_of`), in the plan's checkpoint dtypes:
+    written into tensors allocated once where the number of steps is known, else collected and
+    stacked."""
 
-    def __init__(self, y0: State, dtypes: tuple[torch.dtype, ...], steps: int | None) -> None:
+    def __init__(self, stepper: Stepper, y0: State, dtypes: tuple[torch.dtype, ...],
+                 steps: int | None) -> None:
+        self._stepper = stepper
+        y0 = tuple(y0) * stepper.checkpoint_width
         self._y0, self._dtypes = y0, dtypes
         self._count = 0
         self._stores: list[torch.Tensor] | list[list[torch.Tensor]] = (
@@ -47,8 +54,12 @@ class CheckpointStore:
         """Whether the start of accepted step ``step`` is kept: every one is."""
         return True
 
+    def start_of(self, y: State) -> State:
+        """What :meth:`append` takes of the step about to be taken from ``y``."""
+        return self._stepper.checkpoint_of(y)
+
     def append(self, step: int, y: State) -> None:
-        """The start ``y`` of accepted step ``step`` (steps come in order)."""
+        """The :meth:`start_of` ``y`` of accepted step ``step`` (steps come in order)."""
         for store, c, d in zip(self._stores, y, self._dtypes):
             if self._preallocated:
                 store[self._count] = c
@@ -66,11 +77,14 @@ class CheckpointStore:
 
 
 class BudgetStore:
-    """``checkpoint=Budget(n)``: at most ``n`` step starts, in the state's dtype. On a fixed
-    grid, those of the optimal binomial schedule (:func:`fixed_grid_segments`); in an adaptive
-    solve, evenly spaced ones (:class:`Thinning`)."""
+    """``checkpoint=Budget(n)``: at most ``n`` step starts (for a multistep method with the
+    earlier derivatives that the steps from there read: :meth:`Stepper.resume_point`), in the
+    state's dtype. On a fixed grid, those of the optimal binomial schedule
+    (:func:`fixed_grid_segments`); in an adaptive solve, evenly spaced ones
+    (:class:`Thinning`)."""
 
-    def __init__(self, y0: State, states: int, steps: int | None) -> None:
+    def __init__(self, stepper: Stepper, states: int, steps: int | None) -> None:
+        self._stepper = stepper
         self._kept: dict[int, tuple[torch.Tensor, ...]] = {}
         self._steps = 0
         self._thinning = Thinning(states) if steps is None else None
@@ -82,8 +96,12 @@ class BudgetStore:
         solve)."""
         return self._thinning.keeps(step) if self._starts is None else step in self._starts
 
+    def start_of(self, y: State) -> State:
+        """What :meth:`append` takes of the step about to be taken from ``y``."""
+        return self._stepper.resume_point(y)
+
     def append(self, step: int, y: State) -> None:
-        """The start ``y`` of accepted step ``step`` (steps come in order)."""
+        """The :meth:`start_of` ``y`` of accepted step ``step`` (steps come in order)."""
         self._steps = step + 1
         if self._thinning is not None:
             for dropped in self._thinning.add(step):
@@ -105,9 +123,8 @@ def checkpoint_store(plan: SolvePlan, y0: State) -> Store:
     """The store of the plan's checkpoint setting."""
     budget, steps = plan.config.budget, plan.controller.known_steps
     if budget is None:
-        return CheckpointStore(tuple(y0) * plan.stepper.checkpoint_width,
-                               plan.checkpoint_dtypes, steps)
-    return BudgetStore(y0, budget, steps)
+        return CheckpointStore(plan.stepper, y0, plan.checkpoint_dtypes, steps)
+    return BudgetStore(plan.stepper, budget, steps)
 
 
 @dataclasses.dataclass
@@ -135,8 +152,9 @@ def step_starts(plan: SolvePlan, kept: list[torch.Tensor], grid: torch.Tensor,
         for step in reversed(range(plan.steps)):
             yield step, StepStart([c[step] for c in kept], plan.context_of(step) or StepContext())
         return
-    n = plan.n_components
-    # (segment, its start's state and context), the last segment on top
+    stepper = plan.stepper
+    n = plan.n_components * stepper.resume_width
+    # (segment, its start's resume point and context), the last segment on top
     pending = [(segment, tuple(kept[i * n:(i + 1) * n]),
                 plan.context_of(segment.start) or StepContext())
                for i, segment in enumerate(plan.segments)]
@@ -149,19 +167,22 @@ def step_starts(plan: SolvePlan, kept: list[torch.Tensor], grid: torch.Tensor,
                             *_rerun_steps(plan, grid, times, start, middle, y, context)))
             continue
         for step in reversed(range(start, end)):
-            y_step, found = _rerun_steps(plan, grid, times, start, step, y, context)
-            yield step, StepStart([c.to(d) for c, d in zip(y_step, plan.checkpoint_dtypes)],
+            kept_step, found = _rerun_steps(plan, grid, times, start, step, y, context)
+            checkpoint = stepper.checkpoint_of(stepper.resume(step, kept_step))
+            yield step, StepStart([c.to(d) for c, d in zip(checkpoint, plan.checkpoint_dtypes)],
                                   found)
 
 
 def _rerun_steps(plan: SolvePlan, grid: torch.Tensor, times: torch.Tensor, start: int,
-                 end: int, y: State, context: StepContext) -> tuple[State, StepContext]:
-    """The state at step ``end``'s start and what that step finds, by re-running the steps
-    from ``start`` (state ``y``, context ``context``) without recording them."""
+                 end: int, kept: State, context: StepContext) -> tuple[State, StepContext]:
+    """Step ``end``'s resume point and what that step finds, by re-running the steps from
+    ``start`` (its resume point ``kept``, context ``context``) without recording them."""
+    stepper = plan.stepper
+    y = stepper.resume(start, kept)
     with torch.no_grad():
         for step in range(start, end):
             y, _, context = rerun_step(plan, step, grid, times, y, context)
-    return y, context
+    return stepper.resume_point(y), context
 
 
 def rerun_step(plan: SolvePlan, step: int, grid: torch.Tensor, times: torch.Tensor, y: State,

@@ -91,6 +91,7 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
         wanted = recorder is not None and (controller.adaptive or checkpoints.keeps(step))
         if recorder is not None:
             recorder.before_attempt(wanted)
+        start = checkpoints.start_of(y) if checkpoints is not None else None
         y1, stages = stepper.take_step(
             attempt.t0, attempt.t1, y, attempt.first,
             attempt.start_nudge if attempt.first is None else None, attempt.stages_read)
@@ -100,7 +101,7 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
         if not accepted:
             continue
         if checkpoints is not None:
-            checkpoints.append(step, stepper.checkpoint_of(y))
+            checkpoints.append(step, start)
         indices = controller.accept(attempt, y1, stages)
         outputs = stepper.interpolate(attempt.t0, attempt.t1, y, y1, stages,
                                       [(times[j], time_values[j]) for j in indices],

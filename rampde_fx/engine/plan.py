@@ -176,12 +176,6 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
     opts = _check_options(name, tableau, options)
     adams = (adams_settings(name, opts, rtol, atol, is_tuple, len(state))
              if name in ADAMS_METHODS else None)
-    if adams is not None and config.budget is not None:
-        raise NotImplementedError(
-            f"checkpoint=Budget(n) does not support method {name!r} yet: its steps read the "
-            "derivatives of earlier steps, which a budget's recomputation from a kept state "
-            "would not have. Use checkpoint='steps' (one low-precision state and the sums of "
-            "earlier derivatives per step), or a Runge-Kutta method")
     dtype = config.dtype
 
     perturb = bool(opts.get("perturb", False))

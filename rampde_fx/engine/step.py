@@ -79,7 +79,7 @@ class Stepper:
     executor: StepExecutor | None = None
 
     # Whether a step reads the derivatives of earlier steps (the Adams methods,
-    # ``engine.adams``): its checkpoint then holds more than its start.
+    # ``engine.adams``): its checkpoint, and what a budget keeps, then hold more than its start.
     multistep = False
 
     def restart(self) -> None:
@@ -91,8 +91,23 @@ class Stepper:
         return 1
 
     def checkpoint_of(self, y: State) -> State:
-        """What the backward pass needs of the step just taken from ``y``: ``y``."""
+        """At the start ``y`` of the next step: what the backward pass recomputes the step
+        from, ``y``."""
         return y
+
+    @property
+    def resume_width(self) -> int:
+        """The number of tensors per state component in a :meth:`resume_point`."""
+        return 1
+
+    def resume_point(self, y: State) -> State:
+        """At the start ``y`` of the next step: what the solve can go on from (a budget keeps
+        it), ``y``."""
+        return y
+
+    def resume(self, step: int, kept: State) -> State:
+        """Go on from step ``step``'s :meth:`resume_point` ``kept``; returns the step's start."""
+        return kept
 
     def derivative(self, tau: torch.Tensor, y: State, nudge: Nudge = Nudge.NONE,
                    velocity: Callable[[torch.Tensor, State], State] | None = None) -> State:
