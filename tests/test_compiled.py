@@ -58,6 +58,33 @@ def test_every_method_compiles_as_one_graph(method, cheap_steps):
         assert rel_err(got, want) < 2.0 ** -8  # the same bf16 solve: within bf16 rounding
 
 
+class StepSizeODE(torch.nn.Module):
+    """A solve whose step size is an attribute, set per instance."""
+
+    def __init__(self, step_size: float) -> None:
+        super().__init__()
+        self.func = MLPFunc()
+        self.options = {"step_size": step_size}
+
+    def forward(self, x):
+        return torchdiffeq.odeint(self.func, x, torch.tensor([0.0, 1.0]), method="rk4",
+                                  options=self.options)[-1]
+
+
+def test_instances_with_other_step_sizes_compile_as_one_graph_each(cheap_steps):
+    """dynamo traces a number that changed between compilations as a tensor: the solve takes
+    each call's numbers as its input (and explain shows them), with no graph break."""
+    x = torch.randn(3, 4)
+    for step_size, steps in ((0.25, 4), (0.125, 8), (0.5, 2)):
+        torch.manual_seed(0)
+        model = rampde_fx.convert(StepSizeODE(step_size))
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        for got, want in zip(outputs_and_grads(compiled, x), outputs_and_grads(model, x)):
+            assert rel_err(got, want) < 2.0 ** -8
+        assert f"options={{'step_size': {step_size}}}" in rampde_fx.explain(compiled)
+        assert f"last solve: rk4, {steps} steps" in rampde_fx.explain(compiled)
+
+
 def test_tuple_state_backwards_in_time_compiles(cheap_steps):
     torch.manual_seed(0)
     model = rampde_fx.convert(HamiltonianModel())

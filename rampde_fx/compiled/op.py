@@ -233,8 +233,12 @@ def _solve(spec_key: int, numbers: Tensor, state: list[Tensor], t: Tensor, tenso
                 stepper, config.dtype, t.device, keep_stages,
                 cpu_kernel_transform(config.dtype, t.device, keep_stages)))
         report_to = None if spec.report_to is None else spec.report_to()
-        if report_to is not None:
+        if report_to is not None:  # a site: this call's statistics and numbers
             report_to.last_stats = prepared.plan.stats
+            given = report_to.call_arguments
+            for name, value in (("rtol", rtol), ("atol", atol), ("options", options)):
+                if name in given:
+                    given[name] = value
         with torch.autocast(t.device.type, enabled=False):
             solution, checkpoints, grid = integrate(
                 prepared.plan, prepared.state, prepared.grid, prepared.times,

@@ -187,8 +187,8 @@ class Conversion:
                 velocity_owner(event_fn)
             site_key = _site_while_compiling(
                 self, root, source, owner, method_name,
-                {k: v for k, v in arguments.items() if k != "event_fn"}, dropped, event_owner,
-                event_method)
+                {k: _constants(v) for k, v in arguments.items() if k != "event_fn"}, dropped,
+                event_owner, event_method)
             if not site_key:
                 return trampolines.run_within(None, solver, *args, **kwargs)
             in_graph = {k: v for k, v in arguments.items() if k not in _EVENT_ONLY_ARGUMENTS}
@@ -251,6 +251,21 @@ class Conversion:
             return None
         self.sites.append(site)
         return site
+
+
+def _constants(value: Any) -> Any:
+    """``value`` with its numbers replaced by a placeholder, at any depth of lists, tuples and
+    dicts: the site's registration takes constants only, and dynamo traces a number that
+    changed between calls as a tensor. Each call's numbers reach the solve op as its input, and
+    the op writes them into the site's arguments."""
+    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) \
+            and not isinstance(value, bool):
+        return "<per call>"
+    if isinstance(value, (list, tuple)):
+        return type(value)(_constants(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _constants(v) for k, v in value.items()}
+    return value
 
 
 @torch.compiler.assume_constant_result
