@@ -127,7 +127,7 @@ class Golden(TestCase):
         report = report_of(ill_conditioned)
         self.assertExpectedInline(masked(report), """\
 rampde_fx.check of OffsetODE: 1 ODE solve(s); relative errors against a float64 copy of the model
-  output: all floating outputs as one vector
+  output: all floating and complex outputs as one vector
   gradient: of the default loss (a fixed weighted sum of the outputs), all 8 parameters as one vector
   worst parameter: the one with the largest gradient error, and its part of that error
 

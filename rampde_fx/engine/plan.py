@@ -232,8 +232,9 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         stepper=stepper,
         controller=controller,
         n_components=len(state),
-        checkpoint_dtypes=tuple(dtype if dtype.itemsize < c.dtype.itemsize else c.dtype
-                                for c in state) * stepper.checkpoint_width,
+        # No low-precision complex dtype: complex components keep their own.
+        checkpoint_dtypes=tuple(dtype if dtype.itemsize < c.dtype.itemsize and not c.is_complex()
+                                else c.dtype for c in state) * stepper.checkpoint_width,
         time_values=internal_values,
         stats=stats,
     )
@@ -291,11 +292,7 @@ def _check_state(y0: Any) -> tuple[bool, tuple[torch.Tensor, ...]]:
     for i, c in enumerate(state):
         name = f"y0[{i}]" if is_tuple else "y0"
         require_data(name, c)
-        if c.is_complex():
-            raise NotImplementedError(f"{name} is complex ({c.dtype}); rampde_fx does not support "
-                                      "complex states yet (solve the real and imaginary parts as "
-                                      "a tuple state, or use torchdiffeq)")
-        if not c.is_floating_point():
+        if not (c.is_floating_point() or c.is_complex()):
             raise ValueError(f"{name} must be a floating point tensor (the high precision of the "
                              f"solve), got {c.dtype}; convert it with .float()")
         if not all_finite([c]):

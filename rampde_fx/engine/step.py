@@ -222,7 +222,7 @@ def velocity_time(tau: torch.Tensor, y: State, nudge: Nudge, time_sign: float) -
     """The time the velocity receives at internal time ``tau``: in the state's dtype, moved to
     the adjacent representable time by ``nudge``, negated when integrating backwards (the
     velocity sees the user's time)."""
-    t = tau.to(functools.reduce(torch.promote_types, (c.dtype for c in y)))
+    t = tau.to(functools.reduce(torch.promote_types, (c.dtype.to_real() for c in y)))
     if nudge is not Nudge.NONE:
         with torch.no_grad():
             nudged = torch.nextafter(t, t + nudge.value)
@@ -234,7 +234,8 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every element of ``tensors`` is finite, with one host synchronisation. Reads
     each tensor's extremes (nan propagates into them, an infinity is one): a reduction, with no
     boolean tensor of the tensor's size as ``isfinite`` would write."""
-    extremes = [torch.stack(torch.aminmax(x.detach())) for x in tensors if x.numel()]
+    extremes = [torch.stack(torch.aminmax(torch.view_as_real(x.detach()) if x.is_complex()
+                                          else x.detach())) for x in tensors if x.numel()]
     return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
 
 

@@ -170,6 +170,9 @@ def rewrite_for_precision(
             new_node = new_graph.node_copy(node, lambda n: replace.get(env[n], env[n]))
             with mode:
                 value = _run_on_fake(graph_module, new_node, fake)
+            if isinstance(value, torch.Tensor) and value.is_complex() and low_dtype != full_dtype \
+                    and device is None:
+                what = f"{what}; complex values keep their dtype"
             record(new_node, value, precision, what, no_low_kernel=device is not None)
         env[node] = new_node
         if node.op == "placeholder" and node.target in state_placeholders:

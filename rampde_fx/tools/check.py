@@ -204,7 +204,7 @@ class CheckReport:
         what = "gradient error" if self.parameters else "output error"
         lines = [f"rampde_fx.check of {self.model}: {len(self.scopes[0].solves)} ODE solve(s); "
                  "relative errors against a float64 copy of the model",
-                 "  output: all floating outputs as one vector",
+                 "  output: all floating and complex outputs as one vector",
                  f"  gradient: of {self.loss}, all {self.parameters} parameters as one vector",
                  "  worst parameter: the one with the largest gradient error, and its part of "
                  "that error"]
@@ -239,9 +239,11 @@ def check(
         model: a model that :func:`rampde_fx.convert` accepts. It is left as it is: the check
             runs copies (buffers included).
         example_inputs: the positional inputs of ``model`` (a tensor, or a sequence of them
-            and other values); floating tensors are cast to float64 for the reference.
+            and other values); floating and complex tensors are cast to float64 and complex128
+            for the reference.
         loss_fn: ``loss_fn(outputs) -> scalar`` whose gradients are compared; default: a fixed
-            weighted sum of every element of every floating output.
+            weighted sum of every element (real and imaginary part) of every floating or complex
+            output.
         dtypes: the low dtypes to check, in the order of preference.
         target: the largest gradient error (output error for a model without parameters)
             the suggestion may have.
@@ -312,13 +314,15 @@ class _Float64Solves:
 
 def _weighted_sum(outputs: Any) -> torch.Tensor:
     """The default loss: every element of every floating output, weighted from -1 to 1."""
-    return sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device)
-                .view_as(o)).sum() for o in _floating_leaves(outputs))
+    values = [torch.view_as_real(o) if o.is_complex() else o for o in _inexact_leaves(outputs)]
+    return sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype, device=v.device)
+                .view_as(v)).sum() for v in values)
 
 
-def _floating_leaves(tree: Any) -> list[torch.Tensor]:
-    return [leaf for leaf in pytree.tree_leaves(tree)
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+def _inexact_leaves(tree: Any) -> list[torch.Tensor]:
+    """The floating and complex tensors of ``tree``."""
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)
+            and (leaf.is_floating_point() or leaf.is_complex())]
 
 
 def _relative(error: float, reference: float) -> float:
@@ -328,7 +332,7 @@ def _relative(error: float, reference: float) -> float:
 
 
 def _norm(tensors: Iterable[torch.Tensor]) -> float:
-    return math.sqrt(sum(t.detach().double().square().sum().item() for t in tensors))
+    return math.sqrt(sum(t.detach().abs().double().square().sum().item() for t in tensors))
 
 
 _Result = tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -358,8 +362,12 @@ class _Checker:
         self.progress("running the float64 reference")
         trampolines.install()
         reference = copy.deepcopy(self.work).double()
+        for tensor in (*reference.parameters(), *reference.buffers()):  # .double() skips them
+            if tensor.is_complex():
+                tensor.data = tensor.data.to(torch.complex128)
         reference_inputs = pytree.tree_map_only(
-            torch.Tensor, lambda x: x.double() if x.is_floating_point() else x, inputs)
+            torch.Tensor, lambda x: x.double() if x.is_floating_point() else
+            x.to(torch.complex128) if x.is_complex() else x, inputs)
         self.reference = self._run(reference, reference_inputs, _Float64Solves())
 
     def _run(self, model: torch.nn.Module, inputs: tuple[Any, ...],
@@ -372,17 +380,17 @@ class _Checker:
             wanted = [parameters[n] for n in self.names]
             grads = (torch.autograd.grad(self.loss_fn(out), wanted, allow_unused=True)
                      if wanted else ())
-        return ([o.detach() for o in _floating_leaves(out)],
+        return ([o.detach() for o in _inexact_leaves(out)],
                 [torch.zeros_like(p) if g is None else g for p, g in zip(wanted, grads)])
 
     def _errors(self, mode: str, result: _Result) -> Measurement:
         (outputs, grads), (ref_outputs, ref_grads) = result, self.reference
-        output_error = _relative(_norm(o.double() - r for o, r in zip(outputs, ref_outputs)),
+        output_error = _relative(_norm(o.to(r.dtype) - r for o, r in zip(outputs, ref_outputs)),
                                  _norm(ref_outputs))
         if not grads:
             return Measurement(mode, output_error, None, None, None)
         reference = _norm(ref_grads)
-        parts = [_norm([g.double() - r]) for g, r in zip(grads, ref_grads)]
+        parts = [_norm([g.to(r.dtype) - r]) for g, r in zip(grads, ref_grads)]
         worst = max(range(len(parts)), key=parts.__getitem__)
         return Measurement(mode, output_error,
                            _relative(math.sqrt(sum(p * p for p in parts)), reference),

@@ -208,7 +208,7 @@ class AdaptiveController:
         would overflow)."""
         components = [c.to(torch.promote_types(c.dtype, torch.float32)) for c in components]
         value = self.norm(tuple(components) if self.is_tuple else components[0])
-        return torch.as_tensor(value, dtype=components[0].dtype,
+        return torch.as_tensor(value, dtype=components[0].dtype.to_real(),
                                device=components[0].device).reshape(())
 
     def scale(self, y: State) -> list[torch.Tensor]:
