@@ -418,7 +418,8 @@ CHANGES = st.lists(st.sampled_from(["gain", "activation", "shift", "weight", "sw
 def test_random_state_changes_between_solves(width, activation, gain, use_bias, changes, seed):
     """Property: after any sequence of state changes between solves (a float gain, the
     activation, a tensor attribute, a parameter's value, a swapped submodule), float32 mode
-    matches torchdiffeq on every solve, outputs and gradients."""
+    matches torchdiffeq on every solve, outputs and gradients: within F32, or (a gradient whose
+    terms cancel) as close to float64 as torchdiffeq's own float32 one, within a factor 2."""
     warnings.filterwarnings("ignore", "captured again for more than", rampde_fx.CaptureWarning)
     torch.manual_seed(seed)
     func = Generated(width, activation, gain, use_bias)
@@ -437,12 +438,22 @@ def test_random_state_changes_between_solves(width, activation, gain, use_bias, 
             func.out = nn.Linear(width, 3)
         params = [*func.parameters(), *([func.shift] if func.shift.requires_grad else [])]
 
-        def solve(solver, **kwargs):
-            out = solver(func, y0, T, **RK4, **kwargs)
-            return [out.detach(), *torch.autograd.grad(out.square().sum(), params)]
+        def solve(solver, model=func, wanted=params, precision=torch.float32, **kwargs):
+            out = solver(model, y0.to(precision), T.to(precision), **RK4, **kwargs)
+            return [out.detach(), *torch.autograd.grad(out.square().sum(), wanted)]
 
-        assert_close_all(solve(rampde_fx.odeint, dtype=torch.float32), solve(torchdiffeq.odeint),
-                         F32, change)
+        ours = solve(rampde_fx.odeint, dtype=torch.float32)
+        theirs = solve(torchdiffeq.odeint)
+        wide = copy.deepcopy(func).double()
+        wide.shift = func.shift.detach().double().requires_grad_(func.shift.requires_grad)
+        exact = solve(torchdiffeq.odeint, wide, [*wide.parameters(), *(
+            [wide.shift] if wide.shift.requires_grad else [])], torch.float64)
+        for i, (got, want, reference) in enumerate(zip(ours, theirs, exact, strict=True)):
+            if not want.any():
+                assert not got.any(), (change, i)
+            else:
+                assert rel_err(got, want) < F32 or \
+                    rel_err(got, reference) < 2 * rel_err(want, reference), (change, i)
 
 
 def test_bfloat16_per_solve_bindings_against_float64():
