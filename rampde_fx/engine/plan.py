@@ -293,8 +293,8 @@ def _check_state(y0: Any) -> tuple[bool, tuple[torch.Tensor, ...]]:
         name = f"y0[{i}]" if is_tuple else "y0"
         require_data(name, c)
         if not (c.is_floating_point() or c.is_complex()):
-            raise ValueError(f"{name} must be a floating point tensor (the high precision of the "
-                             f"solve), got {c.dtype}; convert it with .float()")
+            raise ValueError(f"{name} must be a floating point or complex tensor (the high "
+                             f"precision of the solve), got {c.dtype}; convert it with .float()")
         if not all_finite([c]):
             raise ValueError(f"{name} contains inf or nan")
         if c.device != state[0].device:
