@@ -15,8 +15,7 @@ import torch
 from . import runtime
 from .adjoint.event_time import through_event_time
 from .adjoint.function import MixedPrecisionSolve
-from .compiled.op import (NOT_IN_GRAPH, run_between_graphs, run_event_between_graphs,
-                          solve_in_graph)
+from .compiled.op import NOT_IN_GRAPH, run_between_graphs, solve_in_graph
 from .config import Budget, SolveConfig, resolve_config
 from .engine.integrate import integrate
 from .engine.plan import TensorOrTuple, prepare_solve
@@ -142,8 +141,7 @@ def odeint(
                                   method=method, options=options, adjoint_params=adjoint_params,
                                   event_fn=event_fn)
         if solution is NOT_IN_GRAPH:
-            between = run_between_graphs if event_fn is None else run_event_between_graphs
-            return between(odeint, func, y0, t, event_fn=event_fn, **arguments)
+            return run_between_graphs(odeint, func, y0, t, event_fn=event_fn, **arguments)
         return solution
     config = resolve_config(config, None, **settings)
     prepared = prepare_solve(func, y0, t, config, rtol=rtol, atol=atol, method=method,

@@ -606,7 +606,7 @@ def test_compiled_velocities_made_per_call_run_between_graphs(how, cheap_steps):
         assert_close_all(outputs_and_grads(compiled, x), outputs_and_grads(model, x), F32, how)
     assert len(debug.sites(converted)) == 1
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="set what changes per call as its attributes"):
+    with pytest.raises(Exception, match="set what changes per call as attributes"):
         torch.compile(converted, fullgraph=True, backend="aot_eager")(torch.randn(4, 3))
 
 

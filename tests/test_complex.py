@@ -1,6 +1,7 @@
 """Complex states, as torchdiffeq solves them: the solver's arithmetic in the state's complex
 dtype, real times given to the velocity, real-valued ops of the velocity in low precision and
-complex ones in their own dtype; gradients for complex y0 and complex parameters."""
+complex ones in their own dtype, checkpoints as low-precision pairs of parts; gradients for
+complex y0 and complex parameters."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +14,7 @@ from torch import nn
 
 import rampde_fx
 from models import rel_err
+from rampde_fx.tools.memory import saved_tensor_bytes
 
 U_BF16 = 2.0 ** -8
 T = torch.tensor([0.0, 0.4, 1.0])
@@ -154,3 +156,23 @@ def test_check_compares_complex_outputs():
     measurements = {m.mode: m for m in report.scopes[0].measurements}
     assert measurements["float32"].output_error < 1e-6
     assert 1e-5 < measurements["bfloat16"].output_error < U_BF16
+
+
+def test_checkpoints_keep_complex_states_as_low_precision_pairs():
+    """In bf16 each step keeps the complex state's real and imaginary parts in bf16 (4 bytes
+    per element, against complex64's 8; float32 mode keeps complex64), and a budget, which
+    rounds its re-run states as they, gives the same gradients, bit for bit."""
+    torch.manual_seed(6)
+    func = ComplexField()
+    y0 = torch.randn(8, 3, dtype=torch.complex64, requires_grad=True)
+    steps = 20  # rk4 at step size 0.05 over T
+    grid_and_times = (steps + 1 + len(T)) * 4
+    for dtype, per_element in ((torch.bfloat16, 4), (torch.float32, 8)):
+        kept = saved_tensor_bytes(lambda: rampde_fx.odeint(func, y0, T, dtype=dtype,
+                                                           **SOLVES["rk4"]))
+        assert kept - grid_and_times == steps * y0.numel() * per_element
+    every, budget = (solve_and_grad(rampde_fx.odeint, func, y0, checkpoint=checkpoint,
+                                    **SOLVES["rk4"])
+                     for checkpoint in ("steps", rampde_fx.Budget(3)))
+    for got, want in zip(budget, every):
+        assert torch.equal(got, want)

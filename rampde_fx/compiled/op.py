@@ -48,18 +48,12 @@ from .registry import (DYNAMO_PASSES_OBJECTS, CompiledSolveSpec, lift_budget, li
 # Why a solve runs between two compiled graphs (the graph break's reason, shown by dynamo, and
 # under fullgraph=True its error).
 _BETWEEN_GRAPHS = (
-    "rampde_fx: this solve's velocity is made inside the compiled code (a lambda, closure or "
-    "module built per call), which dynamo cannot hand to the compiled solve op, so the solve "
-    "runs eagerly between two compiled graphs. For one graph (fullgraph=True), make the "
-    "velocity a module built once (in __init__) and set what changes per call as its "
-    "attributes before the solve.")
-
-# Why an event solve runs between two compiled graphs.
-_EVENT_BETWEEN_GRAPHS = (
-    "rampde_fx: this event solve's velocity or event function is made inside the compiled code "
-    "(a lambda, closure or module built per call), which dynamo cannot hand to the compiled "
-    "solve op, so the solve runs eagerly between two compiled graphs. For one graph "
-    "(fullgraph=True), make both modules built once, or methods of one (event_fn=self.hit).")
+    "rampde_fx: this solve's velocity (or event function) is made inside the compiled code (a "
+    "lambda, closure or module built per call), which dynamo cannot hand to the compiled solve "
+    "op, so the solve runs eagerly between two compiled graphs. For one graph "
+    "(fullgraph=True), make it a module built once (in __init__) or a method of one "
+    "(event_fn=self.hits_ground), and set what changes per call as attributes before the "
+    "solve.")
 
 # What solve_in_graph returns for a velocity that the op cannot take: the caller runs the
 # solve with run_between_graphs.
@@ -75,14 +69,7 @@ def is_plain_function(func: Any) -> bool:
 @torch.compiler.disable(reason=_BETWEEN_GRAPHS)
 def run_between_graphs(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, eagerly: under ``torch.compile`` a graph break, at which dynamo
-    rebuilds the velocity made in the compiled code as a real object."""
-    return fn(*args, **kwargs)
-
-
-@torch.compiler.disable(reason=_EVENT_BETWEEN_GRAPHS)
-def run_event_between_graphs(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, an event solve, eagerly: under ``torch.compile`` a graph break,
-    at which dynamo rebuilds the velocity or event function made in the compiled code."""
+    rebuilds the velocity or event function made in the compiled code as a real object."""
     return fn(*args, **kwargs)
 
 

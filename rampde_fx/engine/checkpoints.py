@@ -12,7 +12,9 @@ pass computes the same gradients. (In an adaptive solve a re-run step evaluates 
 anew where the forward reused the previous step's last one: the same value, except for a
 velocity that reads buffers it changes in place.) A multistep method's step also reads
 earlier steps' derivatives: a budget keeps them with each state, and a re-run step continues
-from them (see :meth:`~rampde_fx.engine.step.Stepper.resume`).
+from them (see :meth:`~rampde_fx.engine.step.Stepper.resume`). A complex component is kept as
+the pair of its real and imaginary parts in the low dtype (:func:`stored`), and the backward
+pass gets it back as a complex tensor (:func:`restored`).
 
 Between the forward and the backward pass a budget keeps at most ``n`` states; while the
 backward pass of a fixed grid runs, the states it recomputes (at most ``n - 1`` at a time) come
@@ -47,7 +49,8 @@ class CheckpointStore:
         self._count = 0
         self._stores: list[torch.Tensor] | list[list[torch.Tensor]] = (
             [[] for _ in y0] if steps is None else
-            [torch.empty((steps, *c.shape), dtype=d, device=c.device) for c, d in zip(y0, dtypes)])
+            [torch.empty((steps, *_stored_shape(c, d)), dtype=d, device=c.device)
+             for c, d in zip(y0, dtypes)])
         self._preallocated = steps is not None
 
     def keeps(self, step: int) -> bool:
@@ -62,9 +65,9 @@ class CheckpointStore:
         """The :meth:`start_of` ``y`` of accepted step ``step`` (steps come in order)."""
         for store, c, d in zip(self._stores, y, self._dtypes):
             if self._preallocated:
-                store[self._count] = c
+                store[self._count] = stored(c, d)
             else:
-                store.append(c.detach().to(d))
+                store.append(stored(c.detach(), d))
         self._count += 1
 
     def result(self) -> tuple[list[torch.Tensor], list[Segment] | None]:
@@ -72,7 +75,7 @@ class CheckpointStore:
         if self._preallocated:
             return list(self._stores), None
         return [torch.stack(store) if store else
-                torch.empty((0, *c.shape), dtype=d, device=c.device)
+                torch.empty((0, *_stored_shape(c, d)), dtype=d, device=c.device)
                 for store, c, d in zip(self._stores, self._y0, self._dtypes)], None
 
 
@@ -119,6 +122,26 @@ class BudgetStore:
 Store = CheckpointStore | BudgetStore
 
 
+def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a checkpoint keeps it, in ``dtype``: a complex one in a real ``dtype`` as the
+    pair of its real and imaginary parts (there is no low-precision complex dtype)."""
+    if x.is_complex() and not dtype.is_complex:
+        return torch.view_as_real(x).to(dtype)
+    return x.to(dtype)
+
+
+def restored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A kept checkpoint ``x`` of a ``dtype`` tensor, back as one: a pair of parts becomes a
+    complex ``dtype`` tensor; a real one stays in its (checkpoint) dtype."""
+    if dtype.is_complex and not x.is_complex():
+        return torch.view_as_complex(x.to(dtype.to_real()))
+    return x
+
+
+def _stored_shape(x: torch.Tensor, dtype: torch.dtype) -> tuple[int, ...]:
+    return (*x.shape, 2) if x.is_complex() and not dtype.is_complex else tuple(x.shape)
+
+
 def checkpoint_store(plan: SolvePlan, y0: State) -> Store:
     """The store of the plan's checkpoint setting."""
     budget, steps = plan.config.budget, plan.controller.known_steps
@@ -150,7 +173,8 @@ def step_starts(plan: SolvePlan, kept: list[torch.Tensor], grid: torch.Tensor,
     those before it."""
     if plan.segments is None:
         for step in reversed(range(plan.steps)):
-            yield step, StepStart([c[step] for c in kept], plan.context_of(step) or StepContext())
+            yield step, StepStart([restored(c[step], d) for c, d in zip(kept, plan.state_dtypes)],
+                                  plan.context_of(step) or StepContext())
         return
     stepper = plan.stepper
     n = plan.n_components * stepper.resume_width
@@ -169,7 +193,8 @@ def step_starts(plan: SolvePlan, kept: list[torch.Tensor], grid: torch.Tensor,
         for step in reversed(range(start, end)):
             kept_step, found = _rerun_steps(plan, grid, times, start, step, y, context)
             checkpoint = stepper.checkpoint_of(stepper.resume(step, kept_step))
-            yield step, StepStart([c.to(d) for c, d in zip(checkpoint, plan.checkpoint_dtypes)],
+            yield step, StepStart([restored(stored(c, d), state_dtype) for c, d, state_dtype in
+                                   zip(checkpoint, plan.checkpoint_dtypes, plan.state_dtypes)],
                                   found)
 
 

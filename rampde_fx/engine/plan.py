@@ -68,9 +68,11 @@ class SolvePlan:
         stepper: the method, the velocity and where it is evaluated.
         controller: where to step (a fixed grid, or adaptive control).
         n_components: the number of state components.
-        checkpoint_dtypes: the dtype of each tensor of a step's checkpoint (its start's
-            components, then those of what else the stepper keeps: see
-            :meth:`Stepper.checkpoint_of`).
+        state_dtypes: the dtype of each tensor of a step's checkpoint (its start's components,
+            then those of what else the stepper keeps: see :meth:`Stepper.checkpoint_of`).
+        checkpoint_dtypes: the dtype each is kept in: the low dtype where narrower, for a
+            complex one that of the pair of its real and imaginary parts (see
+            :mod:`~rampde_fx.engine.checkpoints`).
         time_values: the output times (internal time); for an event solve its start and the
             event time (infinite until found).
         stats: what this solve did.
@@ -86,6 +88,7 @@ class SolvePlan:
     stepper: Stepper
     controller: StepController
     n_components: int
+    state_dtypes: tuple[torch.dtype, ...]
     checkpoint_dtypes: tuple[torch.dtype, ...]
     time_values: list[float]
     stats: SolveStats
@@ -232,8 +235,8 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         stepper=stepper,
         controller=controller,
         n_components=len(state),
-        # No low-precision complex dtype: complex components keep their own.
-        checkpoint_dtypes=tuple(dtype if dtype.itemsize < c.dtype.itemsize and not c.is_complex()
+        state_dtypes=tuple(c.dtype for c in state) * stepper.checkpoint_width,
+        checkpoint_dtypes=tuple(dtype if dtype.itemsize < c.dtype.to_real().itemsize
                                 else c.dtype for c in state) * stepper.checkpoint_width,
         time_values=internal_values,
         stats=stats,

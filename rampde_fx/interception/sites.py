@@ -29,8 +29,7 @@ import torch
 from .. import runtime
 from ..api import odeint, odeint_event, solve_to_event, solves_like_odeint
 from ..capture import owner_module, velocity_owner
-from ..compiled.op import (NOT_IN_GRAPH, is_plain_function, run_between_graphs,
-                           run_event_between_graphs, solve_in_graph)
+from ..compiled.op import NOT_IN_GRAPH, is_plain_function, run_between_graphs, solve_in_graph
 from ..config import SolveConfig
 from ..engine.plan import METHODS
 from ..errors import ConversionError
@@ -178,9 +177,8 @@ class Conversion:
         solver = odeint if source == "rampde_fx.odeint" else trampolines.original(source)
         if torch.compiler.is_compiling():
             event_fn = arguments.get("event_fn")
-            between = run_between_graphs if event_fn is None else run_event_between_graphs
             if is_plain_function(func) or (event_fn is not None and is_plain_function(event_fn)):
-                return between(self.solve, root, source, args, kwargs)
+                return run_between_graphs(self.solve, root, source, args, kwargs)
             owner, method_name = velocity_owner(func)
             # dynamo passes modules to the registration, not bound methods in a dict
             event_owner, event_method = (None, None) if event_fn is None else \
@@ -197,8 +195,8 @@ class Conversion:
                 found = solve_in_graph(func, y0, times, self.config, {}, **in_graph,
                                        report_to_key=site_key, adjoint_params=adjoint_params)
                 if found is NOT_IN_GRAPH:  # a velocity module made in the compiled code
-                    return between(odeint, func, y0, times, config=self.config, **in_graph,
-                                   adjoint_params=adjoint_params)
+                    return run_between_graphs(odeint, func, y0, times, config=self.config,
+                                              **in_graph, adjoint_params=adjoint_params)
                 return found
 
             if source == "torchdiffeq.odeint_event":
