@@ -26,7 +26,8 @@ from .tools.explain import conversion_diff, explain, graph_diff
 __all__ = [
     "ADAPTIVE_TABLEAUS", "Budget", "ButcherTableau", "CaptureWarning", "CheckReport",
     "ConversionError",
-    "DEFAULT_POLICY", "FIXED_GRID_TABLEAUS", "METHODS", "Precision", "PrecisionPolicy", "SolveConfig",
+    "DEFAULT_POLICY", "FIXED_GRID_TABLEAUS", "METHODS", "Precision", "PrecisionPolicy",
+    "SolveConfig",
     "SolveStats", "ToleranceWarning", "VelocityKind", "check", "collect_stats",
     "conversion_diff", "convert", "explain", "graph_diff", "mixed_precision", "odeint",
     "odeint_event",

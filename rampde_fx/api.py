@@ -3,8 +3,9 @@
 
 The entry point of a solve: an intercepted call goes to the converted model that routes it;
 under ``torch.compile`` a solve is the compiled path's opaque op (a velocity or event function
-made inside the compiled code runs between graphs); otherwise the engine plans it and runs it under the discrete adjoint's autograd
-function (or without checkpoints, where nothing wants gradients).
+made inside the compiled code runs between graphs); otherwise the engine plans it and runs it
+under the discrete adjoint's autograd function (or without checkpoints, where nothing wants
+gradients).
 """
 from __future__ import annotations
 
@@ -65,9 +66,10 @@ def odeint(
             tensors. Fixed grids: 'step_size' (or 'grid_constructor(func, y0, t) -> grid'),
             'interp' ('linear' or 'cubic') and 'perturb'; without a step size the grid is
             ``t``. Adams methods also take 'max_order' (2 to 12, default 12) and 'max_iters'
-            (corrector evaluations per step, default 4). Adaptive methods: 'first_step', 'safety', 'ifactor', 'dfactor',
-            'max_num_steps', 'step_t', 'jump_t', 'min_step', 'max_step', 'norm' (and 'dtype',
-            which has no effect: their times are float64 on the host).
+            (corrector evaluations per step, default 4). Adaptive methods: 'first_step',
+            'safety', 'ifactor', 'dfactor', 'max_num_steps', 'step_t', 'jump_t', 'min_step',
+            'max_step', 'norm' (and 'dtype', which has no effect: their times are float64 on
+            the host).
         dtype: the velocity's precision: torch.bfloat16 (default), torch.float16, or
             torch.float32 / torch.float64 for no low precision at all.
         scaling: adjoint scaling: 'auto' (dynamic for float16, none otherwise), 'dynamic' or

@@ -117,8 +117,10 @@ def test_tuple_state_and_evaluation_counts(method):
         assert rel_err(got, want) < 1e-12
     (solve,) = stats
     assert solve.steps == 10
-    corrections = solve.nfe_forward - (8 + 8) if method == "implicit_adams" else 0
-    assert solve.nfe_forward == 8 + 8 + corrections
+    if method == "implicit_adams":  # 1 to max_iters (4) corrector evaluations per Adams step
+        assert 8 + 8 + 8 <= solve.nfe_forward <= 8 + 8 + 4 * 8
+    else:
+        assert solve.nfe_forward == 8 + 8
     assert solve.nfe_backward == solve.nfe_forward
 
 

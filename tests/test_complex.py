@@ -5,6 +5,7 @@ complex y0 and complex parameters."""
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import pytest
@@ -56,7 +57,8 @@ def solve_and_grad(odeint, func, y0, **kwargs):
     y0 = y0.detach().requires_grad_()
     out = odeint(func, y0, T.to(y0.real.dtype), **kwargs)
     weights = torch.linspace(-1, 2, out.numel(), dtype=out.real.dtype).view_as(out)
-    loss = (out.real * weights).sum() + (out.imag * weights.flip(0)).sum() + out.abs().square().sum()
+    loss = (out.real * weights).sum() + (out.imag * weights.flip(0)).sum() \
+        + out.abs().square().sum()
     return [out, *torch.autograd.grad(loss, [y0, *func.parameters()])]
 
 
@@ -176,3 +178,44 @@ def test_checkpoints_keep_complex_states_as_low_precision_pairs():
                      for checkpoint in ("steps", rampde_fx.Budget(3)))
     for got, want in zip(budget, every):
         assert torch.equal(got, want)
+
+
+class Spiral(nn.Module):
+    def forward(self, t, y):
+        return (1 + 1j) * y
+
+
+def event_time_exact(y0: complex) -> float:
+    """When Re(y0 exp((1 + i) t)) first reaches 1: found on a grid of 0.01, then bisected in
+    float64."""
+    def excess(t: float) -> float:
+        return (y0 * complex(math.cos(t), math.sin(t))).real * math.exp(t) - 1
+    high = 0.0
+    while excess(high) < 0:
+        high += 0.01
+    low = high - 0.01
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if excess(middle) < 0 else (low, middle)
+    return (low + high) / 2
+
+
+@pytest.mark.parametrize("solve, time_error, gradient_error", [
+    ({"method": "rk4", "options": {"step_size": 0.002}}, 1e-5, 1e-4),
+    ({"rtol": 1e-10}, 1e-8, 1e-6)], ids=["rk4", "dopri5"])
+def test_event_solve_of_a_complex_state(solve, time_error, gradient_error):
+    """An event function of a complex state (its real part reaching 1): the event time and its
+    gradient for y0 (autograd's convention: d/dRe + i d/dIm) against the exact ones, the
+    gradient by central differences of the exact event time. (rk4's event time is bisected on
+    its linear interpolant, second order in the step.)"""
+    y0 = torch.tensor(0.3 + 0.1j, dtype=torch.complex128, requires_grad=True)
+    event_t, _ = rampde_fx.odeint_event(Spiral(), y0, torch.tensor(0.0, dtype=torch.float64),
+                                        event_fn=lambda t, y: y.real - 1, atol=1e-12,
+                                        dtype=torch.float64, **solve)
+    (grad,) = torch.autograd.grad(event_t, y0)
+    h = 1e-6
+    exact = complex((event_time_exact(0.3 + h + 0.1j) - event_time_exact(0.3 - h + 0.1j)) / (2 * h),
+                    (event_time_exact(0.3 + 0.1j + h * 1j) - event_time_exact(0.3 + 0.1j - h * 1j))
+                    / (2 * h))
+    assert abs(event_t.item() - event_time_exact(0.3 + 0.1j)) < time_error
+    assert abs(grad.item() - exact) < gradient_error * abs(exact)

@@ -50,7 +50,8 @@ def through_event_time(func: Callable[[torch.Tensor, Any], Any], event_fn: Event
     value, pullback = torch.func.vjp(lambda time, *y: event(time, structured(list(y))), t,
                                      *[c.detach() for c in state])
     g_t, *g_y = pullback(torch.ones_like(value))
-    along_flow = g_t + sum(torch.sum(d * v) for d, v in zip(g_y, velocity))
+    # Re(conj(g_y) v): autograd's gradient of a real function of a complex state is conjugated
+    along_flow = g_t + sum(torch.sum(d.conj() * v).real for d, v in zip(g_y, velocity))
     residual = event(t, structured(state))  # its value is about 0; its gradient is dg/dp
     shift = -(residual - residual.detach()) / (along_flow.detach() + 1e-12)
     rows = [torch.stack([c[0], s + v.detach() * shift.to(s.dtype)])

@@ -30,7 +30,7 @@ def replay(plan: SolvePlan, y0: Sequence[torch.Tensor], grid: torch.Tensor,
     y = tuple(y0)
     context = plan.context_of(0) or StepContext()
     executor, stepper.executor = stepper.executor, None  # compiled kernels record no graph
-    stepper.restart()
+    stepper.rewind()
     try:
         for step in range(plan.steps):
             y, values, context = rerun_step(plan, step, grid, times, y, context)

@@ -99,8 +99,8 @@ class AdamsStepper(Stepper):
     method of the first steps.
 
     A solve records, per step, the length of the history it read and its corrector
-    evaluations; a step taken again (a budget's re-run, from :meth:`resume`) reads them instead
-    of deciding anew, so that it repeats the forward's step exactly.
+    evaluations; a step taken again (a budget's re-run from :meth:`resume`, a replay after
+    :meth:`rewind`) reads them instead of deciding anew, so that it repeats the forward's step.
 
     Attributes:
         implicit: whether the Adams-Moulton corrector runs.
@@ -126,9 +126,12 @@ class AdamsStepper(Stepper):
         self.restart()
 
     def restart(self) -> None:
+        self.rewind()
+        self.lengths, self.corrections = [], []
+
+    def rewind(self) -> None:
         self._history: list[State] = []  # the earlier derivatives, newest first
         self._step = 0  # the index of the next step
-        self.lengths, self.corrections = [], []
 
     @property
     def checkpoint_width(self) -> int:

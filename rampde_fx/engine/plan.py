@@ -262,7 +262,7 @@ def _event_time_dtype(tableau: ButcherTableau, state: tuple[torch.Tensor, ...]) 
     the state's for fixed steps."""
     if tableau.adaptive:
         return torch.float64
-    return functools.reduce(torch.promote_types, (c.dtype for c in state))
+    return functools.reduce(torch.promote_types, (c.dtype.to_real() for c in state))
 
 
 def _event_step_size(method: str, opts: dict[str, Any]) -> float:

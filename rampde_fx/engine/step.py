@@ -85,6 +85,10 @@ class Stepper:
     def restart(self) -> None:
         """Called before a solve's first step (a multistep method forgets its history)."""
 
+    def rewind(self) -> None:
+        """Called before the steps of the last solve are taken again from its first one (a
+        multistep method goes back to an empty history, and repeats what its steps recorded)."""
+
     @property
     def checkpoint_width(self) -> int:
         """The number of tensors per state component in a step's checkpoint."""

@@ -470,7 +470,7 @@ class _Checker:
         notes += [f"in the {_short(dtype)} solves, {reason}, runs in float32"
                   for dtype, (_, model) in zip(modes, everything)
                   for reason in _without_low_kernel(model)]
-        notes += [_adams_note(site) for site in sites if _adams_note(site)]
+        notes += [note for site in sites if (note := _adams_note(site))]
         float32 = everything[0][0]
         if float32.error > target:
             notes.append(f"the float32 mode is {float32.error:.1e} from float64, above the "

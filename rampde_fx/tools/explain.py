@@ -96,7 +96,7 @@ def explain(converted: Any) -> str:
         lines.append(f"solve {index}: {site}")
         config = site.config
         if site.source.endswith("odeint_adjoint"):
-            kept = f"one {dtype} checkpoint per step" if config.budget is None else \
+            kept = f"{dtype} checkpoints of every step" if config.budget is None else \
                 f"at most {config.budget} states kept, the other steps recomputed"
             lines.append(f"  becomes the discrete adjoint, {kept}")
         if site.is_event_solve:
