@@ -26,7 +26,7 @@ import torchdiffeq
 from torch import nn
 
 import rampde_fx
-from rampde_fx.capture import GraphVelocity
+from rampde_fx.capture import GraphVelocity, lifted_slots
 from rampde_fx.capture.guards import guard_state
 from rampde_fx.tools import debug
 
@@ -129,7 +129,9 @@ def main() -> None:
     print("\nguard check per solve (guard_state):")
     for name, velocity in (("mlp", MLPVelocity(64, 256)), ("odenet", ODENetVelocity(64)),
                            ("cnf", HyperCNFVelocity())):
-        ms = median_ms(lambda velocity=velocity: guard_state(velocity, set()), repeats=200)
+        slots = lifted_slots(velocity)
+        ms = median_ms(lambda velocity=velocity, slots=slots: guard_state(velocity, set(), slots),
+                       repeats=200)
         print(f"  {name:<8}{ms * 1e3:8.1f} us")
 
 

@@ -183,3 +183,14 @@ def test_budget_benchmark():
     assert rows["4"][8] == rows["16"][8] == "1.000"  # recomputed steps: revolve's bound
     assert all(row[-1] == "0.0e+00" for row in rows.values())  # the gradients of 'steps'
     assert "600 steps, Budget(8)" in out and "ratio 1.000" in out
+
+
+@pytest.mark.slow
+def test_per_call_benchmark():
+    out = run("benchmarks/per_call.py", "--calls", "20")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:4]}
+    assert set(rows) == {"reused", "lambda", "module"}
+    for name in ("lambda", "module"):  # one site, and nothing left alive by 20 calls
+        assert rows[name][4] == "1"
+        assert rows[name][5] == rows[name][7] and rows[name][8] == rows[name][10]
+    assert len(numbers_after("mlp", out)) == 1  # the guard check's cost per solve
