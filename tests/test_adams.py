@@ -155,8 +155,8 @@ def test_low_precision_against_float64(method, max_order, dtype, unit_roundoff):
     seeds in bf16, bound u/2. The adjoint passes the derivatives' cotangents back through the
     same weights, and a step's vector-Jacobian product rounds them: gradients measured up to
     0.15 u S (order 7), bound u S. (explicit_adams at its default max_order=12 steps with order
-    11, S = 591: bf16 outputs measured 20 times and gradients 40 times less accurate than with
-    max_order=8.)"""
+    11, S = 591: bf16 outputs measured 7 to 23 times and gradients 30 times less accurate than
+    with max_order=8.)"""
     torch.manual_seed(3)
     func = Field(32)
     y0 = torch.randn(16, 3)

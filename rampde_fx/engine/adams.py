@@ -40,7 +40,7 @@ MIN_ORDER = 3  # the shortest history an Adams step reads; shorter ones step by 
 MAX_ORDER = 12  # the largest max_order (torchdiffeq's)
 DEFAULT_MAX_ITERS = 4
 # The highest explicit order whose weights (magnitudes summing to 43) suit a low-precision
-# velocity: order 11's sum to 591, and bf16 gradients came out 40 times less accurate.
+# velocity: order 11's sum to 591, and bf16 gradients came out 30 times less accurate.
 LOW_PRECISION_ORDER = 7
 
 
