@@ -83,7 +83,8 @@ class PrecisionPolicy:
     def __post_init__(self) -> None:
         both = set(self.low_ops) & set(self.full_ops)
         if both:
-            raise ValueError(f"PrecisionPolicy: ops {sorted(both)} are in both low_ops and full_ops")
+            raise ValueError(f"PrecisionPolicy: ops {sorted(both)} are in both low_ops and "
+                             "full_ops")
 
     def classify(self, node: torch.fx.Node) -> Classification:
         """The precision class of a call node, what it is (``"'linear', a matmul-class

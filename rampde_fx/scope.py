@@ -3,9 +3,9 @@ ODE solve this thread starts is converted: library samplers, top-level helpers t
 ``odeint`` themselves, code the user owns no module of.
 
 Inside the scope the solver calls are routed as in a converted module's forward (see
-``rampde_fx.interception.trampolines``): to sites made when first met, with the scope's precision settings. Sites
-belong to the scope object, so one object used many times (a decorator, say) lists every solve
-it met in :meth:`mixed_precision.explain`.
+``rampde_fx.interception.trampolines``): to sites made when first met, with the scope's
+precision settings. Sites belong to the scope object, so one object used many times (a
+decorator, say) lists every solve it met in :meth:`mixed_precision.explain`.
 """
 from __future__ import annotations
 

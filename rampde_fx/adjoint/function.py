@@ -32,7 +32,6 @@ class MixedPrecisionSolve(torch.autograd.Function):
         ctx.plan = plan
         ctx.save_for_backward(grid, times, *checkpoints)
         ctx.inputs = inputs  # for a recorded backward pass (see replay)
-        ctx.state_dtypes = tuple(c.dtype for c in y0)
         return solution
 
     @staticmethod
@@ -46,7 +45,7 @@ class MixedPrecisionSolve(torch.autograd.Function):
         wants = Wants(state=any(needs[:n]), grid=needs[n], times=needs[n + 1],
                       tensors=[i for i, need in enumerate(needs[n + 2:]) if need])
         with torch.autocast(grid.device.type, enabled=False):
-            grads = backward_with_retries(plan, ctx.state_dtypes, grid, times, checkpoints,
+            grads = backward_with_retries(plan, grid, times, checkpoints,
                                           ctx.velocity_tensors, solution_grads, wants)
         return (None, *grads)
 

@@ -20,7 +20,6 @@ target, so the number of host synchronisations per backward pass does not grow w
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import warnings
 from typing import Sequence
 
@@ -47,8 +46,7 @@ class Wants:
     tensors: list[int]
 
 
-def backward_with_retries(plan: SolvePlan, state_dtypes: Sequence[torch.dtype],
-                          grid: torch.Tensor, times: torch.Tensor,
+def backward_with_retries(plan: SolvePlan, grid: torch.Tensor, times: torch.Tensor,
                           checkpoints: list[torch.Tensor],
                           velocity_tensors: Sequence[torch.Tensor],
                           solution_grads: Sequence[torch.Tensor],
@@ -60,8 +58,8 @@ def backward_with_retries(plan: SolvePlan, state_dtypes: Sequence[torch.dtype],
         scaler = AdjointScaler(grid.device) if plan.config.dynamic_scaling else None
         if scaler is not None and target is not None:
             scaler.target_log2 = target
-        grads = _sweep(plan, state_dtypes, grid, times, checkpoints, velocity_tensors,
-                       solution_grads, wants, scaler)
+        grads = _sweep(plan, grid, times, checkpoints, velocity_tensors, solution_grads, wants,
+                       scaler)
         plan.stats.backward_sweeps += 1
         if scaler is None:
             return grads
@@ -81,8 +79,8 @@ def backward_with_retries(plan: SolvePlan, state_dtypes: Sequence[torch.dtype],
     return [None if g is None else torch.full_like(g, float("nan")) for g in grads]
 
 
-def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Tensor,
-           times: torch.Tensor, checkpoints: list[torch.Tensor],
+def _sweep(plan: SolvePlan, grid: torch.Tensor, times: torch.Tensor,
+           checkpoints: list[torch.Tensor],
            velocity_tensors: Sequence[torch.Tensor], solution_grads: Sequence[torch.Tensor],
            wants: Wants, scaler: AdjointScaler | None) -> list[torch.Tensor | None]:
     """One backward pass over all steps; returns the gradients of the Function's inputs.
@@ -93,7 +91,7 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
     n = plan.n_components
     stepper = plan.stepper
     adjoint = [torch.zeros(g.shape[1:], dtype=d, device=g.device)
-               for g, d in zip(solution_grads, state_dtypes)]
+               for g, d in zip(solution_grads, plan.state_dtypes)]
     # float32 (the tensors' own dtype) accumulators, added to in place by every step
     tensor_grads = {i: torch.zeros_like(velocity_tensors[i]) for i in wants.tensors}
     grid_grad = torch.zeros_like(grid) if wants.grid else None
@@ -123,13 +121,12 @@ def _sweep(plan: SolvePlan, state_dtypes: Sequence[torch.dtype], grid: torch.Ten
         for attempt in range(MAX_FIRST_STEP_RETRIES + 1):
             scale = scaler.scale_for(cotangents) if scaler is not None else None
             if fused:
-                results, largest = _kernel_step(plan, step, grid, state_dtypes, start,
-                                                cotangents, scale, kernel_tensors, wants,
+                results, largest = _kernel_step(plan, step, grid, start, cotangents, scale,
+                                                kernel_tensors, wants,
                                                 None if scaler else list(tensor_grads.values()))
             else:
-                results, largest = _recomputed_step(plan, step, grid, times, state_dtypes,
-                                                    start, cotangents, scale,
-                                                    wanted_tensors, wants)
+                results, largest = _recomputed_step(plan, step, grid, times, start, cotangents,
+                                                    scale, wanted_tensors, wants)
             if scaler is None:
                 break
             overflowed = scaler.observe(largest)
@@ -184,8 +181,7 @@ def _executor_positions(stepper: Stepper, velocity_tensors: Sequence[torch.Tenso
     return None if None in positions else positions
 
 
-def _kernel_step(plan: SolvePlan, step: int, grid: torch.Tensor,
-                 state_dtypes: Sequence[torch.dtype], start: StepStart,
+def _kernel_step(plan: SolvePlan, step: int, grid: torch.Tensor, start: StepStart,
                  cotangents: list[torch.Tensor], scale: torch.Tensor | None,
                  positions: list[int], wants: Wants,
                  accumulators: list[torch.Tensor] | None
@@ -194,7 +190,7 @@ def _kernel_step(plan: SolvePlan, step: int, grid: torch.Tensor,
     are None where the executor added them to ``accumulators``."""
     with replaying(plan, start.context, grid.device):
         adjoint, grads, extra = plan.stepper.executor.backward_step(
-            grid[step], grid[step + 1], start.state, state_dtypes,
+            grid[step], grid[step + 1], start.state, plan.state_dtypes,
             cotangents, scale, plan.start_nudge(step), positions, accumulators, wants.grid)
     plan.stepper.evaluations += plan.stepper.tableau.stages
     largest = extra[-1:] if scale is not None else []
@@ -203,7 +199,7 @@ def _kernel_step(plan: SolvePlan, step: int, grid: torch.Tensor,
 
 
 def _recomputed_step(plan: SolvePlan, step: int, grid: torch.Tensor, times: torch.Tensor,
-                     state_dtypes: Sequence[torch.dtype], start: StepStart,
+                     start: StepStart,
                      cotangents: list[torch.Tensor], scale: torch.Tensor | None,
                      wanted_tensors: list[torch.Tensor], wants: Wants
                      ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
@@ -215,7 +211,7 @@ def _recomputed_step(plan: SolvePlan, step: int, grid: torch.Tensor, times: torc
         n = plan.n_components
         # The start, then (multistep) the sums of earlier derivatives that the step read.
         leaves = [c.to(d).detach().requires_grad_()
-                  for c, d in zip(start.state, itertools.cycle(state_dtypes))]
+                  for c, d in zip(start.state, plan.state_dtypes)]
         y_start, sums = tuple(leaves[:n]), tuple(leaves[n:])
         t0 = grid[step].detach().requires_grad_(wants.grid)
         t1 = grid[step + 1].detach().requires_grad_(wants.grid)

@@ -274,9 +274,8 @@ def _solve_backward(ticket: Tensor, solution_grads: list[Tensor], state: list[Te
     wants = Wants(state=any(needs[:n]), grid=needs[n], times=needs[n] and not event,
                   tensors=[i for i, need in enumerate(needs[n + 1:]) if need])
     with _as_from_python(), torch.autocast(t.device.type, enabled=False):
-        grads = backward_with_retries(plan, tuple(c.dtype for c in state), saved.grid,
-                                      saved.times, saved.checkpoints, saved.velocity_tensors,
-                                      solution_grads, wants)
+        grads = backward_with_retries(plan, saved.grid, saved.times, saved.checkpoints,
+                                      saved.velocity_tensors, solution_grads, wants)
         state_grads, (grid_grad, times_grad) = grads[:n], grads[n:n + 2]
         tensor_grads = grads[n + 2:]
         t_grad = torch.zeros_like(t)

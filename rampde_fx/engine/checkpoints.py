@@ -125,7 +125,7 @@ Store = CheckpointStore | BudgetStore
 def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` as a checkpoint keeps it, in ``dtype``: a complex one in a real ``dtype`` as the
     pair of its real and imaginary parts (there is no low-precision complex dtype)."""
-    if x.is_complex() and not dtype.is_complex:
+    if _as_pairs(x.dtype, dtype):
         return torch.view_as_real(x).to(dtype)
     return x.to(dtype)
 
@@ -133,13 +133,18 @@ def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def restored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A kept checkpoint ``x`` of a ``dtype`` tensor, back as one: a pair of parts becomes a
     complex ``dtype`` tensor; a real one stays in its (checkpoint) dtype."""
-    if dtype.is_complex and not x.is_complex():
+    if _as_pairs(dtype, x.dtype):
         return torch.view_as_complex(x.to(dtype.to_real()))
     return x
 
 
+def _as_pairs(value: torch.dtype, kept: torch.dtype) -> bool:
+    """Whether a ``value`` tensor is kept in ``kept`` as pairs of real and imaginary parts."""
+    return value.is_complex and not kept.is_complex
+
+
 def _stored_shape(x: torch.Tensor, dtype: torch.dtype) -> tuple[int, ...]:
-    return (*x.shape, 2) if x.is_complex() and not dtype.is_complex else tuple(x.shape)
+    return (*x.shape, 2) if _as_pairs(x.dtype, dtype) else tuple(x.shape)
 
 
 def checkpoint_store(plan: SolvePlan, y0: State) -> Store:

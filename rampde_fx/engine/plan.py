@@ -8,7 +8,6 @@ into a :class:`SolvePlan` (host-side description) and its tensor inputs; the for
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from typing import Any, Callable, Sequence
@@ -28,7 +27,7 @@ from .events import MAX_FIXED_GRID_EVENT_STEPS, EventController, combine_event_f
 from .grid import check_grid, internal_time, place_outputs
 from .rng import RngState
 from .schedule import Segment
-from .step import Nudge, StepExecutor, Stepper, all_finite, velocity_time
+from .step import Nudge, StepExecutor, Stepper, all_finite, time_dtype, velocity_time
 from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, UNSUPPORTED_METHODS, ButcherTableau
 
 # Every method, by name: torchdiffeq's, less scipy_solver, and tsit5 and rk4_classic.
@@ -262,7 +261,7 @@ def _event_time_dtype(tableau: ButcherTableau, state: tuple[torch.Tensor, ...]) 
     the state's for fixed steps."""
     if tableau.adaptive:
         return torch.float64
-    return functools.reduce(torch.promote_types, (c.dtype.to_real() for c in state))
+    return time_dtype(state)
 
 
 def _event_step_size(method: str, opts: dict[str, Any]) -> float:

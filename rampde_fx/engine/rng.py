@@ -11,7 +11,8 @@ RngState = tuple[torch.Tensor, torch.Tensor | None]
 
 def rng_state(device: torch.device) -> RngState:
     """The generator states a step on ``device`` draws from (the CPU's, and the CUDA device's)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
 
 
 @contextlib.contextmanager

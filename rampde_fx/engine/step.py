@@ -226,12 +226,18 @@ def velocity_time(tau: torch.Tensor, y: State, nudge: Nudge, time_sign: float) -
     """The time the velocity receives at internal time ``tau``: in the state's dtype, moved to
     the adjacent representable time by ``nudge``, negated when integrating backwards (the
     velocity sees the user's time)."""
-    t = tau.to(functools.reduce(torch.promote_types, (c.dtype.to_real() for c in y)))
+    t = tau.to(time_dtype(y))
     if nudge is not Nudge.NONE:
         with torch.no_grad():
             nudged = torch.nextafter(t, t + nudge.value)
         t = t + (nudged - t).detach()  # the value of nudged, the gradient of t
     return -t if time_sign < 0 else t
+
+
+def time_dtype(y: State) -> torch.dtype:
+    """The dtype of the times next to state ``y``: the promotion of its components' real
+    dtypes (a complex state's times are real, as torchdiffeq's)."""
+    return functools.reduce(torch.promote_types, (c.dtype.to_real() for c in y))
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
