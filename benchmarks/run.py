@@ -51,17 +51,22 @@ unless marked:
   eager and compiled: many small solves per forward, whose compiled kernels are shared.
 
 Variants: a training workload runs torchdiffeq fp32 (the baseline of the speedups), its
-``odeint_adjoint``, torchdiffeq under bf16 autocast, rampde_fx fp32 and bf16 (eager), and bf16
-compiled (``torch.compile(fullgraph=True)`` of a function calling ``rampde_fx.odeint``), also
-with ``checkpoint="stages"``; on cuda also fp16 autocast, eager and compiled. An inference
-workload runs torchdiffeq fp32, bf16 autocast, rampde_fx bf16 eager and compiled, and the
-torchdiffeq call inside ``rampde_fx.mixed_precision(dtype=torch.bfloat16)`` (on cuda the fp16
-three too); ``odernn``, the model as written, under bf16 autocast, and converted.
+``odeint_adjoint``, torchdiffeq under bf16 autocast, rampde_fx fp32 and bf16 (eager), bf16
+with ``compile_steps=True`` (not compiled itself: its steps run as rampde_fx's compiled
+kernels), and bf16 compiled (``torch.compile(fullgraph=True)`` of a function calling
+``rampde_fx.odeint``), also with ``checkpoint="stages"``; on cuda also fp16 autocast, eager and
+compiled. An inference workload runs torchdiffeq fp32, bf16 autocast, rampde_fx bf16 eager,
+with ``compile_steps`` and compiled, and the torchdiffeq call inside
+``rampde_fx.mixed_precision(dtype=torch.bfloat16)`` (on cuda the fp16 three too); ``odernn``,
+the model as written, under bf16 autocast, and converted: eager, with ``compile_steps`` and
+compiled. The ``compile_steps`` variants share their step kernels with the compiled ones, so
+their first call ("first s") is short where the compiled variant ran first.
 
 ``--quick`` shrinks every workload (sizes in each table's title), runs sample with euler at 100
 steps and dopri5 on the MLP and midpoint at 10 steps on images, likelihood at midpoint 10 steps
-with the exact trace on the MLP and Hutchinson on images, and leaves out the compile-time
-section unless ``--compile-times`` is given. On a machine whose cores are busy, run it with
+with the exact trace on the MLP and Hutchinson on images, leaves out the ``checkpoint="stages"``
+variant (a compilation less per training table) and the compile-time section unless
+``--compile-times`` is given. On a machine whose cores are busy, run it with
 ``OMP_NUM_THREADS=1``: OpenMP's spinning threads then slow down by an order of magnitude or
 more.
 
@@ -385,17 +390,19 @@ def under_autocast(solve: Solve, device: str, dtype: torch.dtype) -> Solve:
     return autocast_solve
 
 
-def ours(solver: dict[str, Any], dtype: torch.dtype, checkpoint: str = "steps") -> Solve:
+def ours(solver: dict[str, Any], dtype: torch.dtype, checkpoint: str = "steps",
+         compile_steps: bool = False) -> Solve:
     return lambda m, y, tt: rampde_fx.odeint(m, y, tt, **solver, dtype=dtype,
-                                             checkpoint=checkpoint)
+                                             checkpoint=checkpoint, compile_steps=compile_steps)
 
 
 def compiled(solve: Solve) -> Solve:
     return torch.compile(solve, fullgraph=True)
 
 
-def variants(work: Workload, model: nn.Module, device: str) -> Variants:
-    """The variants that run ``work`` on ``model``, the baseline (torchdiffeq fp32) first."""
+def variants(work: Workload, model: nn.Module, device: str, quick: bool) -> Variants:
+    """The variants that run ``work`` on ``model``, the baseline (torchdiffeq fp32) first;
+    ``quick`` leaves out checkpoint='stages' (one compilation less per table)."""
     solver, bf16 = work.solver, torch.bfloat16
     tdq = plain(work, solver)
     baselines = [("torchdiffeq fp32", tdq),
@@ -403,13 +410,18 @@ def variants(work: Workload, model: nn.Module, device: str) -> Variants:
     if work.calls_model:
         converted = rampde_fx.convert(model, dtype=bf16)
         compiled_model = torch.compile(converted, fullgraph=True)
+        kernels = rampde_fx.convert(model, dtype=bf16, compile_steps=True)
         return baselines + [("rampde_fx bf16 convert", lambda m, y, tt: converted(y, tt)),
                             ("rampde_fx bf16 convert compiled",
-                             lambda m, y, tt: compiled_model(y, tt))]
+                             lambda m, y, tt: compiled_model(y, tt)),
+                            ("rampde_fx bf16 convert compile_steps",
+                             lambda m, y, tt: kernels(y, tt))]
     if work.kind == "inference":
         # The last runs torchdiffeq.odeint as written, converted by the scope.
         found = baselines + [("rampde_fx bf16", ours(solver, bf16)),
                              ("rampde_fx bf16 compiled", compiled(ours(solver, bf16))),
+                             ("rampde_fx bf16 compile_steps", ours(solver, bf16,
+                                                                   compile_steps=True)),
                              ("rampde_fx.mixed_precision bf16",
                               rampde_fx.mixed_precision(dtype=bf16)(tdq))]
     else:
@@ -422,7 +434,10 @@ def variants(work: Workload, model: nn.Module, device: str) -> Variants:
                  ("rampde_fx fp32", ours(solver, torch.float32)),
                  ("rampde_fx bf16", ours(solver, bf16)),
                  ("rampde_fx bf16 compiled", compiled(ours(solver, bf16))),
-                 ("rampde_fx bf16 stages compiled", compiled(ours(solver, bf16, "stages")))]
+                 ("rampde_fx bf16 compile_steps", ours(solver, bf16, compile_steps=True))]
+        if not quick:
+            found.append(("rampde_fx bf16 stages compiled",
+                          compiled(ours(solver, bf16, "stages"))))
     if device == "cuda":
         found += [("torchdiffeq autocast fp16", under_autocast(tdq, device, torch.float16)),
                   ("rampde_fx fp16", ours(solver, torch.float16)),
@@ -453,7 +468,7 @@ def float64_reference(work: Workload, model: nn.Module, y0: State, t: torch.Tens
     return work.result(out), grads
 
 
-def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
+def run_workload(work: Workload, device: str, repeats: int, quick: bool) -> list[dict]:
     """Rows of measurements, one per variant."""
     # The compiled solves of every table share their code: dynamo's limit on recompilations
     # counts per code object.
@@ -465,7 +480,7 @@ def run_workload(work: Workload, device: str, repeats: int) -> list[dict]:
     t = torch.tensor(work.times, device=device)
     reference = float64_reference(work, model, y0, t)
     rows, steps = [], {}
-    for name, solve in variants(work, model, device):
+    for name, solve in variants(work, model, device, quick):
         try:
             row, step = prepare(name, solve, model, y0, t, work, reference, device)
         except COMPILE_FAILURES as error:
@@ -575,7 +590,7 @@ def main() -> None:
     for name in names:
         report["workloads"][name] = []
         for work in available[name]:
-            rows = run_workload(work, args.device, repeats)
+            rows = run_workload(work, args.device, repeats, args.quick)
             print_rows(work.title, rows)
             report["workloads"][name] += [{"table": work.title, **row} for row in rows]
     # Inductor's caches are off for the compile times: under --quick, only when asked for.

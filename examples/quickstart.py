@@ -6,7 +6,7 @@ teacher network. ``rampde_fx.convert(model, dtype=torch.bfloat16)`` turns a copy
 mixed-precision model (bf16 velocity, float32 accumulation, discrete adjoint), which
 ``torch.compile`` compiles. Both start from the same weights and see the same batches; the
 script prints their losses as they train, then the final loss, held-out accuracy, time per step
-and the bytes each keeps for backward.
+and the bytes each keeps for backward, and how much faster and lighter the bf16 model is.
 
     python examples/quickstart.py [--steps 300]
 """
@@ -23,7 +23,8 @@ from torch import nn
 import rampde_fx
 from rampde_fx.tools.memory import saved_tensor_bytes
 
-FEATURES, WIDTH, CLASSES, BATCH = 16, 64, 8, 256
+# Wide enough that the velocity's products, not Python, set the time of a step.
+FEATURES, WIDTH, CLASSES, BATCH = 16, 128, 8, 512
 
 
 class Velocity(nn.Module):
@@ -96,6 +97,7 @@ def main() -> None:
 
     x_test, y_test = make_data(4096, torch.Generator().manual_seed(1))
     x, y = make_data(BATCH, torch.Generator().manual_seed(2))
+    summary = {}
     print(f"\nafter {args.steps} steps (final loss: mean of the last {min(10, args.steps)} "
           "steps' training losses):")
     for name, model in models.items():
@@ -107,6 +109,10 @@ def main() -> None:
         print(f"  {name:<28} final loss {final:.4f}  held-out accuracy {accuracy:.3f}  "
               f"{per_step:.1f} ms/step (first step {first_step[name]:.1f} s)  "
               f"saved for backward {saved:.2f} MiB")
+        summary[name] = per_step, saved
+    (fp32_ms, fp32_mib), (bf16_ms, bf16_mib) = summary.values()
+    print(f"\nrampde_fx bfloat16 compiled: {fp32_ms / bf16_ms:.2f}x the speed of torchdiffeq "
+          f"float32, {fp32_mib / bf16_mib:.1f}x less memory kept for backward")
 
 
 if __name__ == "__main__":

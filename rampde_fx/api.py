@@ -16,6 +16,7 @@ import torch
 from . import runtime
 from .adjoint.event_time import through_event_time
 from .adjoint.function import MixedPrecisionSolve
+from .compiled.kernels import step_kernels
 from .compiled.op import NOT_IN_GRAPH, run_between_graphs, solve_in_graph
 from .config import Budget, SolveConfig, resolve_config
 from .engine.integrate import integrate
@@ -36,6 +37,7 @@ def odeint(
     scaling: str = "auto",
     policy: PrecisionPolicy | None = None,
     checkpoint: str | Budget = "steps",
+    compile_steps: bool = False,
     event_fn: Callable[..., Any] | None = None,
     config: SolveConfig | None = None,
     adjoint_params: Sequence[torch.Tensor] | None = None,
@@ -86,6 +88,11 @@ def odeint(
             checkpointing (Griewank's revolve: on a fixed grid of ``l`` steps, the fewest
             recomputed steps any schedule of ``n`` states achieves; an adaptive solve keeps
             evenly spaced accepted steps), and its gradients equal those of 'steps'.
+        compile_steps: run each step and each step of the backward pass as a compiled kernel
+            (inductor, compiled on the first call per shape and cached on disk) instead of
+            op by op: the fast path for small models, whose steps cost more in Python calls
+            than in arithmetic. A solve under ``torch.compile`` does so anyway. See
+            :class:`rampde_fx.SolveConfig`.
         event_fn: ``event_fn(t, y) -> Tensor``: solve until it changes sign, as torchdiffeq
             does (see Returns). ``t`` must then hold two times: the start, and any time in the
             direction of the solve. The event function runs as written, in float32 on the
@@ -95,7 +102,8 @@ def odeint(
             interpolant to ``atol``, as torchdiffeq does. Fixed-grid methods need
             ``options['step_size']`` (at most 20000 steps).
         config: a :class:`rampde_fx.SolveConfig` in place of ``dtype``, ``scaling``,
-            ``policy`` and ``checkpoint`` (which then must keep their defaults).
+            ``policy``, ``checkpoint`` and ``compile_steps`` (which then must keep their
+            defaults).
         adjoint_params: as in torchdiffeq's ``odeint_adjoint``: the only tensors read by the
             velocity that get gradients (None: all of them). ``y0`` and ``t`` get theirs
             either way.
@@ -116,7 +124,8 @@ def odeint(
         ``odeint_interface=rampde_fx.odeint``) adds the gradient through the event time.
 
     Inside the forward of a module made by :func:`rampde_fx.convert`, the solve is that
-    conversion's: its ``dtype``, ``scaling``, ``policy`` and ``checkpoint`` replace these.
+    conversion's: its ``dtype``, ``scaling``, ``policy``, ``checkpoint`` and
+    ``compile_steps`` replace these.
 
     Solve statistics are available through :func:`rampde_fx.collect_stats`.
 
@@ -131,11 +140,13 @@ def odeint(
         given = {name: value for name, value in (
             ("rtol", rtol), ("atol", atol), ("method", method), ("options", options),
             ("dtype", dtype), ("scaling", scaling), ("policy", policy),
-            ("checkpoint", checkpoint), ("event_fn", event_fn), ("config", config),
+            ("checkpoint", checkpoint), ("compile_steps", compile_steps),
+            ("event_fn", event_fn), ("config", config),
             ("adjoint_params", adjoint_params))
             if value is not _DEFAULTS[name]}  # what the call passed, for explain
         return handler._rampde_intercept("rampde_fx.odeint", (func, y0, t), given)
-    settings = {"dtype": dtype, "scaling": scaling, "policy": policy, "checkpoint": checkpoint}
+    settings = {"dtype": dtype, "scaling": scaling, "policy": policy, "checkpoint": checkpoint,
+                "compile_steps": compile_steps}
     if torch.compiler.is_compiling():  # the config is made where the solve is registered
         arguments = dict(rtol=rtol, atol=atol, method=method, options=options, config=config,
                          adjoint_params=adjoint_params, **settings)
@@ -147,7 +158,9 @@ def odeint(
         return solution
     config = resolve_config(config, None, **settings)
     prepared = prepare_solve(func, y0, t, config, rtol=rtol, atol=atol, method=method,
-                             options=options, event_fn=event_fn, adjoint_params=adjoint_params)
+                             options=options, event_fn=event_fn, adjoint_params=adjoint_params,
+                             executor_for=step_kernels(config.dtype, config.keeps_stages)
+                             if config.compile_steps else None)
     inputs = (*prepared.state, prepared.grid, prepared.times, *prepared.tensors)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         if config.keeps_stages:  # autograd through the steps, keeping their activations

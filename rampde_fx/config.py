@@ -71,19 +71,30 @@ class SolveConfig:
             every stage's activations; no per-step adjoint scaling) or a :class:`Budget`
             (at most ``n`` states, in the state's dtype, whatever the number of steps; the
             backward pass recomputes the others, and its gradients are those of 'steps').
+        compile_steps: run each step of a solve outside ``torch.compile`` as compiled kernels,
+            one for the step and one for its adjoint (see :mod:`rampde_fx.compiled.kernels`),
+            as a solve inside ``torch.compile`` always does. Compiling takes seconds per
+            shape, once (inductor's on-disk cache keeps the kernels for later processes); then
+            a step costs a kernel call instead of a Python call per op, the speed that small
+            models, whose steps are launch-bound, need. Velocities that have no kernels run
+            op by op, and :func:`rampde_fx.explain` says why.
 
     Raises:
         ValueError: an unsupported dtype, scaling or checkpoint, or checkpoint='stages' with
             dynamic scaling.
-        TypeError: a policy that is not a :class:`rampde_fx.PrecisionPolicy`.
+        TypeError: a policy that is not a :class:`rampde_fx.PrecisionPolicy`, or a
+            ``compile_steps`` that is not a bool.
     """
 
     dtype: torch.dtype = torch.bfloat16
     scaling: str = "auto"
     policy: PrecisionPolicy = DEFAULT_POLICY
     checkpoint: str | Budget = "steps"
+    compile_steps: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compile_steps, bool):
+            raise TypeError(f"compile_steps must be True or False, got {self.compile_steps!r}")
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got "
                              f"{self.dtype}")
@@ -121,7 +132,7 @@ class SolveConfig:
 
 # The public functions' defaults of the settings keywords (None: the default policy).
 KEYWORD_DEFAULTS: dict[str, Any] = {"dtype": torch.bfloat16, "scaling": "auto", "policy": None,
-                                    "checkpoint": "steps"}
+                                    "checkpoint": "steps", "compile_steps": False}
 
 
 def resolve_config(config: SolveConfig | None, caller: str | None, **keywords: Any

@@ -38,20 +38,22 @@ class mixed_precision:  # noqa: N801 (named like torch.autocast, which it is use
 
     Calls of ``torchdiffeq.odeint``, ``torchdiffeq.odeint_adjoint`` and
     :func:`rampde_fx.odeint` run as in a module made by :func:`rampde_fx.convert`, with the same
-    arguments: ``dtype``, ``scaling``, ``policy``, ``checkpoint`` or ``config`` give the
-    precision; ``filter_fn(module, name)`` chooses solves (``module``: the velocity's module,
-    or None for a plain function; ``name``: its qualified name). The tensors the velocity reads
-    (its parameters, those of modules in a closure) get their gradients when the solve is
-    differentiated. Scopes nest (the innermost one converts); inside a converted module's
-    forward, that module's conversion applies. Other threads are not affected.
+    arguments: ``dtype``, ``scaling``, ``policy``, ``checkpoint``, ``compile_steps`` or
+    ``config`` give the precision; ``filter_fn(module, name)`` chooses solves (``module``: the
+    velocity's module, or None for a plain function; ``name``: its qualified name). The tensors
+    the velocity reads (its parameters, those of modules in a closure) get their gradients when
+    the solve is differentiated. Scopes nest (the innermost one converts); inside a converted
+    module's forward, that module's conversion applies. Other threads are not affected.
     """
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16, *, scaling: str = "auto",
                  policy: PrecisionPolicy | None = None, checkpoint: str | Budget = "steps",
+                 compile_steps: bool = False,
                  filter_fn: Callable[[torch.nn.Module | None, str], bool] | None = None,
                  config: SolveConfig | None = None) -> None:
         config = resolve_config(config, "rampde_fx.mixed_precision", dtype=dtype,
-                                scaling=scaling, policy=policy, checkpoint=checkpoint)
+                                scaling=scaling, policy=policy, checkpoint=checkpoint,
+                                compile_steps=compile_steps)
         if filter_fn is not None and not callable(filter_fn):
             raise TypeError("rampde_fx.mixed_precision: filter_fn must be callable as "
                             "filter_fn(module, qualified_name)")

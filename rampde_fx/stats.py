@@ -11,6 +11,10 @@ import torch
 from . import runtime
 
 
+# SolveStats.step_kernels of a solve whose steps ran as compiled kernels.
+COMPILED = "compiled"
+
+
 class VelocityKind(enum.Enum):
     """How a solve's velocity runs."""
 
@@ -44,6 +48,9 @@ class SolveStats:
         graph: the velocity's rewritten graph; ``None`` when it runs eagerly.
         captured_code: the code of the velocity's graph as captured, before the precision
             rewrite (see :func:`rampde_fx.conversion_diff`); ``None`` when it runs eagerly.
+        step_kernels: :data:`COMPILED` where the steps ran as compiled kernels (under
+            ``torch.compile``, or with ``compile_steps``); where they were asked for and the
+            velocity has none, why; ``None`` where none were asked for (op by op).
     """
 
     method: str
@@ -61,6 +68,7 @@ class SolveStats:
     scale_log2: torch.Tensor | None = None
     graph: torch.fx.GraphModule | None = None
     captured_code: str | None = None
+    step_kernels: str | None = None
 
 
 @contextlib.contextmanager

@@ -109,6 +109,9 @@ def test_benchmark_mlp(tmp_path):
     assert ours["grad_err"] < rows["torchdiffeq autocast bf16"]["grad_err"]
     assert 0 < ours["saved_MiB"] < rows["torchdiffeq fp32"]["saved_MiB"]
     assert compiled["grad_err"] == pytest.approx(ours["grad_err"], rel=0.1)
+    # the same kernels, run without torch.compile
+    assert rows["rampde_fx bf16 compile_steps"]["grad_err"] == pytest.approx(
+        compiled["grad_err"], rel=0.05)
     assert ours["matmul_floor"] > 0 and "matmul_floor" not in rows["rampde_fx fp32"]
 
 
@@ -139,7 +142,7 @@ def test_benchmark_inference_and_odernn(tmp_path):
     report = benchmark(tmp_path, "sample", "likelihood", "odernn")["workloads"]
     inference = report["sample"] + report["likelihood"]
     tables = {row["table"] for row in inference}
-    assert len(tables) == 5 and len(inference) == 5 * 5
+    assert len(tables) == 5 and len(inference) == 5 * 6
     for table in tables:
         rows = {row["variant"]: row for row in inference if row["table"] == table}
         assert not any("skipped" in row for row in rows.values()), table
@@ -152,13 +155,16 @@ def test_benchmark_inference_and_odernn(tmp_path):
         # the scope converts the torchdiffeq call into the same solve
         assert rows["rampde_fx.mixed_precision bf16"]["output_err"] == pytest.approx(ours)
         assert rows["rampde_fx bf16 compiled"]["output_err"] < 1.5 * ours, table
+        assert rows["rampde_fx bf16 compile_steps"]["output_err"] < 1.5 * ours, table
     rows = {row["variant"]: row for row in report["odernn"]}
-    assert len(rows) == 4 and not any("skipped" in row for row in rows.values())
+    assert len(rows) == 5 and not any("skipped" in row for row in rows.values())
     ours, compiled = rows["rampde_fx bf16 convert"], rows["rampde_fx bf16 convert compiled"]
     assert ours["grad_err"] < min(BF16_GRAD_BOUND, rows["torchdiffeq autocast bf16"]["grad_err"])
     assert compiled["grad_err"] == pytest.approx(ours["grad_err"], rel=0.5)
     assert 0 < ours["saved_MiB"] < rows["torchdiffeq fp32"]["saved_MiB"]
     assert compiled["first_call_s"] > ours["first_call_s"] > 0
+    assert rows["rampde_fx bf16 convert compile_steps"]["grad_err"] == pytest.approx(
+        compiled["grad_err"], rel=0.5)
 
 
 @pytest.mark.slow

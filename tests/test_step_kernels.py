@@ -1,7 +1,8 @@
-"""The compiled step kernels of solves under torch.compile: the backward step (recomputation,
-vector-Jacobian product, fp16 scaling and gradient accumulation in one traced graph) against
-float64 autograd, the steps that fall back to autograd beside them, and the small products
-traced as fused arithmetic."""
+"""The compiled step kernels of solves under torch.compile and of eager solves with
+compile_steps: the backward step (recomputation, vector-Jacobian product, fp16 scaling and
+gradient accumulation in one traced graph) against float64 autograd, the steps that fall back
+to autograd beside them, explain's account of them, and the small products traced as fused
+arithmetic."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ import torchdiffeq
 
 import rampde_fx
 from models import rel_err
+from rampde_fx import runtime
 from rampde_fx.passes.cpu import cpu_addmm, cpu_mm
 
 
@@ -50,6 +52,11 @@ def compiled_solve(dtype, method, options):
                          fullgraph=True, backend="aot_eager")
 
 
+def eager_solve(dtype, method, options, **settings):
+    return lambda f, y, tt: rampde_fx.odeint(f, y, tt, method=method, options=options,
+                                             dtype=dtype, compile_steps=True, **settings)
+
+
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 2e-6), (torch.bfloat16, 4 * 2.0 ** -8),
                                           (torch.float16, 4 * 2.0 ** -11)])
 @pytest.mark.parametrize("interp", ["linear", "cubic"])
@@ -70,18 +77,23 @@ def test_kernel_steps_against_float64(dtype, bound, interp):
         assert rel_err(g, w) < bound
 
 
-def test_backward_runs_no_autograd_engine_per_step(monkeypatch):
-    """After the first call has traced its kernels, a compiled training step on a fixed grid
-    never calls torch.autograd.grad inside the solve's backward."""
+@pytest.mark.parametrize("under_compile", [True, False])
+def test_backward_runs_no_autograd_engine_per_step(monkeypatch, under_compile):
+    """After the first call has traced its kernels, a training step on a fixed grid, compiled
+    or eager with compile_steps, never calls torch.autograd.grad inside the solve's backward."""
     torch.manual_seed(0)
     func = Tiny()
-    solve = compiled_solve(torch.bfloat16, "rk4", {"step_size": 0.05})
+    options = {"step_size": 0.05}
+    solve = compiled_solve(torch.bfloat16, "rk4", options) if under_compile else \
+        eager_solve(torch.bfloat16, "rk4", options)
     y0, t = torch.randn(16, 2), torch.tensor([0.0, 1.0])
-    solve(func, y0, t)[-1].sum().backward()
-    calls = []
-    real_grad = torch.autograd.grad
-    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real_grad(*a, **k))
-    solve(func, y0, t)[-1].sum().backward()
+    with runtime.patch(kernel_backend="aot_eager"):
+        solve(func, y0, t)[-1].sum().backward()
+        calls = []
+        real_grad = torch.autograd.grad
+        monkeypatch.setattr(torch.autograd, "grad",
+                            lambda *a, **k: calls.append(1) or real_grad(*a, **k))
+        solve(func, y0, t)[-1].sum().backward()
     assert calls == []
 
 
@@ -130,3 +142,122 @@ def test_larger_16bit_products_add_their_bias_in_float32(dtype):
     split = cpu_addmm(*low)
     assert split.dtype == dtype
     assert rel_err(split, exact) <= 1.5 * rel_err(torch.addmm(*low), exact)
+
+
+
+@pytest.mark.usefixtures("cheap_steps")
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 2e-6), (torch.bfloat16, 4 * 2.0 ** -8),
+                                          (torch.float16, 4 * 2.0 ** -11)])
+@pytest.mark.parametrize("checkpoint", ["steps", "stages"])
+def test_compile_steps_outside_torch_compile_against_float64(dtype, bound, checkpoint):
+    """compile_steps=True without torch.compile: the steps run as kernels (the stats say so);
+    outputs between and at grid points, and the gradients for y0, the output times and the
+    parameters, within a few unit roundoffs of float64, with the kernels' adjoint steps or
+    (checkpoint='stages') autograd through the kernels."""
+    if checkpoint == "stages" and dtype == torch.float16:
+        pytest.skip("checkpoint='stages' has no adjoint scaling, which float16 needs")
+    torch.manual_seed(0)
+    func = Tiny()
+    y0 = torch.randn(16, 2)
+    t = torch.tensor([0.0, 0.35, 0.5, 1.0])
+    options = {"step_size": 0.1}
+    with rampde_fx.collect_stats() as solves:
+        got = solve_and_grads(eager_solve(dtype, "rk4", options, checkpoint=checkpoint), func,
+                              y0, t)
+    assert solves[0].step_kernels == "compiled"
+    for g, w in zip(got, reference(func, y0, t, "rk4", options)):
+        assert rel_err(g, w) < bound
+
+
+@pytest.mark.usefixtures("cheap_steps")
+def test_compile_steps_adaptive_in_float32_takes_the_op_by_op_steps():
+    """dopri5 with compile_steps in float32 mode: as many steps as the op-by-op solve, and its
+    outputs (dense output between steps) and gradients within a tenth of rtol of it (the
+    kernels sum small products in another order: the error estimates, and so the step sizes,
+    differ in float32 roundoff)."""
+    torch.manual_seed(0)
+    func = Tiny()
+    y0, t = torch.randn(16, 2), torch.tensor([0.0, 0.3, 1.0])
+    found = {}
+    for compile_steps in (False, True):
+        with rampde_fx.collect_stats() as solves:
+            found[compile_steps] = solve_and_grads(lambda f, y, tt: rampde_fx.odeint(
+                f, y, tt, rtol=1e-6, atol=1e-7, dtype=torch.float32,
+                compile_steps=compile_steps), func, y0, t)
+        found[compile_steps, "steps"] = (solves[0].steps, solves[0].rejected_steps)
+    assert found[True, "steps"] == found[False, "steps"]
+    for g, w in zip(found[True], found[False]):
+        assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.usefixtures("cheap_steps")
+def test_compile_steps_inference_keeps_nothing():
+    """Under no_grad, an eager solve with compile_steps runs its forward kernels and returns a
+    tensor that keeps no graph."""
+    torch.manual_seed(0)
+    func = Tiny()
+    with torch.no_grad(), rampde_fx.collect_stats() as solves:
+        out = eager_solve(torch.bfloat16, "rk4", {"step_size": 0.05})(
+            func, torch.randn(16, 2), torch.tensor([0.0, 1.0]))
+    assert out.grad_fn is None and solves[0].step_kernels == "compiled"
+
+
+class Noisy(Tiny):
+    """A velocity that draws random numbers: it has no kernels."""
+
+    def forward(self, t, y):
+        return super().forward(t, y) + 0.01 * torch.randn_like(y)
+
+
+@pytest.mark.usefixtures("cheap_steps")
+def test_convert_with_compile_steps_explains_which_solves_run_as_kernels():
+    """A converted model with compile_steps: explain says that the plain velocity's steps ran
+    as compiled kernels, and why the random one's ran op by op; the random one's result is
+    the same as without compile_steps (same draws, same ops)."""
+
+    class TwoSolves(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.plain, self.noisy = Tiny(), Noisy()
+
+        def forward(self, y):
+            t = torch.tensor([0.0, 1.0])
+            options = {"step_size": 0.25}
+            a = torchdiffeq.odeint(self.plain, y, t, method="rk4", options=options)[-1]
+            return a, torchdiffeq.odeint(self.noisy, a, t, method="rk4", options=options)[-1]
+
+    torch.manual_seed(0)
+    model = TwoSolves()
+    y = torch.randn(8, 2)
+    outputs = {}
+    for compile_steps in (False, True):
+        converted = rampde_fx.convert(model, compile_steps=compile_steps)
+        torch.manual_seed(1)
+        outputs[compile_steps] = converted(y)
+    text = rampde_fx.explain(converted)
+    assert "steps: compiled kernels, one per step and one per step of the backward pass" in text
+    assert "steps: op by op, without compiled kernels: the velocity draws random numbers" in text
+    assert rel_err(outputs[True][0], outputs[False][0]) < 2.0 ** -7
+    assert torch.equal(outputs[True][1], outputs[False][1]) or rel_err(
+        outputs[True][1], outputs[False][1]) < 2.0 ** -7
+
+
+def test_compile_steps_must_be_a_bool():
+    with pytest.raises(TypeError, match="compile_steps must be True or False"):
+        rampde_fx.convert(Tiny(), compile_steps="yes")
+    with pytest.raises(ValueError, match="pass either config or"):
+        rampde_fx.odeint(Tiny(), torch.zeros(1, 2), torch.tensor([0.0, 1.0]),
+                         config=rampde_fx.SolveConfig(), compile_steps=True)
+
+
+@pytest.mark.slow
+def test_inductor_compile_steps_of_a_launch_bound_velocity_against_float64():
+    """compile_steps with inductor's kernels, outside torch.compile, in bf16 against
+    float64."""
+    torch.manual_seed(0)
+    func = Tiny()
+    y0, t = torch.randn(16, 2), torch.tensor([0.0, 0.5, 1.0])
+    options = {"step_size": 0.05}
+    got = solve_and_grads(eager_solve(torch.bfloat16, "rk4", options), func, y0, t)
+    for g, w in zip(got, reference(func, y0, t, "rk4", options)):
+        assert rel_err(g, w) < 4 * 2.0 ** -8

@@ -30,6 +30,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch._dynamo.backends.registry import lookup_backend
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .. import runtime
@@ -37,7 +39,7 @@ from ..adjoint.scaling import largest_magnitude
 from ..adjoint.vjp import vector_jacobian_product
 from ..capture import GraphVelocity, State
 from ..engine.step import Nudge, Stepper
-from ..passes.cpu import CPU_PRODUCTS
+from ..passes.cpu import CPU_PRODUCTS, cpu_kernel_transform
 from ..passes.recompute import recompute_casts_of_lifted
 
 
@@ -62,10 +64,23 @@ class _Kernel:
                             _allow_non_fake_inputs=True)(*inputs)
             if recording:
                 recompute_casts_of_lifted(graph.graph, self.n_lifted)
-            backend = runtime.settings.kernel_backend
-            compile_graph = lookup_backend(backend) if isinstance(backend, str) else backend
-            compiled = self.compiled[key] = compile_graph(graph, list(inputs))
+            compiled = self.compiled[key] = _compile(graph, inputs)
         return compiled(*inputs)
+
+
+def _compile(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Callable[..., Any]:
+    """``graph`` compiled by the kernel backend for inputs like ``inputs``.
+
+    It runs as dynamo would call the backend: in a tracing context whose fake mode has a shape
+    environment, given fake inputs of static shapes. Inductor's FX graph cache needs that shape
+    environment to look a kernel up on disk; without it every new process compiles each kernel
+    again (seconds per kernel)."""
+    backend = runtime.settings.kernel_backend
+    compile_graph = lookup_backend(backend) if isinstance(backend, str) else backend
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        return compile_graph(graph, [fake_mode.from_tensor(x, static_shapes=True)
+                                     for x in inputs])
 
 
 @dataclasses.dataclass
@@ -169,18 +184,23 @@ class StepKernels:
         return backward
 
 
+def step_kernels(dtype: torch.dtype, keeps_activations: bool
+                 ) -> Callable[[Stepper, torch.device], StepKernels | str]:
+    """The ``executor_for`` of a solve whose steps run as compiled kernels (see
+    ``engine.plan.prepare_solve``): a ``dtype`` velocity, whose stage activations autograd
+    keeps where ``keeps_activations``."""
+    return lambda stepper, device: kernels_for(stepper, dtype, device, keeps_activations)
+
+
 def kernels_for(stepper: Stepper, dtype: torch.dtype, device: torch.device,
-                keeps_activations: bool,
-                transform: Callable[[torch.fx.Graph], torch.fx.Graph] | None
-                ) -> StepKernels | None:
+                keeps_activations: bool) -> StepKernels | str:
     """The stepper's kernels, made once per velocity, method, perturb, direction and device
-    (kept in ``runtime.STEP_KERNELS``, with the velocity); None for a velocity that is not one
-    graph of plain ops (see the module docstring). ``transform`` changes the velocity's graph
-    for this device's kernels (see ``passes.cpu``)."""
+    (kept in ``runtime.STEP_KERNELS``, with the velocity); for a velocity that is not one
+    graph of plain ops, why it has none (see the module docstring)."""
     velocity = stepper.velocity
-    if (not isinstance(velocity, GraphVelocity) or velocity.time_indexed
-            or velocity.draws_random or stepper.multistep):
-        return None
+    refusal = _without_kernels(stepper)
+    if refusal is not None:
+        return refusal
     per_velocity = runtime.STEP_KERNELS.setdefault(velocity.base, {})
     key = (stepper.tableau, stepper.start_nudge, stepper.end_nudge, stepper.time_sign,
            device.type, keeps_activations, runtime.settings.kernel_backend, dtype)
@@ -188,9 +208,24 @@ def kernels_for(stepper: Stepper, dtype: torch.dtype, device: torch.device,
         # A twin that shares the velocity's graphs: the kernels must not refer to the
         # velocity, whose entry they are. It is traced with the tensors as inputs.
         base = velocity.base
+        transform = cpu_kernel_transform(dtype, device, keeps_activations)
         own = copy.copy(base) if transform is None else base.transformed(transform)
         per_velocity[key] = StepKernels(Stepper(own, stepper.tableau, stepper.start_nudge,
                                                 stepper.end_nudge, stepper.time_sign,
                                                 stepper.interp))
     # The compiled kernels, reading this solve's tensors.
     return dataclasses.replace(per_velocity[key], lifted=velocity.live_tensors)
+
+
+def _without_kernels(stepper: Stepper) -> str | None:
+    """Why the stepper's steps have no kernels; None where they have."""
+    velocity = stepper.velocity
+    if not isinstance(velocity, GraphVelocity):
+        return "the velocity runs eagerly"
+    if velocity.time_indexed:
+        return "the velocity has a graph per time value"
+    if velocity.draws_random:
+        return "the velocity draws random numbers"
+    if stepper.multistep:
+        return "an Adams step reads earlier steps' derivatives"
+    return None

@@ -39,8 +39,7 @@ from ..engine.grid import internal_time
 from ..engine.integrate import integrate
 from ..engine.plan import SolvePlan, prepare_solve
 from ..errors import CaptureWarning
-from ..passes.cpu import cpu_kernel_transform
-from .kernels import kernels_for
+from .kernels import step_kernels
 from .registry import (DYNAMO_PASSES_OBJECTS, CompiledSolveSpec, lift_budget, lift_numbers,
                        lower_numbers, register, tensor_at, tensor_names)
 
@@ -216,9 +215,7 @@ def _solve(spec_key: int, numbers: Tensor, state: list[Tensor], t: Tensor, tenso
             spec.func, y0, leaves[-1], config, rtol=rtol, atol=atol, method=spec.method,
             options=options, event_fn=spec.event_fn,
             bindings=dict(zip(spec.tensor_names, tensor_leaves)),
-            executor_for=lambda stepper: kernels_for(
-                stepper, config.dtype, t.device, keep_stages,
-                cpu_kernel_transform(config.dtype, t.device, keep_stages)))
+            executor_for=step_kernels(config.dtype, keep_stages))
         report_to = None if spec.report_to is None else spec.report_to()
         if report_to is not None:  # a site: this call's statistics and numbers
             report_to.last_stats = prepared.plan.stats

@@ -16,7 +16,7 @@ import torch
 
 from ..capture import capture_velocity, lifted_slots
 from ..config import SolveConfig
-from ..stats import SolveStats, record
+from ..stats import COMPILED, SolveStats, record
 from .adams import ADAMS_METHODS, ADAMS_OPTIONS, AdamsStepper, adams_settings
 from .arguments import describe, per_component, real_number, require_data
 from .callbacks import find_callbacks
@@ -154,15 +154,17 @@ class PreparedSolve:
 def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t: torch.Tensor,
                   config: SolveConfig, *, rtol: Any, atol: Any, method: str | None,
                   options: dict[str, Any] | None, event_fn: Callable[..., Any] | None,
-                  executor_for: Callable[[Stepper], StepExecutor | None] | None = None,
+                  executor_for: Callable[[Stepper, torch.device], StepExecutor | str] | None
+                  = None,
                   bindings: dict[str, torch.Tensor] | None = None,
                   adjoint_params: Sequence[torch.Tensor] | None = None) -> PreparedSolve:
     """Validate the arguments of :func:`rampde_fx.odeint`, capture the velocity and plan the
-    steps; ``executor_for(stepper)`` gives the executor that runs the steps (compiled kernels),
-    if any. The solve binds the velocity's tensors (see ``GraphVelocity.bound``): those of
-    ``bindings``, by qualified name, and the others as its owner holds them now; those that
-    require grad and are not among ``adjoint_params`` (where given) detached. With
-    ``event_fn``, the solve runs until the event (see :mod:`rampde_fx.engine.events`)."""
+    steps; ``executor_for(stepper, device)`` gives the executor that runs the steps (compiled
+    kernels), or why there is none (kept in the stats). The solve binds the velocity's tensors
+    (see ``GraphVelocity.bound``): those of ``bindings``, by qualified name, and the others as
+    its owner holds them now; those that require grad and are not among ``adjoint_params``
+    (where given) detached. With ``event_fn``, the solve runs until the event (see
+    :mod:`rampde_fx.engine.events`)."""
     name, tableau = _check_method(method)
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
@@ -227,7 +229,11 @@ def prepare_solve(func: Callable[[torch.Tensor, Any], Any], y0: TensorOrTuple, t
         time_sign=-1.0 if reverse else 1.0,
         interp="dense" if tableau.adaptive else opts.get("interp", "linear"), **(adams or {}))
     if executor_for is not None:
-        stepper.executor = executor_for(stepper)
+        executor = executor_for(stepper, state[0].device)
+        if isinstance(executor, str):
+            stats.step_kernels = executor
+        else:
+            stepper.executor, stats.step_kernels = executor, COMPILED
     plan = SolvePlan(
         config=config,
         func=func,

@@ -127,6 +127,7 @@ def convert(
     scaling: str = "auto",
     policy: PrecisionPolicy | None = None,
     checkpoint: str | Budget = "steps",
+    compile_steps: bool = False,
     filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
     config: SolveConfig | None = None,
 ) -> torch.nn.Module:
@@ -144,12 +145,15 @@ def convert(
             :data:`rampde_fx.DEFAULT_POLICY`.
         checkpoint: 'steps', 'stages' or a :class:`rampde_fx.Budget`, for every converted
             solve (see :func:`rampde_fx.odeint`).
+        compile_steps: run the steps of every converted solve as compiled kernels, also
+            where the model is not compiled (see :func:`rampde_fx.odeint`).
         filter_fn: ``filter_fn(module, qualified_name) -> bool`` is called once per solve, when
             it is first met, with the module whose forward makes it and that module's name in
             ``model`` ('' for ``model`` itself); solves for which it returns False run as
             written.
         config: a :class:`rampde_fx.SolveConfig` in place of ``dtype``, ``scaling``,
-            ``policy`` and ``checkpoint`` (which then must keep their defaults).
+            ``policy``, ``checkpoint`` and ``compile_steps`` (which then must keep their
+            defaults).
 
     Solves made in ``forward`` and in every other method of ``model``'s own classes (a
     ``sample()``, ``log_prob()`` or ``compute_all_losses()``, directly or through the
@@ -170,14 +174,14 @@ def convert(
         ValueError: an invalid ``dtype``, ``scaling`` or ``checkpoint``, or ``config`` given
             beside them.
         ConversionError: ``model`` is already converted. Solves that are not supported (an
-            Adams or unknown method, an ``odeint_event`` with another ``odeint_interface``)
+            unknown method, an ``odeint_event`` with another ``odeint_interface``)
             raise it when first called.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"rampde_fx.convert takes an nn.Module, got {type(model).__qualname__}; "
                         "to solve one ODE, call rampde_fx.odeint")
     config = resolve_config(config, "rampde_fx.convert", dtype=dtype, scaling=scaling,
-                            policy=policy, checkpoint=checkpoint)
+                            policy=policy, checkpoint=checkpoint, compile_steps=compile_steps)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("rampde_fx.convert: filter_fn must be callable as "
                         "filter_fn(module, qualified_name)")

@@ -46,7 +46,7 @@ _EVENT_ONLY_ARGUMENTS = ("reverse_time", "odeint_interface")
 # rampde_fx.odeint's precision settings (convert's own take their place).
 _ADJOINT_SOLVE_ARGUMENTS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
 _DROPPED_ARGUMENTS = (*_ADJOINT_SOLVE_ARGUMENTS, "dtype", "scaling", "policy", "checkpoint",
-                      "config")
+                      "compile_steps", "config")
 
 
 class SolveSite:

@@ -10,7 +10,7 @@ import torch.fx as fx
 from ..engine.tableaus import ADAPTIVE_TABLEAUS
 from ..passes.precision import NodePrecision
 from ..policy import DEFAULT_POLICY
-from ..stats import VelocityKind
+from ..stats import COMPILED, VelocityKind
 
 
 def _dtype_of(node: fx.Node) -> str:
@@ -127,6 +127,11 @@ def explain(converted: Any) -> str:
         lines.append(f"  last solve: {stats.method}, {steps}, {stats.nfe_forward} evaluations "
                      f"forward, {stats.nfe_backward} backward, adjoint scaling "
                      f"{'on' if stats.scaling else 'off'}")
+        if stats.step_kernels == COMPILED:
+            lines.append("  steps: compiled kernels, one per step and one per step of the "
+                         "backward pass")
+        elif stats.step_kernels is not None:
+            lines.append(f"  steps: op by op, without compiled kernels: {stats.step_kernels}")
         if stats.velocity is VelocityKind.EAGER:
             lines.append(f"  velocity runs eagerly ({stats.fallback_reason}) under "
                          f"autocast in {_short(config.dtype)}")
