@@ -49,6 +49,11 @@ unless marked:
   with step 0.125: one to four steps), then a GRU cell update; the result: all 20 outputs. Its
   variants are the model as written, under bf16 autocast, and ``rampde_fx.convert(model)``
   eager and compiled: many small solves per forward, whose compiled kernels are shared.
+- ``stl10``: the rampde paper's STL-10 classifier in outline (``ode_models.STL10ODENet``): a
+  3x3 stem, then per width (16, 32, 64) an ODE block whose convolutions are picked from a bank
+  by ``int(t.item() * 4)`` (a graph per time value; rk4, 4 steps) and a strided convolution,
+  pooling and a linear head; 32x32 inputs, batch 8; the result: the logits. Variants as
+  ``odernn``.
 
 Variants: a training workload runs torchdiffeq fp32 (the baseline of the speedups), its
 ``odeint_adjoint``, torchdiffeq under bf16 autocast, rampde_fx fp32 and bf16 (eager), bf16
@@ -57,10 +62,11 @@ kernels), and bf16 compiled (``torch.compile(fullgraph=True)`` of a function cal
 ``rampde_fx.odeint``), also with ``checkpoint="stages"``; on cuda also fp16 autocast, eager and
 compiled. An inference workload runs torchdiffeq fp32, bf16 autocast, rampde_fx bf16 eager,
 with ``compile_steps`` and compiled, and the torchdiffeq call inside
-``rampde_fx.mixed_precision(dtype=torch.bfloat16)`` (on cuda the fp16 three too); ``odernn``,
-the model as written, under bf16 autocast, and converted: eager, with ``compile_steps`` and
-compiled. The ``compile_steps`` variants share their step kernels with the compiled ones, so
-their first call ("first s") is short where the compiled variant ran first.
+``rampde_fx.mixed_precision(dtype=torch.bfloat16)`` (on cuda the fp16 three too); ``odernn``
+and ``stl10``, the model as written, under bf16 autocast, and converted: eager, with
+``compile_steps`` and compiled. The ``compile_steps`` variants share their step kernels with
+the compiled ones, so their first call ("first s") is short where the compiled variant ran
+first.
 
 ``--quick`` shrinks every workload (sizes in each table's title), runs sample with euler at 100
 steps and dopri5 on the MLP and midpoint at 10 steps on images, likelihood at midpoint 10 steps
@@ -119,7 +125,7 @@ from rampde_fx.tools.memory import saved_tensor_bytes
 
 # The workload velocities are the examples' own models.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-from ode_models import (ODERNN, ConvBlockVelocity, DivergenceVelocity,  # noqa: E402
+from ode_models import (ODERNN, STL10ODENet, ConvBlockVelocity, DivergenceVelocity,  # noqa: E402
                         FlowConvVelocity, FlowMLPVelocity, HyperCNFVelocity, MLPVelocity,
                         ODENetVelocity, TinyMLPVelocity, log_density, rel_err)
 
@@ -217,6 +223,7 @@ def workloads(quick: bool) -> dict[str, list[Workload]]:
                             lambda g: torch.randn(16, 2, generator=g), rk4(launch_steps))],
         **flow_workloads(quick),
         "odernn": [odernn_workload(quick)],
+        "stl10": [stl10_workload(quick)],
     }
 
 
@@ -273,6 +280,15 @@ def odernn_workload(quick: bool) -> Workload:
                     lambda: ODERNN(dim, hidden, 64, rk4(8)),
                     lambda g: torch.randn(batch, observations, dim, generator=g), rk4(8),
                     times=times, result=all_outputs, calls_model=True)
+
+
+def stl10_workload(quick: bool) -> Workload:
+    size, batch = (16, 4) if quick else (32, 8)
+    return Workload(f"stl10 (the rampde paper's STL-10 net: widths 16-32-64, weights picked by "
+                    f"int(t.item() * 4), {size}x{size}, batch {batch}, rk4 with 4 steps per "
+                    "block)", STL10ODENet,
+                    lambda g: torch.randn(batch, 3, size, size, generator=g), rk4(4),
+                    result=all_outputs, calls_model=True)
 
 
 def make_step(solve: Solve, model: nn.Module, y0: State, t: torch.Tensor,

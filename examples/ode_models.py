@@ -202,3 +202,46 @@ class ODERNN(nn.Module):
             h = self.cell(x[:, i], h)
             outputs.append(self.readout(h))
         return torch.stack(outputs)
+
+
+class TimeBankConvVelocity(nn.Module):
+    """An STL-10-style ODE block whose weights depend on time as in the rampde paper's model:
+    a bank of ``intervals`` pairs of 3x3 convolutions, the pair picked by the interval that
+    t's value falls in (``int(t.item() * intervals)``), with InstanceNorm and ReLU between."""
+
+    def __init__(self, channels: int, intervals: int) -> None:
+        super().__init__()
+        scale = 1.0 / math.sqrt(9 * channels)
+        self.first = nn.Parameter(scale * torch.randn(intervals, channels, channels, 3, 3))
+        self.second = nn.Parameter(scale * torch.randn(intervals, channels, channels, 3, 3))
+        self.norm = nn.InstanceNorm2d(channels, affine=True)
+        self.intervals = intervals
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        k = min(int(t.item() * self.intervals), self.intervals - 1)
+        h = torch.relu(self.norm(nn.functional.conv2d(x, self.first[k], padding=1)))
+        return nn.functional.conv2d(h, self.second[k], padding=1)
+
+
+class STL10ODENet(nn.Module):
+    """The rampde paper's STL-10 classifier in outline: a 3x3 stem, then per width an ODE
+    block (:class:`TimeBankConvVelocity`, rk4 over [0, 1] in ``steps`` steps, one weight pair
+    per step) and a strided 3x3 convolution that halves the resolution into the next width,
+    then average pooling and a linear head over 10 classes."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), steps: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.blocks = nn.ModuleList(TimeBankConvVelocity(w, steps) for w in widths)
+        self.downs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1)
+                                   for a, b in zip(widths, widths[1:]))
+        self.head = nn.Linear(widths[-1], 10)
+        self.options = {"step_size": 1.0 / steps}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            h = torchdiffeq.odeint(block, h, t, method="rk4", options=self.options)[-1]
+            if i < len(self.downs):
+                h = torch.relu(self.downs[i](h))
+        return self.head(h.mean(dim=(2, 3)))

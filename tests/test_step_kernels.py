@@ -5,6 +5,10 @@ to autograd beside them, explain's account of them, and the small products trace
 arithmetic."""
 from __future__ import annotations
 
+import copy
+import pathlib
+import sys
+
 import pytest
 import torch
 import torchdiffeq
@@ -13,6 +17,9 @@ import rampde_fx
 from models import rel_err
 from rampde_fx import runtime
 from rampde_fx.passes.cpu import cpu_addmm, cpu_mm
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from ode_models import STL10ODENet  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -240,6 +247,100 @@ def test_convert_with_compile_steps_explains_which_solves_run_as_kernels():
     assert rel_err(outputs[True][0], outputs[False][0]) < 2.0 ** -7
     assert torch.equal(outputs[True][1], outputs[False][1]) or rel_err(
         outputs[True][1], outputs[False][1]) < 2.0 ** -7
+
+
+class WeightBank(torch.nn.Module):
+    """Weights picked from a bank by the interval of t's value (as in the rampde paper's
+    STL-10 model): a graph per time value."""
+
+    def __init__(self, intervals: int = 4) -> None:
+        super().__init__()
+        self.bank = torch.nn.Parameter(torch.randn(intervals, 2, 16) * 0.5)
+        self.out = torch.nn.Linear(16, 2)
+        self.intervals = intervals
+
+    def forward(self, t, y):
+        k = min(int(t.item() * self.intervals), self.intervals - 1)
+        return self.out(torch.tanh(y @ self.bank[k])) * (1 + t)
+
+
+@pytest.mark.usefixtures("cheap_steps")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("under_compile", [False, True])
+def test_graphs_per_time_run_as_kernels_on_fixed_grids(dtype, under_compile):
+    """A velocity with a graph per time value gets kernels on a fixed grid: each step runs the
+    graphs of its times, steps whose graphs are equal share a kernel (far fewer kernels than
+    steps), and the outputs (also between grid points) and gradients equal the op-by-op
+    solve's: in float32 to roundoff (1e-5: the kernels sum small products in another order,
+    and the times' gradients sum terms that cancel), in bf16 within a few unit roundoffs."""
+    torch.manual_seed(0)
+    func = WeightBank()
+    y0, t = torch.randn(16, 2), torch.tensor([0.0, 0.33, 1.0])
+    options = {"step_size": 0.05}
+
+    def solve(f, y, tt, compile_steps=True):
+        return rampde_fx.odeint(f, y, tt, method="rk4", options=options, dtype=dtype,
+                                compile_steps=compile_steps)
+
+    kernel_solve = torch.compile(solve, fullgraph=True, backend="aot_eager") if under_compile \
+        else solve
+    with rampde_fx.collect_stats() as solves:
+        got = solve_and_grads(kernel_solve, func, y0, t)
+    assert solves[0].step_kernels == "compiled"
+    (kernels,) = [k for per_velocity in runtime.STEP_KERNELS.values()
+                  for key, k in per_velocity.items()
+                  if k.stepper.velocity.time_indexed and key[-1] == dtype]
+    assert 0 < len(kernels._forward) <= 10 and 0 < len(kernels._backward) <= 10  # 20 steps
+    want = solve_and_grads(lambda f, y, tt: solve(f, y, tt, compile_steps=False), func, y0, t)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < (1e-5 if dtype == torch.float32 else 4 * 2.0 ** -8)
+
+
+@pytest.mark.usefixtures("cheap_steps")
+def test_graphs_per_time_in_adaptive_solves_run_op_by_op():
+    """An adaptive solve meets new times at every step: its steps run op by op, and explain
+    says why."""
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.velocity = WeightBank()
+
+        def forward(self, y):
+            return torchdiffeq.odeint(self.velocity, y, torch.tensor([0.0, 1.0]), rtol=1e-3,
+                                      atol=1e-3)[-1]
+
+    converted = rampde_fx.convert(Model(), compile_steps=True)
+    converted(torch.randn(4, 2))
+    assert ("steps: op by op, without compiled kernels: the velocity has a graph per time "
+            "value, and an adaptive solve's steps meet new times") in rampde_fx.explain(converted)
+
+
+@pytest.mark.usefixtures("cheap_steps")
+def test_stl10_net_with_weights_per_time_runs_as_kernels():
+    """The rampde paper's STL-10 architecture in small (two widths, 8x8): every block's steps
+    run as kernels, in float32 mode within 1e-5 of torchdiffeq, in bf16 as close to float64
+    as the op-by-op conversion within 2x (its gradients are ill-conditioned: InstanceNorm over
+    4x4 images)."""
+    torch.manual_seed(0)
+    model = STL10ODENet(widths=(4, 8))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0.0, 1.0])
+
+    def outputs_and_grads(m, *inputs):
+        out = m(*inputs)
+        return [out, *torch.autograd.grad(out.square().mean(), list(m.parameters()))]
+
+    model64 = copy.deepcopy(model).double()
+    exact = outputs_and_grads(model64, x.double(), t.double())
+    for dtype in (torch.float32, torch.bfloat16):
+        with rampde_fx.collect_stats() as solves:
+            got = outputs_and_grads(rampde_fx.convert(model, dtype=dtype, compile_steps=True),
+                                    x, t)
+        assert [s.step_kernels for s in solves] == ["compiled", "compiled"]
+        op_by_op = outputs_and_grads(rampde_fx.convert(model, dtype=dtype), x, t)
+        for g, w, o in zip(got, exact, op_by_op):
+            assert rel_err(g, w) < (1e-5 if dtype == torch.float32 else
+                                    2 * max(rel_err(o, w), 2.0 ** -8))
 
 
 def test_compile_steps_must_be_a_bool():

@@ -51,7 +51,7 @@ fallback reasons), ``guards`` (the Python state a graph depends on), ``velocity`
 from .cache import capture_velocity
 from .slots import describe, lifted_slots, owner_module, velocity_kind, velocity_owner
 from .trace import State
-from .velocity import EagerVelocity, GraphVelocity, Velocity
+from .velocity import EagerVelocity, GraphVelocity, Velocity, transformed_graph
 
 __all__ = ["EagerVelocity", "GraphVelocity", "State", "Velocity", "capture_velocity", "describe",
-           "lifted_slots", "owner_module", "velocity_kind", "velocity_owner"]
+           "lifted_slots", "owner_module", "transformed_graph", "velocity_kind", "velocity_owner"]

@@ -73,6 +73,7 @@ class GraphVelocity:
         self._buffers = [i for i, name in enumerate(self.names)
                          if slots[name].kind != "_parameters"]
         self._graphs: dict[float | None, tuple[fx.GraphModule, fx.GraphModule]] = {}
+        self._pinned: list[fx.GraphModule] | None = None  # see running()
         self._add(first, example)
 
     @property
@@ -168,6 +169,8 @@ class GraphVelocity:
                                    for name in self._shared.value_names))
 
     def _graph_at(self, t: torch.Tensor, y: State) -> fx.GraphModule:
+        if self._pinned is not None:
+            return self._pinned.pop(0)
         if not self.time_indexed:
             return self.graph_module
         with runtime.CAPTURE_LOCK:
@@ -239,12 +242,20 @@ class GraphVelocity:
         """A twin whose rewritten graphs are copies changed in place by ``transform``; it reads
         the same tensors."""
         twin = copy.copy(self)
-        twin._graphs = {}
-        for key, (original, rewritten) in self._graphs.items():
-            graph = copy.deepcopy(rewritten.graph)
-            transform(graph)
-            twin._graphs[key] = (original, fx.GraphModule(rewritten, graph,
-                                                          class_name=type(rewritten).__name__))
+        twin._graphs = {key: (original, transformed_graph(rewritten, transform))
+                        for key, (original, rewritten) in self._graphs.items()}
+        return twin
+
+    def graphs_at(self, times: Sequence[torch.Tensor], y: State) -> list[fx.GraphModule]:
+        """The rewritten graph that serves each of ``times`` (captured where it is new, with
+        ``y`` as the example state), without evaluating any."""
+        return [self._graph_at(t, y) for t in times]
+
+    def running(self, graphs: Sequence[fx.GraphModule]) -> "GraphVelocity":
+        """A twin whose i-th evaluation runs ``graphs[i]``, whatever time it is given: a step of
+        a velocity with graphs per time, traced with symbolic times (see ``graphs_at``)."""
+        twin = copy.copy(self)
+        twin._pinned = list(graphs)
         return twin
 
     def tensors_requiring_grad(self) -> list[torch.Tensor]:
@@ -415,3 +426,11 @@ def eager_velocity(func: Any, t: torch.Tensor, state: State, is_tuple: bool,
     in_slots = {id(slot.get()) for slot in velocity._slots.values()}
     velocity._other_tensors = [x for key, x in recorder.seen.items() if key not in in_slots]
     return velocity
+
+
+def transformed_graph(module: fx.GraphModule, transform: Callable[[fx.Graph], None]
+                      ) -> fx.GraphModule:
+    """A copy of ``module`` whose graph ``transform`` changed in place."""
+    graph = copy.deepcopy(module.graph)
+    transform(graph)
+    return fx.GraphModule(module, graph, class_name=type(module).__name__)

@@ -18,9 +18,12 @@ recompilation limit never counts kernels. Each kernel is compiled per input sign
 them with the velocity (and the capture cache drops the velocity with its class); each solve
 runs them on its own tensors.
 
-Only Runge-Kutta steps of velocities that are one graph of plain ops get kernels: an eager
-fallback, graphs per time value, random draws (replayed from the generators of eager kernels)
-and the Adams methods' steps (which read earlier steps' derivatives) run as they are.
+Runge-Kutta steps of velocities whose graphs are plain ops get kernels. A velocity with a
+graph per time value (weights picked by ``int(t.item() * n)``) gets them on fixed grids: a
+step's kernels run the graphs of its evaluation times, and steps whose graphs are equal (the
+same code and constants) share them. An eager fallback, graphs per time in adaptive solves
+(each step meets new times), random draws (replayed from the generators of eager kernels) and
+the Adams methods' steps (which read earlier steps' derivatives) run as they are.
 """
 from __future__ import annotations
 
@@ -37,8 +40,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .. import runtime
 from ..adjoint.scaling import largest_magnitude
 from ..adjoint.vjp import vector_jacobian_product
-from ..capture import GraphVelocity, State
+from ..capture import GraphVelocity, State, transformed_graph
 from ..engine.step import Nudge, Stepper
+from ..passes.precision import fetch_attr
 from ..passes.cpu import CPU_PRODUCTS, cpu_kernel_transform
 from ..passes.recompute import recompute_casts_of_lifted
 
@@ -92,12 +96,44 @@ class StepKernels:
     stepper: Stepper  # whose velocity is the GraphVelocity (possibly transformed) to run
     # The solve's tensors (GraphVelocity.live_tensors of its bound velocity).
     lifted: Callable[..., list[torch.Tensor]] = list
+    # The solve's velocity, where it has graphs per time: it captures those of new times.
+    solve_velocity: GraphVelocity | None = None
+    # A velocity with graphs per time: what changes its graphs for these kernels (see
+    # passes.cpu), applied to each graph a step runs.
+    transform: Callable[[torch.fx.Graph], None] | None = None
     _forward: dict[Any, _Kernel] = dataclasses.field(default_factory=dict)
     _backward: dict[Any, _Kernel] = dataclasses.field(default_factory=dict)
+    # Per graph of a velocity with graphs per time, by id: the graph (kept, so that the id
+    # stays its own), its transformed copy, and what makes it equal to another graph.
+    _graph_records: dict[int, tuple[torch.fx.GraphModule, torch.fx.GraphModule, Any]] = \
+        dataclasses.field(default_factory=dict)
 
-    def _stepper_reading(self, tensors: Sequence[torch.Tensor]) -> Stepper:
-        """The stepper with a velocity that reads ``tensors`` instead of the live ones."""
+    def _graphs_of_step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, known: int,
+                        start_nudge: Nudge | None) -> tuple[tuple[torch.fx.GraphModule, ...], Any]:
+        """For a velocity with graphs per time: the graphs that the step's evaluations run, in
+        order, and what identifies them among all steps (their code and constants: steps
+        whose graphs are equal share kernels); ``((), None)`` for one graph for all times."""
+        if self.solve_velocity is None:
+            return (), None
+        graphs, signature = [], []
+        for graph in self.solve_velocity.graphs_at(
+                self.stepper.evaluation_times(t0, t1, y, known, start_nudge), y):
+            record = self._graph_records.get(id(graph))
+            if record is None:
+                record = self._graph_records[id(graph)] = (
+                    graph, graph if self.transform is None else
+                    transformed_graph(graph, self.transform), _graph_signature(graph))
+            graphs.append(record[1])
+            signature.append(record[2])
+        return tuple(graphs), tuple(signature)
+
+    def _stepper_reading(self, tensors: Sequence[torch.Tensor],
+                         graphs: Sequence[torch.fx.GraphModule]) -> Stepper:
+        """The stepper with a velocity that reads ``tensors`` instead of the live ones, and
+        runs ``graphs`` in turn where given (see ``GraphVelocity.running``)."""
         velocity: GraphVelocity = self.stepper.velocity
+        if graphs:
+            velocity = velocity.running(graphs)
         return dataclasses.replace(self.stepper, velocity=velocity.reading(tensors),
                                    evaluations=0, executor=None)
 
@@ -108,11 +144,12 @@ class StepKernels:
         n = len(y)
         lifted = self.lifted()
         known = 0 if first is None else len(first)
-        key = (known, start_nudge, stages_read)
+        graphs, signature = self._graphs_of_step(t0, t1, y, known, start_nudge)
+        key = (known, start_nudge, stages_read, signature)
         if key not in self._forward:
             def forward(t0, t1, *flat):  # type: ignore[no-untyped-def]
                 state, given, tensors = flat[:n], flat[n:n + known], flat[n + known:]
-                y1, stages = self._stepper_reading(tensors).step(
+                y1, stages = self._stepper_reading(tensors, graphs).step(
                     t0, t1, tuple(state), tuple(given) if known else None, start_nudge)
                 return [*y1, *((c for k in stages for c in k) if stages_read else ())]
             self._forward[key] = _Kernel(forward, len(lifted))
@@ -138,12 +175,14 @@ class StepKernels:
         n = len(checkpoint)
         lifted = self.lifted(replaying=True)
         accumulate = accumulators is not None
+        graphs, signature = self._graphs_of_step(
+            t0, t1, tuple(c.to(d) for c, d in zip(checkpoint, state_dtypes)), 0, start_nudge)
         key = (start_nudge, tuple(wanted), accumulate, times, scale is not None,
-               tuple(state_dtypes))
+               tuple(state_dtypes), signature)
         if key not in self._backward:
             self._backward[key] = _Kernel(self._backward_function(
                 n, len(lifted), state_dtypes, start_nudge, wanted, accumulate, times,
-                scale is not None))
+                scale is not None, graphs))
         with torch.no_grad():
             out = self._backward[key](t0, t1, *checkpoint, *cotangent,
                                       *([] if scale is None else [scale]), *lifted,
@@ -154,7 +193,8 @@ class StepKernels:
 
     def _backward_function(self, n: int, n_lifted: int, state_dtypes: Sequence[torch.dtype],
                            start_nudge: Nudge | None, wanted: list[int], accumulate: bool,
-                           times: bool, scaled: bool) -> Callable[..., Any]:
+                           times: bool, scaled: bool, graphs: Sequence[torch.fx.GraphModule]
+                           ) -> Callable[..., Any]:
         def backward(t0, t1, *flat):  # type: ignore[no-untyped-def]
             checkpoint, cotangent, rest = flat[:n], flat[n:2 * n], list(flat[2 * n:])
             scale = rest.pop(0) if scaled else None
@@ -166,7 +206,8 @@ class StepKernels:
                 for i in wanted:
                     leaves[i] = tensors[i].detach().requires_grad_()
                 ends = [t.detach().requires_grad_(times) for t in (t0, t1)]
-                y1, _ = self._stepper_reading(leaves).step(*ends, y, None, start_nudge)
+                y1, _ = self._stepper_reading(leaves, graphs).step(*ends, y, None,
+                                                                   start_nudge)
                 inputs = [*y, *(leaves[i] for i in wanted), *(ends if times else [])]
                 found = vector_jacobian_product(y1, inputs, cotangent, scale)
             grads = [torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs)]
@@ -207,14 +248,19 @@ def kernels_for(stepper: Stepper, dtype: torch.dtype, device: torch.device,
     if key not in per_velocity:
         # A twin that shares the velocity's graphs: the kernels must not refer to the
         # velocity, whose entry they are. It is traced with the tensors as inputs.
+        # Graphs per time are captured as the solves meet new times, into the graphs that
+        # the twin shares: each is transformed when a step first runs it.
         base = velocity.base
         transform = cpu_kernel_transform(dtype, device, keeps_activations)
-        own = copy.copy(base) if transform is None else base.transformed(transform)
+        per_time = velocity.time_indexed
+        own = copy.copy(base) if transform is None or per_time else base.transformed(transform)
         per_velocity[key] = StepKernels(Stepper(own, stepper.tableau, stepper.start_nudge,
                                                 stepper.end_nudge, stepper.time_sign,
-                                                stepper.interp))
+                                                stepper.interp),
+                                        transform=transform if per_time else None)
     # The compiled kernels, reading this solve's tensors.
-    return dataclasses.replace(per_velocity[key], lifted=velocity.live_tensors)
+    return dataclasses.replace(per_velocity[key], lifted=velocity.live_tensors,
+                               solve_velocity=velocity if velocity.time_indexed else None)
 
 
 def _without_kernels(stepper: Stepper) -> str | None:
@@ -222,10 +268,24 @@ def _without_kernels(stepper: Stepper) -> str | None:
     velocity = stepper.velocity
     if not isinstance(velocity, GraphVelocity):
         return "the velocity runs eagerly"
-    if velocity.time_indexed:
-        return "the velocity has a graph per time value"
+    if velocity.time_indexed and stepper.tableau.adaptive:
+        return ("the velocity has a graph per time value, and an adaptive solve's steps meet "
+                "new times")
     if velocity.draws_random:
         return "the velocity draws random numbers"
     if stepper.multistep:
         return "an Adams step reads earlier steps' derivatives"
     return None
+
+
+def _graph_signature(graph: torch.fx.GraphModule) -> Any:
+    """What makes two graphs the same function of their inputs: their code, and the values of
+    the constants they read (a velocity's graphs for two times differ in constants such as an
+    index into a weight bank, or the time's value where Python read it)."""
+    constants = []
+    for node in graph.graph.find_nodes(op="get_attr"):
+        value = fetch_attr(graph, node.target)
+        constants.append((node.target, tuple(value.shape), str(value.dtype),
+                          value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+                         if isinstance(value, torch.Tensor) else (node.target, repr(value)))
+    return graph.code, tuple(constants)

@@ -5,11 +5,12 @@ takes the step (by the stepper, or its executor), lets the controller judge it, 
 acceptance hands the step's start to the checkpoint store (``checkpoints``: every one in the
 low dtype, or those a budget keeps; taken before the step, since a multistep method's
 checkpoint reads the history the step extends), writes the outputs the step reaches
-(interpolated inside it) and records the step for the backward pass: its times, its outputs, its first stage's nudge
-and, for the steps whose start is kept, what it found: the values of the buffers its
-evaluations change in place, and the generator state it drew from where the velocity draws
-random numbers on a fixed grid (adaptive steps are not replayed: a warning says so; their
-buffer values are recorded for every step, since rejected attempts change them too).
+(interpolated inside it) and records the step for the backward pass: its times, its outputs,
+its first stage's nudge and, for the steps whose start is kept, what it found: the values of
+the buffers its evaluations change in place, and the generator state it drew from where the
+velocity draws random numbers on a fixed grid (adaptive steps are not replayed: a warning says
+so; their buffer values are recorded for every step, since rejected attempts change them
+too).
 """
 from __future__ import annotations
 

@@ -141,6 +141,14 @@ class Stepper:
             return y_stage, stages
         return _combine(y, dt, self.tableau.b, stages), stages
 
+    def evaluation_times(self, t0: torch.Tensor, t1: torch.Tensor, y: State, known: int,
+                         start_nudge: Nudge | None) -> list[torch.Tensor]:
+        """The times the velocity receives in :meth:`step`, in order, where the first ``known``
+        stages are given."""
+        dt = t1 - t0
+        points = [self._stage_point(c, t0, t1, dt, start_nudge) for c in self.tableau.c[known:]]
+        return [velocity_time(tau, y, nudge, self.time_sign) for tau, nudge in points]
+
     def _stage_point(self, c: float, t0: torch.Tensor, t1: torch.Tensor, dt: torch.Tensor,
                      start_nudge: Nudge | None) -> tuple[torch.Tensor, Nudge]:
         """The internal time and nudge of a stage at fraction ``c`` of the step."""
