@@ -343,6 +343,98 @@ def test_stl10_net_with_weights_per_time_runs_as_kernels():
                                     2 * max(rel_err(o, w), 2.0 ** -8))
 
 
+class CountingVelocity(torch.nn.Module):
+    """Divides by the number of its calls, a buffer its forward increments and reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, t, y):
+        self.calls.add_(1)
+        return torch.tanh(self.lin(y)) / float(self.calls)
+
+
+class CumulativeBatchNormVelocity(torch.nn.Module):
+    """BatchNorm with momentum=None in train mode: a cumulative average, whose Python reads
+    num_batches_tracked after incrementing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.norm = torch.nn.BatchNorm1d(2, momentum=None)
+
+    def forward(self, t, y):
+        return self.norm(torch.tanh(self.lin(y)))
+
+
+@pytest.mark.usefixtures("cheap_steps")
+@pytest.mark.parametrize("make", [CountingVelocity, CumulativeBatchNormVelocity])
+@pytest.mark.parametrize("under_compile", [False, True])
+def test_velocities_reading_buffers_they_change_run_op_by_op(make, under_compile):
+    """Which graph such a velocity runs depends on the evaluations before it: its steps get no
+    kernels (the stats say why), and outputs, gradients and buffers equal the op-by-op
+    solve's."""
+    found = {}
+    for compile_steps in (False, True):
+        torch.manual_seed(0)
+        func = make()
+
+        def solve(f, y, tt):
+            return rampde_fx.odeint(f, y, tt, method="rk4", options={"step_size": 0.25},
+                                    dtype=torch.float32, compile_steps=compile_steps)
+
+        if under_compile and compile_steps:
+            solve = torch.compile(solve, fullgraph=True, backend="aot_eager")
+        with rampde_fx.collect_stats() as solves:
+            results = solve_and_grads(solve, func, torch.randn(8, 2), torch.tensor([0.0, 1.0]))
+        found[compile_steps] = [*results, *func.buffers()], solves[0].step_kernels
+    (plain, _), (kernels, reason) = found[False], found[True]
+    assert reason == ("the velocity's Python reads the value of a buffer, which its "
+                      "evaluations may change")
+    for g, w in zip(kernels, plain):
+        assert torch.allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.usefixtures("cheap_steps")
+@pytest.mark.parametrize("make", [CountingVelocity, CumulativeBatchNormVelocity])
+@pytest.mark.parametrize("checkpoint", ["steps", rampde_fx.Budget(2)])
+def test_buffer_values_read_in_python_are_the_replayed_ones(make, checkpoint):
+    """The backward pass re-runs each step with the buffer values the forward step found, and
+    picks each evaluation's graph by those values, not by the values the solve left: float32
+    mode equals torchdiffeq (outputs, gradients, buffers)."""
+    found = []
+    for solve in (torchdiffeq.odeint, lambda *a, **k: rampde_fx.odeint(
+            *a, **k, dtype=torch.float32, checkpoint=checkpoint)):
+        torch.manual_seed(0)
+        func = make()
+        results = solve_and_grads(lambda f, y, tt: solve(f, y, tt, method="rk4",
+                                                         options={"step_size": 0.25}),
+                                  func, torch.randn(8, 2), torch.tensor([0.0, 1.0]))
+        found.append([*results, *(b.double() for b in func.buffers())])
+    for g, w in zip(*found):
+        assert rel_err(g, w) < 1e-5 if w.norm() > 0 else g.norm() == 0
+
+
+class LateCountingVelocity(CountingVelocity):
+    """Reads its call counter only after t = 0.5: its first graph reads no buffer."""
+
+    def forward(self, t, y):
+        self.calls.add_(1)
+        out = torch.tanh(self.lin(y))
+        return out / float(self.calls) if t.item() > 0.5 else out
+
+
+@pytest.mark.usefixtures("cheap_steps")
+def test_a_buffer_value_read_first_during_the_solve_is_an_error():
+    """A graph captured during a solve with kernels that reads a buffer's value: a clear error
+    that says what to do, not steps that run the wrong graphs."""
+    with pytest.raises(RuntimeError, match="compile_steps=False"):
+        rampde_fx.odeint(LateCountingVelocity(), torch.randn(8, 2), torch.tensor([0.0, 1.0]),
+                         method="rk4", options={"step_size": 0.25}, compile_steps=True)
+
+
 def test_compile_steps_must_be_a_bool():
     with pytest.raises(TypeError, match="compile_steps must be True or False"):
         rampde_fx.convert(Tiny(), compile_steps="yes")

@@ -95,6 +95,14 @@ class GraphVelocity:
         generators of each step)."""
         return self._shared.draws_random
 
+    @property
+    def reads_buffer_values(self) -> bool:
+        """Whether its graphs are specialised on the value of a buffer: one its evaluations
+        may change in place (``BatchNorm(momentum=None)`` reads ``num_batches_tracked``), so
+        that which graph an evaluation runs depends on the evaluations before it."""
+        buffers = {self.names[i] for i in self._buffers}
+        return any(name in buffers for name in self._shared.value_names)
+
     def bound(self, func: Any, bindings: dict[str, torch.Tensor] | None,
               slots: dict[str, Slot]) -> "GraphVelocity":
         """A twin for one solve of ``func``, this velocity's or an equal one (the same code
@@ -163,8 +171,9 @@ class GraphVelocity:
 
     def _key(self, t: torch.Tensor) -> Any:
         """Which graph serves time ``t``: its value, and the values of the lifted tensors the
-        graphs are specialised on (read from this velocity's tensors, host synchronisations)."""
-        tensors = dict(zip(self.names, self.live_tensors()))
+        graphs are specialised on (read from this velocity's tensors, host synchronisations;
+        in a re-run step, from the buffer copies it evaluates with)."""
+        tensors = dict(zip(self.names, self.live_tensors(replaying=self._shared.replaying)))
         return (float(t.item()), *(tuple(tensors[name].detach().flatten().tolist())
                                    for name in self._shared.value_names))
 

@@ -22,8 +22,10 @@ Runge-Kutta steps of velocities whose graphs are plain ops get kernels. A veloci
 graph per time value (weights picked by ``int(t.item() * n)``) gets them on fixed grids: a
 step's kernels run the graphs of its evaluation times, and steps whose graphs are equal (the
 same code and constants) share them. An eager fallback, graphs per time in adaptive solves
-(each step meets new times), random draws (replayed from the generators of eager kernels) and
-the Adams methods' steps (which read earlier steps' derivatives) run as they are.
+(each step meets new times), graphs picked by the value of a buffer that evaluations change
+(which graph runs depends on the evaluations before it), random draws (replayed from the
+generators of eager kernels) and the Adams methods' steps (which read earlier steps'
+derivatives) run as they are.
 """
 from __future__ import annotations
 
@@ -115,9 +117,15 @@ class StepKernels:
         whose graphs are equal share kernels); ``((), None)`` for one graph for all times."""
         if self.solve_velocity is None:
             return (), None
+        found = self.solve_velocity.graphs_at(
+            self.stepper.evaluation_times(t0, t1, y, known, start_nudge), y)
+        if self.solve_velocity.reads_buffer_values:  # a graph of a new time reads one
+            raise RuntimeError(f"rampde_fx: {self.solve_velocity.name()}: {_READS_BUFFER_VALUES} "
+                               "(a graph captured during this solve reads it), so its steps "
+                               "cannot run as the compiled kernels of this solve; solve it "
+                               "with compile_steps=False, outside torch.compile")
         graphs, signature = [], []
-        for graph in self.solve_velocity.graphs_at(
-                self.stepper.evaluation_times(t0, t1, y, known, start_nudge), y):
+        for graph in found:
             record = self._graph_records.get(id(graph))
             if record is None:
                 record = self._graph_records[id(graph)] = (
@@ -263,11 +271,17 @@ def kernels_for(stepper: Stepper, dtype: torch.dtype, device: torch.device,
                                solve_velocity=velocity if velocity.time_indexed else None)
 
 
+_READS_BUFFER_VALUES = ("the velocity's Python reads the value of a buffer, which its "
+                        "evaluations may change")
+
+
 def _without_kernels(stepper: Stepper) -> str | None:
     """Why the stepper's steps have no kernels; None where they have."""
     velocity = stepper.velocity
     if not isinstance(velocity, GraphVelocity):
         return "the velocity runs eagerly"
+    if velocity.reads_buffer_values:
+        return _READS_BUFFER_VALUES
     if velocity.time_indexed and stepper.tableau.adaptive:
         return ("the velocity has a graph per time value, and an adaptive solve's steps meet "
                 "new times")
