@@ -6,8 +6,10 @@ arithmetic."""
 from __future__ import annotations
 
 import copy
+import gc
 import pathlib
 import sys
+import weakref
 
 import pytest
 import torch
@@ -433,6 +435,39 @@ def test_a_buffer_value_read_first_during_the_solve_is_an_error():
     with pytest.raises(RuntimeError, match="compile_steps=False"):
         rampde_fx.odeint(LateCountingVelocity(), torch.randn(8, 2), torch.tensor([0.0, 1.0]),
                          method="rk4", options={"step_size": 0.25}, compile_steps=True)
+
+
+@pytest.mark.usefixtures("cheap_steps")
+@pytest.mark.parametrize("under_compile", [False, True])
+def test_kernels_keep_no_tensor_of_the_solve_that_made_them(under_compile):
+    """A tensor attribute set before each solve (a conditioning input) is freed after its
+    solve and backward pass: the cached kernels hold the velocity's graphs, not the tensors of
+    the first solve that compiled them."""
+
+    class Conditioned(Tiny):
+        cond: torch.Tensor
+
+        def forward(self, t, y):
+            return super().forward(t, y) + self.cond
+
+    func = Conditioned()
+
+    def solve(f, y, tt):
+        return rampde_fx.odeint(f, y, tt, method="rk4", options={"step_size": 0.25},
+                                compile_steps=True)
+
+    if under_compile:
+        solve = torch.compile(solve, fullgraph=True, backend="aot_eager")
+    alive = []
+    for _ in range(2):
+        cond = torch.randn(8, 2)
+        alive.append(weakref.ref(cond))
+        func.cond = cond
+        solve(func, torch.randn(8, 2), torch.tensor([0.0, 1.0])).sum().backward()
+        del cond
+    func.cond = torch.zeros(8, 2)
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None]
 
 
 def test_compile_steps_must_be_a_bool():

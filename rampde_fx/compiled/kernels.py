@@ -135,16 +135,6 @@ class StepKernels:
             signature.append(record[2])
         return tuple(graphs), tuple(signature)
 
-    def _stepper_reading(self, tensors: Sequence[torch.Tensor],
-                         graphs: Sequence[torch.fx.GraphModule]) -> Stepper:
-        """The stepper with a velocity that reads ``tensors`` instead of the live ones, and
-        runs ``graphs`` in turn where given (see ``GraphVelocity.running``)."""
-        velocity: GraphVelocity = self.stepper.velocity
-        if graphs:
-            velocity = velocity.running(graphs)
-        return dataclasses.replace(self.stepper, velocity=velocity.reading(tensors),
-                                   evaluations=0, executor=None)
-
     def step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None,
              start_nudge: Nudge | None, stages_read: bool) -> tuple[State, list[State]]:
         """:meth:`Stepper.step`, compiled; without the stages (``[]``) where they are not
@@ -155,9 +145,11 @@ class StepKernels:
         graphs, signature = self._graphs_of_step(t0, t1, y, known, start_nudge)
         key = (known, start_nudge, stages_read, signature)
         if key not in self._forward:
+            stepper = self.stepper  # not self: the kernel must not keep this solve's tensors
+
             def forward(t0, t1, *flat):  # type: ignore[no-untyped-def]
                 state, given, tensors = flat[:n], flat[n:n + known], flat[n + known:]
-                y1, stages = self._stepper_reading(tensors, graphs).step(
+                y1, stages = _stepper_reading(stepper, tensors, graphs).step(
                     t0, t1, tuple(state), tuple(given) if known else None, start_nudge)
                 return [*y1, *((c for k in stages for c in k) if stages_read else ())]
             self._forward[key] = _Kernel(forward, len(lifted))
@@ -188,9 +180,9 @@ class StepKernels:
         key = (start_nudge, tuple(wanted), accumulate, times, scale is not None,
                tuple(state_dtypes), signature)
         if key not in self._backward:
-            self._backward[key] = _Kernel(self._backward_function(
-                n, len(lifted), state_dtypes, start_nudge, wanted, accumulate, times,
-                scale is not None, graphs))
+            self._backward[key] = _Kernel(_backward_function(
+                self.stepper, n, len(lifted), state_dtypes, start_nudge, wanted, accumulate,
+                times, scale is not None, graphs))
         with torch.no_grad():
             out = self._backward[key](t0, t1, *checkpoint, *cotangent,
                                       *([] if scale is None else [scale]), *lifted,
@@ -199,38 +191,52 @@ class StepKernels:
         grads = [] if accumulate else rest[:len(wanted)]
         return adjoint, grads, rest[len(grads):]
 
-    def _backward_function(self, n: int, n_lifted: int, state_dtypes: Sequence[torch.dtype],
-                           start_nudge: Nudge | None, wanted: list[int], accumulate: bool,
-                           times: bool, scaled: bool, graphs: Sequence[torch.fx.GraphModule]
-                           ) -> Callable[..., Any]:
-        def backward(t0, t1, *flat):  # type: ignore[no-untyped-def]
-            checkpoint, cotangent, rest = flat[:n], flat[n:2 * n], list(flat[2 * n:])
-            scale = rest.pop(0) if scaled else None
-            tensors, accumulators = rest[:n_lifted], rest[n_lifted:]
-            with torch.enable_grad():
-                y = tuple(c.to(d).detach().requires_grad_() for c, d in zip(checkpoint,
-                                                                           state_dtypes))
-                leaves = list(tensors)
-                for i in wanted:
-                    leaves[i] = tensors[i].detach().requires_grad_()
-                ends = [t.detach().requires_grad_(times) for t in (t0, t1)]
-                y1, _ = self._stepper_reading(leaves, graphs).step(*ends, y, None,
+
+def _stepper_reading(stepper: Stepper, tensors: Sequence[torch.Tensor],
+                     graphs: Sequence[torch.fx.GraphModule]) -> Stepper:
+    """``stepper`` with a velocity that reads ``tensors`` instead of the live ones, and runs
+    ``graphs`` in turn where given (see ``GraphVelocity.running``)."""
+    velocity: GraphVelocity = stepper.velocity
+    if graphs:
+        velocity = velocity.running(graphs)
+    return dataclasses.replace(stepper, velocity=velocity.reading(tensors), evaluations=0,
+                               executor=None)
+
+
+def _backward_function(stepper: Stepper, n: int, n_lifted: int,
+                       state_dtypes: Sequence[torch.dtype], start_nudge: Nudge | None,
+                       wanted: list[int], accumulate: bool, times: bool, scaled: bool,
+                       graphs: Sequence[torch.fx.GraphModule]) -> Callable[..., Any]:
+    """The backward kernel's function (see :meth:`StepKernels.backward_step`), of
+    ``stepper``'s twin only: a kernel must not keep the tensors of the solve that made it."""
+    def backward(t0, t1, *flat):  # type: ignore[no-untyped-def]
+        checkpoint, cotangent, rest = flat[:n], flat[n:2 * n], list(flat[2 * n:])
+        scale = rest.pop(0) if scaled else None
+        tensors, accumulators = rest[:n_lifted], rest[n_lifted:]
+        with torch.enable_grad():
+            y = tuple(c.to(d).detach().requires_grad_() for c, d in zip(checkpoint,
+                                                                       state_dtypes))
+            leaves = list(tensors)
+            for i in wanted:
+                leaves[i] = tensors[i].detach().requires_grad_()
+            ends = [t.detach().requires_grad_(times) for t in (t0, t1)]
+            y1, _ = _stepper_reading(stepper, leaves, graphs).step(*ends, y, None,
                                                                    start_nudge)
-                inputs = [*y, *(leaves[i] for i in wanted), *(ends if times else [])]
-                found = vector_jacobian_product(y1, inputs, cotangent, scale)
-            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs)]
-            largest = []
-            if scale is not None:
-                largest = [largest_magnitude(grads, scale.device)]
-                grads = [g / scale for g in grads]
-            adjoint, tensor_grads, time_grads = grads[:n], grads[n:n + len(wanted)], \
-                grads[n + len(wanted):]
-            if accumulate:
-                for accumulator, g in zip(accumulators, tensor_grads):
-                    accumulator.add_(g)
-                tensor_grads = []
-            return [*adjoint, *tensor_grads, *time_grads, *largest]
-        return backward
+            inputs = [*y, *(leaves[i] for i in wanted), *(ends if times else [])]
+            found = vector_jacobian_product(y1, inputs, cotangent, scale)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs)]
+        largest = []
+        if scale is not None:
+            largest = [largest_magnitude(grads, scale.device)]
+            grads = [g / scale for g in grads]
+        adjoint, tensor_grads, time_grads = grads[:n], grads[n:n + len(wanted)], \
+            grads[n + len(wanted):]
+        if accumulate:
+            for accumulator, g in zip(accumulators, tensor_grads):
+                accumulator.add_(g)
+            tensor_grads = []
+        return [*adjoint, *tensor_grads, *time_grads, *largest]
+    return backward
 
 
 def step_kernels(dtype: torch.dtype, keeps_activations: bool
