@@ -125,9 +125,9 @@ from rampde_fx.tools.memory import saved_tensor_bytes
 
 # The workload velocities are the examples' own models.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-from ode_models import (ODERNN, STL10ODENet, ConvBlockVelocity, DivergenceVelocity,  # noqa: E402
+from ode_models import (ODERNN, ConvBlockVelocity, DivergenceVelocity,  # noqa: E402
                         FlowConvVelocity, FlowMLPVelocity, HyperCNFVelocity, MLPVelocity,
-                        ODENetVelocity, TinyMLPVelocity, log_density, rel_err)
+                        ODENetVelocity, STL10ODENet, TinyMLPVelocity, log_density, rel_err)
 
 State = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 Solve = Callable[[nn.Module, State, torch.Tensor], State]

@@ -451,11 +451,7 @@ def test_kernels_keep_no_tensor_of_the_solve_that_made_them(under_compile):
             return super().forward(t, y) + self.cond
 
     func = Conditioned()
-
-    def solve(f, y, tt):
-        return rampde_fx.odeint(f, y, tt, method="rk4", options={"step_size": 0.25},
-                                compile_steps=True)
-
+    solve = eager_solve(torch.bfloat16, "rk4", {"step_size": 0.25})
     if under_compile:
         solve = torch.compile(solve, fullgraph=True, backend="aot_eager")
     alive = []

@@ -111,12 +111,17 @@ class StepKernels:
         dataclasses.field(default_factory=dict)
 
     def _graphs_of_step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, known: int,
-                        start_nudge: Nudge | None) -> tuple[tuple[torch.fx.GraphModule, ...], Any]:
+                        start_nudge: Nudge | None, dtypes: Sequence[torch.dtype] | None = None
+                        ) -> tuple[tuple[torch.fx.GraphModule, ...], Any]:
         """For a velocity with graphs per time: the graphs that the step's evaluations run, in
         order, and what identifies them among all steps (their code and constants: steps
-        whose graphs are equal share kernels); ``((), None)`` for one graph for all times."""
+        whose graphs are equal share kernels); ``((), None)`` for one graph for all times.
+        ``y``: the step's start, or its checkpoint, whose state dtypes are then ``dtypes``
+        (the times' dtype and a new graph's example state follow the state's)."""
         if self.solve_velocity is None:
             return (), None
+        if dtypes is not None:
+            y = tuple(c.to(d) for c, d in zip(y, dtypes))
         found = self.solve_velocity.graphs_at(
             self.stepper.evaluation_times(t0, t1, y, known, start_nudge), y)
         if self.solve_velocity.reads_buffer_values:  # a graph of a new time reads one
@@ -175,8 +180,8 @@ class StepKernels:
         n = len(checkpoint)
         lifted = self.lifted(replaying=True)
         accumulate = accumulators is not None
-        graphs, signature = self._graphs_of_step(
-            t0, t1, tuple(c.to(d) for c, d in zip(checkpoint, state_dtypes)), 0, start_nudge)
+        graphs, signature = self._graphs_of_step(t0, t1, tuple(checkpoint), 0, start_nudge,
+                                                 state_dtypes)
         key = (start_nudge, tuple(wanted), accumulate, times, scale is not None,
                tuple(state_dtypes), signature)
         if key not in self._backward:
