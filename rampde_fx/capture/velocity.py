@@ -165,6 +165,10 @@ class GraphVelocity:
         """The rewritten graph that runs (the first one captured)."""
         return next(iter(self._graphs.values()))[1]
 
+    def graph_modules(self) -> list[fx.GraphModule]:
+        """The rewritten graphs captured so far."""
+        return [rewritten for _, rewritten in self._graphs.values()]
+
     def graph_times(self) -> list[float]:
         """The time of each of its graphs, where it has one per time (see ``time_indexed``)."""
         return [key[0] for key in self._graphs if key is not None]

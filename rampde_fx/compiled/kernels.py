@@ -18,13 +18,16 @@ recompilation limit never counts kernels. Each kernel is compiled per input sign
 them with the velocity (and the capture cache drops the velocity with its class); each solve
 runs them on its own tensors.
 
-Runge-Kutta steps of velocities whose graphs are plain ops get kernels. A velocity with a
+Runge-Kutta steps of velocities whose graphs are plain ops get kernels, random draws included:
+the kernels are given the numbers, drawn eagerly before each call as the step's ops would draw
+them (see :mod:`.draws`), so that the backward kernel, under the forward step's generator
+state, recomputes the step with the forward's numbers. A velocity with a
 graph per time value (weights picked by ``int(t.item() * n)``) gets them on fixed grids: a
 step's kernels run the graphs of its evaluation times, and steps whose graphs are equal (the
 same code and constants) share them. An eager fallback, graphs per time in adaptive solves
 (each step meets new times), graphs picked by the value of a buffer that evaluations change
-(which graph runs depends on the evaluations before it), random draws (replayed from the
-generators of eager kernels) and the Adams methods' steps (which read earlier steps'
+(which graph runs depends on the evaluations before it), random ops whose draws depend on
+values the step computes, and the Adams methods' steps (which read earlier steps'
 derivatives) run as they are.
 """
 from __future__ import annotations
@@ -47,31 +50,40 @@ from ..engine.step import Nudge, Stepper
 from ..passes.precision import fetch_attr
 from ..passes.cpu import CPU_PRODUCTS, cpu_kernel_transform
 from ..passes.recompute import recompute_casts_of_lifted
+from .draws import DrawPlan, draw_plan, reading_draws, undrawable_op
 
 
 class _Kernel:
     """A step function traced and compiled per input signature: the shapes, strides, dtypes
     and devices of its tensors, and, where autograd records the call, which of them require
     grad (the things dynamo would guard on, checked here without dynamo's per-call cost). The
-    last ``n_lifted`` inputs of a kernel that autograd records are the velocity's tensors."""
+    last ``n_lifted`` inputs of a kernel that autograd records are the velocity's tensors.
+    Where the step ``draws`` random numbers, they are drawn before each call and given to the
+    compiled function ahead of the inputs (see :mod:`.draws`)."""
 
-    def __init__(self, function: Callable[..., Any], n_lifted: int = 0) -> None:
+    def __init__(self, function: Callable[..., Any], n_lifted: int = 0,
+                 draws: bool = False) -> None:
         self.function = function
         self.n_lifted = n_lifted
-        self.compiled: dict[Any, Callable[..., Any]] = {}
+        self.draws = draws
+        self.compiled: dict[Any, tuple[Callable[..., Any], DrawPlan]] = {}
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         recording = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
         key = (recording, *[(x.shape, x.stride(), x.dtype, x.device,
                              recording and x.requires_grad) for x in inputs])
-        compiled = self.compiled.get(key)
-        if compiled is None:
-            graph = make_fx(self.function, decomposition_table=CPU_PRODUCTS, tracing_mode="fake",
-                            _allow_non_fake_inputs=True)(*inputs)
+        entry = self.compiled.get(key)
+        if entry is None:
+            plan = draw_plan(self.function, inputs) if self.draws else DrawPlan()
+            examples = [*plan.examples(), *inputs]
+            graph = make_fx(reading_draws(self.function, len(plan.results)),
+                            decomposition_table=CPU_PRODUCTS, tracing_mode="fake",
+                            _allow_non_fake_inputs=True)(*examples)
             if recording:
                 recompute_casts_of_lifted(graph.graph, self.n_lifted)
-            compiled = self.compiled[key] = _compile(graph, inputs)
-        return compiled(*inputs)
+            entry = self.compiled[key] = (_compile(graph, examples), plan)
+        compiled, plan = entry
+        return compiled(*plan.draw(), *inputs)
 
 
 def _compile(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Callable[..., Any]:
@@ -157,7 +169,7 @@ class StepKernels:
                 y1, stages = _stepper_reading(stepper, tensors, graphs).step(
                     t0, t1, tuple(state), tuple(given) if known else None, start_nudge)
                 return [*y1, *((c for k in stages for c in k) if stages_read else ())]
-            self._forward[key] = _Kernel(forward, len(lifted))
+            self._forward[key] = _Kernel(forward, len(lifted), stepper.velocity.draws_random)
         out = self._forward[key](t0, t1, *y, *(first or ()), *lifted)
         stages = [tuple(out[i:i + n]) for i in range(n, len(out), n)]
         return tuple(out[:n]), stages
@@ -187,7 +199,7 @@ class StepKernels:
         if key not in self._backward:
             self._backward[key] = _Kernel(_backward_function(
                 self.stepper, n, len(lifted), state_dtypes, start_nudge, wanted, accumulate,
-                times, scale is not None, graphs))
+                times, scale is not None, graphs), draws=self.stepper.velocity.draws_random)
         with torch.no_grad():
             out = self._backward[key](t0, t1, *checkpoint, *cotangent,
                                       *([] if scale is None else [scale]), *lifted,
@@ -296,8 +308,10 @@ def _without_kernels(stepper: Stepper) -> str | None:
     if velocity.time_indexed and stepper.tableau.adaptive:
         return ("the velocity has a graph per time value, and an adaptive solve's steps meet "
                 "new times")
-    if velocity.draws_random:
-        return "the velocity draws random numbers"
+    for graph in velocity.graph_modules() if velocity.draws_random else ():
+        op = undrawable_op(graph.graph)
+        if op is not None:
+            return f"the velocity's random op {op} draws numbers that depend on its values"
     if stepper.multistep:
         return "an Adams step reads earlier steps' derivatives"
     return None
