@@ -17,6 +17,7 @@ from rampde_fx import runtime
 from rampde_fx.capture.trace import TracingHooks
 from rampde_fx.passes.cleanup import USER_DETACH, drop_autograd_detaches, with_readable_names
 from rampde_fx.passes.cpu import (CPU_PRODUCTS, cpu_addmm, cpu_kernel_transform, cpu_mm,
+                                  instance_norms_as_reductions, lower_for_cpu_kernels,
                                   tanh_for_cpu_kernels, use_cpu_tanh)
 from rampde_fx.passes.precision import NodePrecision, rewrite_for_precision, written_arguments
 from rampde_fx.passes.recompute import recompute_casts_of_lifted
@@ -463,12 +464,63 @@ class CpuTanh(TestCase):
         activations; float32, float64, other devices and kept activations get no transform."""
         cpu = torch.device("cpu")
         for dtype in (torch.bfloat16, torch.float16):
-            self.assertIs(cpu_kernel_transform(dtype, cpu, False), use_cpu_tanh)
+            self.assertIs(cpu_kernel_transform(dtype, cpu, False), lower_for_cpu_kernels)
             self.assertIsNone(cpu_kernel_transform(dtype, cpu, True))
             for other in (torch.device("cuda"), torch.device("meta")):
                 self.assertIsNone(cpu_kernel_transform(dtype, other, False))
         for dtype in (torch.float32, torch.float64):
             self.assertIsNone(cpu_kernel_transform(dtype, cpu, False))
+
+
+class InstanceNormReductions(TestCase):
+    """``instance_norms_as_reductions`` on graphs traced from ``F.instance_norm``."""
+
+    @staticmethod
+    def _traced(fn, *args):
+        return make_fx(fn)(*args)
+
+    def test_instance_norms_become_reductions_over_the_spatial_dimensions(self):
+        """With and without affine parameters, on 1-D, 2-D and 3-D inputs, in float32 and
+        through a cast from bf16 (as the precision rewrite leaves them): no batch norm is left,
+        and the result equals the original's to float32 roundoff against float64, values and
+        gradients."""
+        torch.manual_seed(0)
+        for shape in ((3, 5, 7), (2, 4, 6, 5), (2, 3, 4, 3, 5)):
+            for affine in (False, True):
+                for dtype in (torch.float32, torch.bfloat16):
+                    x = torch.randn(shape).to(dtype)
+                    weight, bias = torch.randn(shape[1]), torch.randn(shape[1])
+
+                    def norm(x, weight, bias):
+                        wide = torch.promote_types(x.dtype, torch.float32)
+                        return F.instance_norm(x.to(wide), weight=weight if affine else None,
+                                               bias=bias if affine else None, eps=1e-3)
+
+                    gm = self._traced(norm, x, weight, bias)
+                    instance_norms_as_reductions(gm.graph)
+                    gm.recompile()
+                    self.assertFalse(any("batch_norm" in str(n.target) for n in gm.graph.nodes))
+                    inputs = [x, weight.requires_grad_(), bias.requires_grad_()]
+                    got = gm(*inputs)
+                    want = norm(x.double(), weight.double(), bias.double())
+                    self.assertLess(((got - want).norm() / want.norm()).item(), 1e-6)
+                    if affine:
+                        for g, w in zip(torch.autograd.grad(got.square().sum(), inputs[1:]),
+                                        torch.autograd.grad(want.square().sum(), inputs[1:])):
+                            self.assertLess(((g - w).norm() / w.norm()).item(), 1e-5)
+
+    def test_other_normalisations_are_left_alone(self):
+        """Batch norm in training, and instance norm with running statistics (which updates
+        them), keep their graphs."""
+        x = torch.randn(4, 3, 5, 5)
+        mean, var = torch.zeros(3), torch.ones(3)
+        for fn in (lambda x: F.batch_norm(x, None, None, training=True),
+                   lambda x: F.instance_norm(x, mean, var, use_input_stats=True)):
+            gm = self._traced(fn, x)
+            before = gm.code
+            instance_norms_as_reductions(gm.graph)
+            gm.recompile()
+            self.assertEqual(gm.code, before)
 
 
 class StepKernelPasses(TestCase):
