@@ -269,3 +269,28 @@ def test_command_line():
     assert "suggested: bfloat16 with the default policy" in done.stdout
     assert "kept for backward" in done.stdout
     assert "Warning" not in done.stderr
+
+
+class GeneratorNoiseFunc(MLPFunc):
+    """A velocity with noise from a generator of its own (``generator=``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(11)
+
+    def forward(self, t, y):
+        return super().forward(t, y) * (1 + 0.1 * torch.randn(y.shape, generator=self.generator))
+
+
+def test_models_drawing_from_their_own_generators_are_compared_on_the_same_draws():
+    """Each of check's runs starts the model's own generators where the model's were: the
+    float32 conversion then differs from the float64 reference by roundoff only (new draws
+    per run would differ by the noise), and the model's generator is left as it was."""
+    torch.manual_seed(0)
+    model = MLPODE()
+    model.block.odefunc = GeneratorNoiseFunc()
+    before = model.block.odefunc.generator.get_state()
+    report = rampde_fx.check(model, torch.randn(8, 3), dtypes=[torch.bfloat16])
+    float32 = report.scopes[0].measurement("float32")
+    assert float32.output_error < 1e-6 and float32.gradient_error < 1e-6
+    assert torch.equal(model.block.odefunc.generator.get_state(), before)

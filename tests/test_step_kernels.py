@@ -64,8 +64,9 @@ def compiled_solve(dtype, method, options):
 
 
 def eager_solve(dtype, method, options, **settings):
+    settings = {"compile_steps": True, **settings}
     return lambda f, y, tt: rampde_fx.odeint(f, y, tt, method=method, options=options,
-                                             dtype=dtype, compile_steps=True, **settings)
+                                             dtype=dtype, **settings)
 
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 2e-6), (torch.bfloat16, 4 * 2.0 ** -8),
@@ -305,6 +306,51 @@ def test_random_velocities_in_kernels_equal_torchdiffeq(width, p, noise, method,
         f, y, tt, method=method, options=options)), func, y0, t)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+class NamedGeneratorNoise(Tiny):
+    """Noise drawn from a generator of the model's own (``generator=``), not PyTorch's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = torch.Generator()
+
+    def forward(self, t, y):
+        noise = torch.randn(y.shape, generator=self.generator)
+        return super().forward(t, y) * (1 + 0.1 * noise)
+
+
+class EagerNamedGeneratorNoise(NamedGeneratorNoise):
+    """The same, with Python control flow on a computed value: it runs eagerly."""
+
+    def forward(self, t, y):
+        out = super().forward(t, y)
+        return out if bool(out.sum() > -1e9) else -out
+
+
+@pytest.mark.usefixtures("cheap_steps")
+@pytest.mark.filterwarnings("ignore::rampde_fx.CaptureWarning")
+@pytest.mark.parametrize("make", [NamedGeneratorNoise, EagerNamedGeneratorNoise])
+@pytest.mark.parametrize("compile_steps", [False, True])
+@pytest.mark.parametrize("checkpoint", ["steps", rampde_fx.Budget(2)])
+def test_draws_from_a_named_generator_are_replayed(make, compile_steps, checkpoint):
+    """The backward pass recomputes each step with the draws of the velocity's own generator
+    as the forward made them, and leaves that generator where the original leaves it: float32
+    mode equals torchdiffeq (outputs, gradients, and the generator's next number). Before,
+    the recomputation drew new numbers from it (gradients 1e-3 off) and advanced it twice."""
+    torch.manual_seed(0)
+    func = make()
+    y0, t = torch.randn(8, 2), torch.tensor([0.0, 0.5, 1.0])
+    options = {"step_size": 0.125}
+    found = []
+    for solve in (lambda f, y, tt: torchdiffeq.odeint(f, y, tt, method="rk4", options=options),
+                  eager_solve(torch.float32, "rk4", options, checkpoint=checkpoint,
+                              compile_steps=compile_steps)):
+        func.generator.manual_seed(3)
+        results = solve_and_grads(solve, func, y0, t)
+        found.append([*results, torch.randn(1, generator=func.generator)])
+    for g, w in zip(*found):
+        assert rel_err(g, w) < 1e-6
 
 
 @pytest.mark.usefixtures("cheap_steps")

@@ -41,17 +41,21 @@ naming them.
 Recomputation in the backward pass must reproduce the forward: buffers that the velocity mutates
 (BatchNorm running statistics, counters kept in buffers) are mutated by forward evaluations
 only (:meth:`GraphVelocity.recomputing` gives the graph copies), and :attr:`draws_random` tells
-the solver to replay the RNG state of each step.
+the solver to replay the RNG state of each step (``rng``), with the states of the generators
+the velocity draws from by name (:attr:`GraphVelocity.generators`).
 
 Modules: ``slots`` (a velocity's owner, its kind, the tensors it reads and what its Python
 reaches), ``side_effects`` (what its Python changes, undone), ``trace`` (``make_fx`` tracing,
-fallback reasons), ``guards`` (the Python state a graph depends on), ``velocity`` (the captured
+fallback reasons), ``guards`` (the Python state a graph depends on), ``rng`` (generator states,
+kept and replayed), ``velocity`` (the captured
 :class:`GraphVelocity` and the eager fallback) and ``cache`` (:func:`capture_velocity`).
 """
 from .cache import capture_velocity
+from .rng import RngState, replayed_rng, rng_state
 from .slots import describe, lifted_slots, owner_module, velocity_kind, velocity_owner
 from .trace import State
 from .velocity import EagerVelocity, GraphVelocity, Velocity, transformed_graph
 
-__all__ = ["EagerVelocity", "GraphVelocity", "State", "Velocity", "capture_velocity", "describe",
-           "lifted_slots", "owner_module", "transformed_graph", "velocity_kind", "velocity_owner"]
+__all__ = ["EagerVelocity", "GraphVelocity", "RngState", "State", "Velocity", "capture_velocity",
+           "describe", "lifted_slots", "owner_module", "replayed_rng", "rng_state",
+           "transformed_graph", "velocity_kind", "velocity_owner"]

@@ -15,8 +15,10 @@ from .. import runtime
 from ..passes.precision import fetch_attr, rewrite_for_precision
 from ..policy import PrecisionPolicy
 from ..stats import VelocityKind
+from .rng import replayed_rng, rng_state
 from .side_effects import SideEffects, undoing_side_effects
-from .slots import Slot, describe, lifted_slots, module_roots, substituted, weakly
+from .slots import (Slot, describe, lifted_slots, module_roots, reachable_by_name, substituted,
+                    weakly)
 from .trace import State, Traced, as_state, graph_draws_random, trace
 
 
@@ -28,6 +30,8 @@ class _Shared:
     # The copies of the mutable tensors that a re-run step reads, by name (see recomputing).
     replay_tensors: dict[str, torch.Tensor] | None = None
     draws_random: bool = False  # some graph draws random numbers
+    # The generators that graphs draw from by name (generator=...), beside PyTorch's own.
+    generators: list[torch.Generator] = dataclasses.field(default_factory=list)
     # Lifted tensors whose values the graphs are specialised on, beside the time's.
     value_names: list[str] = dataclasses.field(default_factory=list)
 
@@ -96,6 +100,12 @@ class GraphVelocity:
         return self._shared.draws_random
 
     @property
+    def generators(self) -> list[torch.Generator]:
+        """The generators its graphs draw from by name (``generator=g``): the solve replays
+        their states with the default generators'."""
+        return self._shared.generators
+
+    @property
     def reads_buffer_values(self) -> bool:
         """Whether its graphs are specialised on the value of a buffer: one its evaluations
         may change in place (``BatchNorm(momentum=None)`` reads ``num_batches_tracked``), so
@@ -153,6 +163,11 @@ class GraphVelocity:
         # Any graph that draws makes the solve replay the generators (graphs per time differ).
         if graph_draws_random(original.graph):
             self._shared.draws_random = True
+        for node in original.graph.find_nodes(op="get_attr"):
+            value = fetch_attr(original, node.target)
+            if isinstance(value, torch.Generator) and \
+                    all(value is not known for known in self._shared.generators):
+                self._shared.generators.append(value)
         self._graphs[self._key(t) if self.time_indexed else None] = (original, rewritten)
 
     @property
@@ -313,6 +328,16 @@ class EagerVelocity:
     name = GraphVelocity.name
     counters: list[Counter] = []  # its Python runs: counters advance themselves
 
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """The generators its Python reaches by name (its modules' attributes, its closure
+        and globals): those it may draw from beside PyTorch's own."""
+        found: list[torch.Generator] = []
+        for _, value, _ in reachable_by_name(self.func):
+            if isinstance(value, torch.Generator) and all(value is not g for g in found):
+                found.append(value)
+        return found
+
     def bound(self, func: Any, bindings: dict[str, torch.Tensor] | None,
               slots: dict[str, Slot]) -> "EagerVelocity":
         """A twin for one solve of ``func``: while it runs, its ``slots`` hold the tensors
@@ -432,8 +457,9 @@ def eager_velocity(func: Any, t: torch.Tensor, state: State, is_tuple: bool,
     """The fallback for ``func``, having run it once to record the tensors it reads."""
     recorder = _TensorReadRecorder([t, *state])
     velocity = EagerVelocity(func, low_dtype, is_tuple, reason, [])
-    with torch.no_grad(), recorder, velocity.recomputing(), torch.random.fork_rng(
-            devices=[state[0].device] if state[0].device.type == "cuda" else []), \
+    device = state[0].device
+    with torch.no_grad(), recorder, velocity.recomputing(), \
+            replayed_rng(rng_state(device, velocity.generators), device), \
             undoing_side_effects(func, SideEffects()):
         velocity(t, state)
     in_slots = {id(slot.get()) for slot in velocity._slots.values()}

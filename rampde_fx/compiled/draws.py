@@ -26,6 +26,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..passes.precision import fetch_attr
+
 aten = torch.ops.aten
 
 # Random ops whose draws depend only on the layout of their first tensor (or of none).
@@ -54,13 +56,16 @@ def _is_tensor_like(x: Any) -> bool:
     return isinstance(x, (torch.Tensor, torch.fx.Node))
 
 
-def undrawable_op(graph: torch.fx.Graph) -> str | None:
-    """The name of the first random op of ``graph`` whose draws depend on values the graph
-    computes; None where there is none."""
-    for node in graph.nodes:
-        if node.op == "call_function" and _is_random(node.target) and \
-                _reads_values(node.target, node.args, node.kwargs):
-            return node.target.name()
+def undrawable_op(module: torch.fx.GraphModule) -> str | None:
+    """The name of the first random op of ``module``'s graph whose draws depend on values the
+    graph computes; None where there is none."""
+    for node in module.graph.nodes:
+        if node.op == "call_function" and _is_random(node.target):
+            args, kwargs = torch.fx.node.map_arg(  # constants (a generator) as themselves
+                (node.args, node.kwargs),
+                lambda arg: fetch_attr(module, arg.target) if arg.op == "get_attr" else arg)
+            if _reads_values(node.target, args, kwargs):
+                return node.target.name()
     return None
 
 

@@ -309,7 +309,7 @@ def _without_kernels(stepper: Stepper) -> str | None:
         return ("the velocity has a graph per time value, and an adaptive solve's steps meet "
                 "new times")
     for graph in velocity.graph_modules() if velocity.draws_random else ():
-        op = undrawable_op(graph.graph)
+        op = undrawable_op(graph)
         if op is not None:
             return f"the velocity's random op {op} draws numbers that depend on its values"
     if stepper.multistep:

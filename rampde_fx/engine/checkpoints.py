@@ -28,10 +28,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..capture import State
+from ..capture import State, replayed_rng, rng_state
 from .plan import SolvePlan, StepContext
 from .step import Stepper
-from .rng import rng_state, replayed_rng
 from .schedule import Segment, Thinning, binomial_split, fixed_grid_segments
 
 
@@ -240,5 +239,5 @@ def replaying(plan: SolvePlan, context: StepContext, device: torch.device
     with plan.stepper.velocity.recomputing(context.buffers) as copies, \
             replayed_rng(context.rng, device):
         yield lambda: StepContext(
-            None if context.rng is None else rng_state(device),
+            None if context.rng is None else rng_state(device, context.rng.generators),
             None if context.buffers is None else {name: copies[name] for name in context.buffers})

@@ -15,25 +15,26 @@ too).
 from __future__ import annotations
 
 import warnings
+from typing import Sequence
 
 import torch
 
-from ..capture import State
+from ..capture import State, rng_state
 from .checkpoints import checkpoint_store
 from .plan import SolvePlan, StepContext
-from .rng import rng_state
 
 
 class ContextRecorder:
-    """Records what accepted steps found besides their states (:class:`StepContext`): the
-    generator state each drew from, where the velocity draws random numbers on a fixed grid,
-    and the values of the buffers that its evaluations change in place (a power iteration's
-    vectors; found by their version counters on the first attempt), for the steps the caller
-    wants."""
+    """Records what accepted steps found besides their states (:class:`StepContext`): the generator
+    state each drew from (``generators``, those the velocity draws from by name, included), where
+    the velocity draws random numbers on a fixed grid, and the values of the buffers that its
+    evaluations change in place (a power iteration's vectors; found by their version counters on the
+    first attempt), for the steps the caller wants."""
 
     def __init__(self, buffers: dict[str, torch.Tensor], device: torch.device,
-                 draws: bool) -> None:
+                 draws: bool, generators: Sequence[torch.Generator] = ()) -> None:
         self._buffers, self._device, self._draws = buffers, device, draws
+        self._generators = generators
         self._changed: list[str] | None = None if buffers else []  # None: not yet known
         self.contexts: dict[int, StepContext] = {}
 
@@ -45,7 +46,8 @@ class ContextRecorder:
             names = list(self._buffers)
         else:
             names = self._changed if wanted else []
-        self._pending = StepContext(rng_state(self._device) if self._draws and wanted else None,
+        self._pending = StepContext(rng_state(self._device, self._generators)
+                                    if self._draws and wanted else None,
                                     {name: self._buffers[name].clone() for name in names})
 
     def after_attempt(self, step: int, accepted: bool, wanted: bool) -> None:
@@ -83,7 +85,8 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
     checkpoints = checkpoint_store(plan, y0) if keep_checkpoints else None
     mutable = velocity.mutable_tensors() if keep_checkpoints else {}
     draws = replay and not controller.adaptive
-    recorder = ContextRecorder(mutable, grid.device, draws) if mutable or draws else None
+    recorder = ContextRecorder(mutable, grid.device, draws, velocity.generators) \
+        if mutable or draws else None
     grid_values, outputs_per_step, start_nudges = [time_values[0]], [], []
     controller.start(stepper, stats, y0, grid, times, time_values)
     stepper.restart()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..capture import capture_velocity, lifted_slots
+from ..capture import RngState, capture_velocity, lifted_slots
 from ..config import SolveConfig
 from ..stats import COMPILED, SolveStats, record
 from .adams import ADAMS_METHODS, ADAMS_OPTIONS, AdamsStepper, adams_settings
@@ -25,7 +25,6 @@ from .controllers.adaptive import ADAPTIVE_OPTIONS, adaptive_controller
 from .controllers.fixed_grid import FixedGridController, SteppingController
 from .events import MAX_FIXED_GRID_EVENT_STEPS, EventController, combine_event_functions
 from .grid import check_grid, internal_time, place_outputs
-from .rng import RngState
 from .schedule import Segment
 from .step import Nudge, StepExecutor, Stepper, all_finite, time_dtype, velocity_time
 from .tableaus import ADAPTIVE_TABLEAUS, FIXED_GRID_TABLEAUS, UNSUPPORTED_METHODS, ButcherTableau

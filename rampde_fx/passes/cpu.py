@@ -135,8 +135,9 @@ def lower_for_cpu_kernels(graph: torch.fx.Graph) -> torch.fx.Graph:
 
 def cpu_kernel_transform(dtype: torch.dtype, device: torch.device,
                      keeps_activations: bool) -> Callable[[torch.fx.Graph], torch.fx.Graph] | None:
-    """On CPU a 16-bit velocity's kernels run :func:`lower_for_cpu_kernels`, unless the solve keeps its stage activations
-    (checkpoint='stages'): its float32 internals would be kept too."""
+    """On CPU a 16-bit velocity's kernels run :func:`lower_for_cpu_kernels`, unless the solve
+    keeps its stage activations (checkpoint='stages'): its float32 internals would be kept
+    too."""
     if device.type == "cpu" and dtype.itemsize == 2 and not keeps_activations:
         return lower_for_cpu_kernels
     return None

@@ -338,6 +338,14 @@ def _norm(tensors: Iterable[torch.Tensor]) -> float:
 _Result = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
+def _named_generators(model: torch.nn.Module) -> Iterator[tuple[str, torch.Generator]]:
+    """The random generators that ``model``'s modules keep as attributes, by qualified name."""
+    for prefix, module in model.named_modules():
+        for key, value in vars(module).items():
+            if isinstance(value, torch.Generator):
+                yield f"{prefix}.{key}".lstrip("."), value
+
+
 class _Checker:
     """Runs the model's copies and keeps what every measurement compares against."""
 
@@ -355,6 +363,7 @@ class _Checker:
         self.checkpoint = checkpoint
         self.names = [n for n, p in self.work.named_parameters() if p.requires_grad]
         self.buffers = [(b, b.detach().clone()) for b in self.work.buffers()]
+        self.generators = {name: g.get_state() for name, g in _named_generators(self.work)}
         self.devices = sorted({p.device for p in self.work.parameters() if p.device.type == "cuda"},
                               key=str)
         self.converted_runs: dict[tuple[torch.dtype, frozenset[str], str | None],
@@ -417,11 +426,15 @@ class _Checker:
     def _forward(self, model: torch.nn.Module, inputs: tuple[Any, ...],
                  handler: Any = None) -> Any:
         """One call from the saved buffers (BatchNorm statistics, counters kept in buffers)
-        and a seeded generator (dropout draws the same masks in every run)."""
+        and seeded generators (dropout draws the same masks in every run; the generators that
+        modules keep as attributes, copies of the model's, start from its state)."""
         with torch.no_grad():
             for buffer, saved in self.buffers:
                 buffer.copy_(saved)
         torch.manual_seed(_SEED)
+        for name, generator in _named_generators(model):
+            if name in self.generators:
+                generator.set_state(self.generators[name])
         if handler is None:
             return model(*inputs)
         return trampolines.run_within(handler, model, *inputs)

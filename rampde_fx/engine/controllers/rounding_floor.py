@@ -44,8 +44,7 @@ from typing import Protocol
 
 import torch
 
-from ...capture import State, Velocity
-from ..rng import replayed_rng, rng_state
+from ...capture import State, Velocity, replayed_rng, rng_state
 from ..step import Nudge, Stepper, weighted_sum
 from ..tableaus import ButcherTableau
 
@@ -119,7 +118,7 @@ class RoundingFloor:
         weights = stepper.tableau.error
         which = [i for i, w in enumerate(weights) if w != 0.0]
         with torch.no_grad(), self.reference.recomputing(), \
-                replayed_rng(rng_state(t0.device), t0.device):
+                replayed_rng(rng_state(t0.device, stepper.velocity.generators), t0.device):
             again = stepper.reevaluate(self.reference, t0, t1, y, stages, start_nudge, which)
         stepper.evaluations += len(which)
         noise = [weighted_sum([abs(weights[i]) for i in which],
