@@ -47,8 +47,8 @@ the velocity draws from by name (:attr:`GraphVelocity.generators`).
 Modules: ``slots`` (a velocity's owner, its kind, the tensors it reads and what its Python
 reaches), ``side_effects`` (what its Python changes, undone), ``trace`` (``make_fx`` tracing,
 fallback reasons), ``guards`` (the Python state a graph depends on), ``rng`` (generator states,
-kept and replayed), ``velocity`` (the captured
-:class:`GraphVelocity` and the eager fallback) and ``cache`` (:func:`capture_velocity`).
+kept and replayed), ``velocity`` (the captured :class:`GraphVelocity` and the eager fallback)
+and ``cache`` (:func:`capture_velocity`).
 """
 from .cache import capture_velocity
 from .rng import RngState, replayed_rng, rng_state

@@ -20,15 +20,14 @@ runs them on its own tensors.
 
 Runge-Kutta steps of velocities whose graphs are plain ops get kernels, random draws included:
 the kernels are given the numbers, drawn eagerly before each call as the step's ops would draw
-them (see :mod:`.draws`), so that the backward kernel, under the forward step's generator
-state, recomputes the step with the forward's numbers. A velocity with a
-graph per time value (weights picked by ``int(t.item() * n)``) gets them on fixed grids: a
-step's kernels run the graphs of its evaluation times, and steps whose graphs are equal (the
-same code and constants) share them. An eager fallback, graphs per time in adaptive solves
-(each step meets new times), graphs picked by the value of a buffer that evaluations change
-(which graph runs depends on the evaluations before it), random ops whose draws depend on
-values the step computes, and the Adams methods' steps (which read earlier steps'
-derivatives) run as they are.
+them (see :mod:`.draws`), so that the backward kernel, under the forward step's generator state,
+recomputes the step with the forward's numbers. A velocity with a graph per time value (weights
+picked by ``int(t.item() * n)``) gets them on fixed grids: a step's kernels run the graphs of
+its evaluation times, and steps whose graphs are equal (the same code and constants) share them.
+An eager fallback, graphs per time in adaptive solves (each step meets new times), graphs picked
+by the value of a buffer that evaluations change (which graph runs depends on the evaluations
+before it), random ops whose draws depend on values the step computes, and the Adams methods'
+steps (which read earlier steps' derivatives) run as they are.
 """
 from __future__ import annotations
 
