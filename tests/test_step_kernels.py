@@ -704,3 +704,47 @@ def test_inductor_kernels_are_given_the_original_draws():
         f, y, tt, method="rk4", options=options)), func, y0, t)
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-6
+
+
+class JumpAtHalf(Tiny):
+    """A velocity with a jump just after t = 0.5, read as a tensor (one graph for all times):
+    only a stage nudged past 0.5 sees the right side at 0.5."""
+
+    def forward(self, t, y):
+        return torch.where(t > 0.5, 1.0, -1.0) * super().forward(t, y)
+
+
+@pytest.mark.usefixtures("cheap_steps")
+@pytest.mark.parametrize("under_compile", [False, True])
+def test_nudged_first_stages_share_one_backward_kernel(under_compile):
+    """The first stage's nudge is an input of the backward kernel. With ``perturb`` on a grid
+    through a jump, the stage at a step's start sees the right side of it and the stage at its
+    end the left (a wrong nudge in the recomputation would flip a stage's sign): float32
+    equals the op-by-op solve and torchdiffeq. dopri5's steps, whose first stages are nudged
+    except the first step's, share one backward kernel and equal the op-by-op solve (outputs,
+    gradients for y0, the times and the parameters; torchdiffeq also differentiates its step
+    size control, so it is no reference there)."""
+    torch.manual_seed(0)
+    y0, t = torch.randn(8, 2), torch.tensor([0.0, 1.0])
+    for func, method, options, settings in (
+            (JumpAtHalf(), "rk4", {"step_size": 0.125, "perturb": True}, {}),
+            (Tiny(), "dopri5", None, {"rtol": 1e-6, "atol": 1e-6})):
+        runtime.STEP_KERNELS.clear()
+        solve = eager_solve(torch.float32, method, options, **settings)
+        if under_compile:
+            solve = torch.compile(solve, fullgraph=True, backend="aot_eager")
+        with rampde_fx.collect_stats() as solves:
+            got = solve_and_grads(solve, func, y0, t)
+        assert solves[0].step_kernels == "compiled"
+        (kernels,) = [k for per_velocity in runtime.STEP_KERNELS.values()
+                      for k in per_velocity.values()]
+        assert len(kernels._backward) == 1, method
+        plain = solve_and_grads(eager_solve(torch.float32, method, options,
+                                            compile_steps=False, **settings), func, y0, t)
+        for g, w in zip(got, plain):
+            assert rel_err(g, w) < 1e-5, method
+        if method == "rk4":
+            want = solve_and_grads(lambda f, y, tt: torchdiffeq.odeint(
+                f, y, tt, method=method, options=options), func, y0, t)
+            for g, w in zip(got, want):
+                assert rel_err(g, w) < 1e-4

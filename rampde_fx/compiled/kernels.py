@@ -6,8 +6,10 @@ low-precision checkpoint, recomputes the step, takes the vector-Jacobian product
 adjoint (times the fp16 scale, where there is one) and accumulates the parameter gradients in
 float32 into buffers it is given:
 
-    (t0, t1, *checkpoint, *cotangent, [scale], *lifted, *accumulators)
+    (t0, t1, offset, *checkpoint, *cotangent, [scale], *lifted, *accumulators)
         -> (*adjoint, [grad t0, grad t1], [largest scaled result])
+
+(``offset``: the first stage's nudge, an input so that one kernel serves every nudge.)
 
 Both are traced to aten graphs with ``make_fx`` (through ``torch.autograd.grad``, so the
 backward kernel holds the derivative ops themselves: no autograd graph is built and no autograd
@@ -45,7 +47,7 @@ from .. import runtime
 from ..adjoint.scaling import largest_magnitude
 from ..adjoint.vjp import vector_jacobian_product
 from ..capture import GraphVelocity, State, transformed_graph
-from ..engine.step import Nudge, Stepper
+from ..engine.step import Nudge, Stepper, nudge_offset, promoted_time_dtype
 from ..passes.precision import fetch_attr
 from ..passes.cpu import CPU_PRODUCTS, cpu_kernel_transform
 from ..passes.recompute import recompute_casts_of_lifted
@@ -193,14 +195,18 @@ class StepKernels:
         accumulate = accumulators is not None
         graphs, signature = self._graphs_of_step(t0, t1, tuple(checkpoint), 0, start_nudge,
                                                  state_dtypes)
-        key = (start_nudge, tuple(wanted), accumulate, times, scale is not None,
-               tuple(state_dtypes), signature)
+        # The first stage's nudge as an input: the steps after a first-same-as-last step
+        # (nudged) and the first one (not) share the kernel.
+        offset = nudge_offset(t0.detach().to(promoted_time_dtype(state_dtypes)),
+                              self.stepper.start_nudge if start_nudge is None else start_nudge)
+        key = (tuple(wanted), accumulate, times, scale is not None, tuple(state_dtypes),
+               signature)
         if key not in self._backward:
             self._backward[key] = _Kernel(_backward_function(
-                self.stepper, n, len(lifted), state_dtypes, start_nudge, wanted, accumulate,
-                times, scale is not None, graphs), draws=self.stepper.velocity.draws_random)
+                self.stepper, n, len(lifted), state_dtypes, wanted, accumulate, times,
+                scale is not None, graphs), draws=self.stepper.velocity.draws_random)
         with torch.no_grad():
-            out = self._backward[key](t0, t1, *checkpoint, *cotangent,
+            out = self._backward[key](t0, t1, offset, *checkpoint, *cotangent,
                                       *([] if scale is None else [scale]), *lifted,
                                       *(accumulators or []))
         adjoint, rest = list(out[:n]), list(out[n:])
@@ -220,12 +226,13 @@ def _stepper_reading(stepper: Stepper, tensors: Sequence[torch.Tensor],
 
 
 def _backward_function(stepper: Stepper, n: int, n_lifted: int,
-                       state_dtypes: Sequence[torch.dtype], start_nudge: Nudge | None,
-                       wanted: list[int], accumulate: bool, times: bool, scaled: bool,
-                       graphs: Sequence[torch.fx.GraphModule]) -> Callable[..., Any]:
+                       state_dtypes: Sequence[torch.dtype], wanted: list[int], accumulate: bool,
+                       times: bool, scaled: bool, graphs: Sequence[torch.fx.GraphModule]
+                       ) -> Callable[..., Any]:
     """The backward kernel's function (see :meth:`StepKernels.backward_step`), of
-    ``stepper``'s twin only: a kernel must not keep the tensors of the solve that made it."""
-    def backward(t0, t1, *flat):  # type: ignore[no-untyped-def]
+    ``stepper``'s twin only: a kernel must not keep the tensors of the solve that made it.
+    ``offset``: the first stage's nudge (see ``engine.step.nudge_offset``)."""
+    def backward(t0, t1, offset, *flat):  # type: ignore[no-untyped-def]
         checkpoint, cotangent, rest = flat[:n], flat[n:2 * n], list(flat[2 * n:])
         scale = rest.pop(0) if scaled else None
         tensors, accumulators = rest[:n_lifted], rest[n_lifted:]
@@ -236,8 +243,7 @@ def _backward_function(stepper: Stepper, n: int, n_lifted: int,
             for i in wanted:
                 leaves[i] = tensors[i].detach().requires_grad_()
             ends = [t.detach().requires_grad_(times) for t in (t0, t1)]
-            y1, _ = _stepper_reading(stepper, leaves, graphs).step(*ends, y, None,
-                                                                   start_nudge)
+            y1, _ = _stepper_reading(stepper, leaves, graphs).step(*ends, y, None, offset)
             inputs = [*y, *(leaves[i] for i in wanted), *(ends if times else [])]
             found = vector_jacobian_product(y1, inputs, cotangent, scale)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -113,7 +113,7 @@ class Stepper:
         """Go on from step ``step``'s :meth:`resume_point` ``kept``; returns the step's start."""
         return kept
 
-    def derivative(self, tau: torch.Tensor, y: State, nudge: Nudge = Nudge.NONE,
+    def derivative(self, tau: torch.Tensor, y: State, nudge: Nudge | torch.Tensor = Nudge.NONE,
                    velocity: Callable[[torch.Tensor, State], State] | None = None) -> State:
         """The velocity (``velocity`` where given) at internal time ``tau``, upcast to each
         component's dtype."""
@@ -123,12 +123,13 @@ class Stepper:
         return tuple(k_c.to(y_c.dtype) for k_c, y_c in zip(k, y))
 
     def step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None = None,
-             start_nudge: Nudge | None = None) -> tuple[State, list[State]]:
+             start_nudge: Nudge | torch.Tensor | None = None) -> tuple[State, list[State]]:
         """One step from ``t0`` to ``t1``; returns the new state and the stage derivatives.
 
         ``first``: the first stage when it is already known (the last stage of the previous
         step of a first-same-as-last method); otherwise it is evaluated at ``t0``, nudged by
-        ``start_nudge`` (default :attr:`start_nudge`).
+        ``start_nudge`` (default :attr:`start_nudge`; an offset tensor: see
+        :func:`nudge_offset`).
         """
         dt = t1 - t0
         stages: list[State] = [] if first is None else [first]
@@ -150,7 +151,8 @@ class Stepper:
         return [velocity_time(tau, y, nudge, self.time_sign) for tau, nudge in points]
 
     def _stage_point(self, c: float, t0: torch.Tensor, t1: torch.Tensor, dt: torch.Tensor,
-                     start_nudge: Nudge | None) -> tuple[torch.Tensor, Nudge]:
+                     start_nudge: Nudge | torch.Tensor | None
+                     ) -> tuple[torch.Tensor, Nudge | torch.Tensor]:
         """The internal time and nudge of a stage at fraction ``c`` of the step."""
         if c == 0.0:
             return t0, self.start_nudge if start_nudge is None else start_nudge
@@ -230,22 +232,36 @@ class Stepper:
         return y1, self.interpolate(t0, t1, y0, y1, stages, outputs, t0_value, t1_value)
 
 
-def velocity_time(tau: torch.Tensor, y: State, nudge: Nudge, time_sign: float) -> torch.Tensor:
+def velocity_time(tau: torch.Tensor, y: State, nudge: Nudge | torch.Tensor,
+                  time_sign: float) -> torch.Tensor:
     """The time the velocity receives at internal time ``tau``: in the state's dtype, moved to
-    the adjacent representable time by ``nudge``, negated when integrating backwards (the
-    velocity sees the user's time)."""
+    the adjacent representable time by ``nudge`` (or by an offset :func:`nudge_offset` gave),
+    negated when integrating backwards (the velocity sees the user's time)."""
     t = tau.to(time_dtype(y))
-    if nudge is not Nudge.NONE:
-        with torch.no_grad():
-            nudged = torch.nextafter(t, t + nudge.value)
-        t = t + (nudged - t).detach()  # the value of nudged, the gradient of t
+    if isinstance(nudge, Nudge):
+        nudge = None if nudge is Nudge.NONE else nudge_offset(t, nudge)
+    if nudge is not None:
+        t = t + nudge.detach()  # the value of the nudged time, the gradient of t
     return -t if time_sign < 0 else t
 
 
+def nudge_offset(t: torch.Tensor, nudge: Nudge) -> torch.Tensor:
+    """What ``nudge`` adds to the time ``t`` (in the time dtype): the distance to the adjacent
+    representable time, or zero. Given as a tensor, a compiled step takes it as an input
+    instead of being compiled once per nudge."""
+    with torch.no_grad():
+        return torch.nextafter(t, t + nudge.value) - t
+
+
 def time_dtype(y: State) -> torch.dtype:
-    """The dtype of the times next to state ``y``: the promotion of its components' real
-    dtypes (a complex state's times are real, as torchdiffeq's)."""
-    return functools.reduce(torch.promote_types, (c.dtype.to_real() for c in y))
+    """The dtype of the times next to state ``y`` (see :func:`promoted_time_dtype`)."""
+    return promoted_time_dtype(c.dtype for c in y)
+
+
+def promoted_time_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype of the times next to a state of ``dtypes``: the promotion of their real dtypes
+    (a complex state's times are real, as torchdiffeq's)."""
+    return functools.reduce(torch.promote_types, (d.to_real() for d in dtypes))
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
