@@ -1,15 +1,17 @@
 """One compiled region per step and direction, for solves inside ``rampde_fx::solve``.
 
-The forward kernel is the RK step: ``(t0, t1, *y, *lifted) -> (*y1, *stages)``. The backward
+The forward kernel is the RK step: ``(t0, t1, *y, [*first], *indices, *lifted) -> (*y1,
+*stages)``. The backward
 kernel is a whole step of the discrete adjoint: it rebuilds the step's start from its
 low-precision checkpoint, recomputes the step, takes the vector-Jacobian product with the
 adjoint (times the fp16 scale, where there is one) and accumulates the parameter gradients in
 float32 into buffers it is given:
 
-    (t0, t1, offset, *checkpoint, *cotangent, [scale], *lifted, *accumulators)
+    (t0, t1, offset, *checkpoint, *cotangent, [scale], *indices, *lifted, *accumulators)
         -> (*adjoint, [grad t0, grad t1], [largest scaled result])
 
-(``offset``: the first stage's nudge, an input so that one kernel serves every nudge.)
+(``offset``: the first stage's nudge, an input so that one kernel serves every nudge;
+``indices``: the bank indices of a velocity with graphs per time, see below.)
 
 Both are traced to aten graphs with ``make_fx`` (through ``torch.autograd.grad``, so the
 backward kernel holds the derivative ops themselves: no autograd graph is built and no autograd
@@ -25,7 +27,8 @@ the kernels are given the numbers, drawn eagerly before each call as the step's 
 them (see :mod:`.draws`), so that the backward kernel, under the forward step's generator state,
 recomputes the step with the forward's numbers. A velocity with a graph per time value (weights
 picked by ``int(t.item() * n)``) gets them on fixed grids: a step's kernels run the graphs of
-its evaluation times, and steps whose graphs are equal (the same code and constants) share them.
+its evaluation times, and steps whose graphs are equal (the same code and constants) share them;
+a literal index into a tensor the graph is given (``bank[k]``) is a kernel input, not code.
 An eager fallback, graphs per time in adaptive solves (each step meets new times), graphs picked
 by the value of a buffer that evaluations change (which graph runs depends on the evaluations
 before it), random ops whose draws depend on values the step computes, and the Adams methods'
@@ -119,20 +122,24 @@ class StepKernels:
     _forward: dict[Any, _Kernel] = dataclasses.field(default_factory=dict)
     _backward: dict[Any, _Kernel] = dataclasses.field(default_factory=dict)
     # Per graph of a velocity with graphs per time, by id: the graph (kept, so that the id
-    # stays its own), its transformed copy, and what makes it equal to another graph.
-    _graph_records: dict[int, tuple[torch.fx.GraphModule, torch.fx.GraphModule, Any]] = \
-        dataclasses.field(default_factory=dict)
+    # stays its own), its transformed copy with its bank indices lifted, what makes it equal
+    # to another graph, and its bank indices (see _with_lifted_indices).
+    _graph_records: dict[int, tuple[torch.fx.GraphModule, torch.fx.GraphModule, Any,
+                                    list[int]]] = dataclasses.field(default_factory=dict)
+    # The bank indices of a step's graphs as tensors on the solve's device, by graph ids.
+    _index_tensors: dict[Any, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     def _graphs_of_step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, known: int,
                         start_nudge: Nudge | None, dtypes: Sequence[torch.dtype] | None = None
-                        ) -> tuple[tuple[torch.fx.GraphModule, ...], Any]:
+                        ) -> tuple[tuple[torch.fx.GraphModule, ...], Any, list[torch.Tensor]]:
         """For a velocity with graphs per time: the graphs that the step's evaluations run, in
-        order, and what identifies them among all steps (their code and constants: steps
-        whose graphs are equal share kernels); ``((), None)`` for one graph for all times.
+        order, what identifies them among all steps (their code and constants, but for the
+        indices into weight banks: steps whose graphs are equal share kernels), and those
+        indices, the kernels' inputs; ``((), None, [])`` for one graph for all times.
         ``y``: the step's start, or its checkpoint, whose state dtypes are then ``dtypes``
         (the times' dtype and a new graph's example state follow the state's)."""
         if self.solve_velocity is None:
-            return (), None
+            return (), None, []
         if dtypes is not None:
             y = tuple(c.to(d) for c, d in zip(y, dtypes))
         found = self.solve_velocity.graphs_at(
@@ -142,16 +149,21 @@ class StepKernels:
                                "(a graph captured during this solve reads it), so its steps "
                                "cannot run as the compiled kernels of this solve; solve it "
                                "with compile_steps=False, outside torch.compile")
-        graphs, signature = [], []
+        graphs, signature, indices = [], [], []
         for graph in found:
             record = self._graph_records.get(id(graph))
             if record is None:
-                record = self._graph_records[id(graph)] = (
-                    graph, graph if self.transform is None else
-                    transformed_graph(graph, self.transform), _graph_signature(graph))
+                lifted, values = _with_lifted_indices(
+                    graph if self.transform is None else transformed_graph(graph, self.transform))
+                record = self._graph_records[id(graph)] = (graph, lifted,
+                                                           _graph_signature(lifted), values)
             graphs.append(record[1])
             signature.append(record[2])
-        return tuple(graphs), tuple(signature)
+            indices += record[3]
+        key = (tuple(id(graph) for graph in found), y[0].device)
+        if key not in self._index_tensors:
+            self._index_tensors[key] = [torch.tensor([i], device=y[0].device) for i in indices]
+        return tuple(graphs), tuple(signature), self._index_tensors[key]
 
     def step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, first: State | None,
              start_nudge: Nudge | None, stages_read: bool) -> tuple[State, list[State]]:
@@ -160,18 +172,20 @@ class StepKernels:
         n = len(y)
         lifted = self.lifted()
         known = 0 if first is None else len(first)
-        graphs, signature = self._graphs_of_step(t0, t1, y, known, start_nudge)
+        graphs, signature, indices = self._graphs_of_step(t0, t1, y, known, start_nudge)
         key = (known, start_nudge, stages_read, signature)
         if key not in self._forward:
             stepper = self.stepper  # not self: the kernel must not keep this solve's tensors
+            m = len(indices)
 
             def forward(t0, t1, *flat):  # type: ignore[no-untyped-def]
-                state, given, tensors = flat[:n], flat[n:n + known], flat[n + known:]
-                y1, stages = _stepper_reading(stepper, tensors, graphs).step(
+                state, given = flat[:n], flat[n:n + known]
+                bank_indices, tensors = flat[n + known:n + known + m], flat[n + known + m:]
+                y1, stages = _stepper_reading(stepper, tensors, graphs, bank_indices).step(
                     t0, t1, tuple(state), tuple(given) if known else None, start_nudge)
                 return [*y1, *((c for k in stages for c in k) if stages_read else ())]
             self._forward[key] = _Kernel(forward, len(lifted), stepper.velocity.draws_random)
-        out = self._forward[key](t0, t1, *y, *(first or ()), *lifted)
+        out = self._forward[key](t0, t1, *y, *(first or ()), *indices, *lifted)
         stages = [tuple(out[i:i + n]) for i in range(n, len(out), n)]
         return tuple(out[:n]), stages
 
@@ -193,8 +207,8 @@ class StepKernels:
         n = len(checkpoint)
         lifted = self.lifted(replaying=True)
         accumulate = accumulators is not None
-        graphs, signature = self._graphs_of_step(t0, t1, tuple(checkpoint), 0, start_nudge,
-                                                 state_dtypes)
+        graphs, signature, indices = self._graphs_of_step(t0, t1, tuple(checkpoint), 0,
+                                                          start_nudge, state_dtypes)
         # The first stage's nudge as an input: the steps after a first-same-as-last step
         # (nudged) and the first one (not) share the kernel.
         offset = nudge_offset(t0.detach().to(promoted_time_dtype(state_dtypes)),
@@ -204,10 +218,11 @@ class StepKernels:
         if key not in self._backward:
             self._backward[key] = _Kernel(_backward_function(
                 self.stepper, n, len(lifted), state_dtypes, wanted, accumulate, times,
-                scale is not None, graphs), draws=self.stepper.velocity.draws_random)
+                scale is not None, graphs, len(indices)),
+                draws=self.stepper.velocity.draws_random)
         with torch.no_grad():
             out = self._backward[key](t0, t1, offset, *checkpoint, *cotangent,
-                                      *([] if scale is None else [scale]), *lifted,
+                                      *([] if scale is None else [scale]), *indices, *lifted,
                                       *(accumulators or []))
         adjoint, rest = list(out[:n]), list(out[n:])
         grads = [] if accumulate else rest[:len(wanted)]
@@ -215,26 +230,29 @@ class StepKernels:
 
 
 def _stepper_reading(stepper: Stepper, tensors: Sequence[torch.Tensor],
-                     graphs: Sequence[torch.fx.GraphModule]) -> Stepper:
+                     graphs: Sequence[torch.fx.GraphModule],
+                     bank_indices: Sequence[torch.Tensor] = ()) -> Stepper:
     """``stepper`` with a velocity that reads ``tensors`` instead of the live ones, and runs
-    ``graphs`` in turn where given (see ``GraphVelocity.running``)."""
+    ``graphs`` in turn where given (see ``GraphVelocity.running``), reading ``bank_indices``
+    in turn as their lifted indices (see :func:`_with_lifted_indices`)."""
     velocity: GraphVelocity = stepper.velocity
     if graphs:
-        velocity = velocity.running(graphs)
+        velocity = velocity.running(_reading_indices(graphs, bank_indices))
     return dataclasses.replace(stepper, velocity=velocity.reading(tensors), evaluations=0,
                                executor=None)
 
 
 def _backward_function(stepper: Stepper, n: int, n_lifted: int,
                        state_dtypes: Sequence[torch.dtype], wanted: list[int], accumulate: bool,
-                       times: bool, scaled: bool, graphs: Sequence[torch.fx.GraphModule]
-                       ) -> Callable[..., Any]:
+                       times: bool, scaled: bool, graphs: Sequence[torch.fx.GraphModule],
+                       n_indices: int) -> Callable[..., Any]:
     """The backward kernel's function (see :meth:`StepKernels.backward_step`), of
     ``stepper``'s twin only: a kernel must not keep the tensors of the solve that made it.
     ``offset``: the first stage's nudge (see ``engine.step.nudge_offset``)."""
     def backward(t0, t1, offset, *flat):  # type: ignore[no-untyped-def]
         checkpoint, cotangent, rest = flat[:n], flat[n:2 * n], list(flat[2 * n:])
         scale = rest.pop(0) if scaled else None
+        bank_indices, rest = rest[:n_indices], rest[n_indices:]
         tensors, accumulators = rest[:n_lifted], rest[n_lifted:]
         with torch.enable_grad():
             y = tuple(c.to(d).detach().requires_grad_() for c, d in zip(checkpoint,
@@ -243,7 +261,8 @@ def _backward_function(stepper: Stepper, n: int, n_lifted: int,
             for i in wanted:
                 leaves[i] = tensors[i].detach().requires_grad_()
             ends = [t.detach().requires_grad_(times) for t in (t0, t1)]
-            y1, _ = _stepper_reading(stepper, leaves, graphs).step(*ends, y, None, offset)
+            y1, _ = _stepper_reading(stepper, leaves, graphs, bank_indices).step(*ends, y, None,
+                                                                                 offset)
             inputs = [*y, *(leaves[i] for i in wanted), *(ends if times else [])]
             found = vector_jacobian_product(y1, inputs, cotangent, scale)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs)]
@@ -322,12 +341,84 @@ def _without_kernels(stepper: Stepper) -> str | None:
     return None
 
 
+_BANK_INDEX = "_bank_index_"
+
+
+class _SelectAt(torch.autograd.Function):
+    """``x.select(dim, index)`` at a one-element tensor ``index``. Its backward is a masked
+    broadcast, not a scatter: inductor fuses the gradients of a step's selections of the same
+    bank into one pass over it (an ``index_add`` per selection would zero and add a whole bank
+    each)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.dim, ctx.size = dim, x.shape[dim]
+        return x.index_select(dim, index).squeeze(dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (index,) = ctx.saved_tensors
+        shape = [1] * (grad.dim() + 1)
+        shape[ctx.dim] = ctx.size
+        positions = torch.arange(ctx.size, device=grad.device).view(shape)
+        return torch.where(positions == index.view([1] * len(shape)), grad.unsqueeze(ctx.dim),
+                           0), None, None
+
+
+def _select_at(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """See :class:`_SelectAt`."""
+    return _SelectAt.apply(x, dim, index)
+
+
+def _with_lifted_indices(graph: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[int]]:
+    """``graph`` whose selections at a literal index of a tensor it is given (``bank[k]``: a
+    weight bank indexed by the time's interval) read the index from a buffer of their own
+    instead, and those indices: the graphs of two intervals then have the same code, and a
+    kernel, given the indices as inputs, serves both."""
+    indices: list[int] = []
+    new = copy.deepcopy(graph.graph)
+    for node in list(new.find_nodes(op="call_function", target=torch.ops.aten.select.int)):
+        source, dim, index = node.args
+        if source.op != "placeholder" or not isinstance(index, int) or index < 0:
+            continue
+        name = f"{_BANK_INDEX}{len(indices)}"
+        indices.append(index)
+        with new.inserting_before(node):
+            replacement = new.call_function(_select_at, (source, dim, new.get_attr(name)))
+        node.replace_all_uses_with(replacement)
+        new.erase_node(node)
+    if not indices:
+        return graph, []
+    root = copy.copy(graph)
+    root._buffers = {**graph._buffers, **{f"{_BANK_INDEX}{i}": torch.tensor([index])
+                                          for i, index in enumerate(indices)}}
+    return torch.fx.GraphModule(root, new, class_name=type(graph).__name__), indices
+
+
+def _reading_indices(graphs: Sequence[torch.fx.GraphModule],
+                     indices: Sequence[torch.Tensor]) -> list[torch.fx.GraphModule]:
+    """Copies of ``graphs`` that read ``indices``, in turn, as their lifted bank indices."""
+    found, remaining = [], list(indices)
+    for graph in graphs:
+        count = sum(name.startswith(_BANK_INDEX) for name in graph._buffers)
+        if count:
+            graph = copy.copy(graph)
+            graph._buffers = {**graph._buffers,
+                              **{f"{_BANK_INDEX}{i}": remaining.pop(0) for i in range(count)}}
+        found.append(graph)
+    return found
+
+
 def _graph_signature(graph: torch.fx.GraphModule) -> Any:
     """What makes two graphs the same function of their inputs: their code, and the values of
-    the constants they read (a velocity's graphs for two times differ in constants such as an
-    index into a weight bank, or the time's value where Python read it)."""
+    the constants they read (a velocity's graphs for two times differ in constants such as the
+    time's value where Python read it), but for their lifted bank indices, which kernels take
+    as inputs (see :func:`_with_lifted_indices`)."""
     constants = []
     for node in graph.graph.find_nodes(op="get_attr"):
+        if node.target.startswith(_BANK_INDEX):
+            continue
         value = fetch_attr(graph, node.target)
         constants.append((node.target, tuple(value.shape), str(value.dtype),
                           value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
