@@ -53,9 +53,9 @@ and ``cache`` (:func:`capture_velocity`).
 from .cache import capture_velocity
 from .rng import RngState, replayed_rng, rng_state
 from .slots import describe, lifted_slots, owner_module, velocity_kind, velocity_owner
-from .trace import State
+from .trace import State, is_random_op
 from .velocity import EagerVelocity, GraphVelocity, Velocity, transformed_graph
 
 __all__ = ["EagerVelocity", "GraphVelocity", "RngState", "State", "Velocity", "capture_velocity",
-           "describe", "lifted_slots", "owner_module", "replayed_rng", "rng_state",
+           "describe", "is_random_op", "lifted_slots", "owner_module", "replayed_rng", "rng_state",
            "transformed_graph", "velocity_kind", "velocity_owner"]

@@ -107,9 +107,7 @@ class TracingHooks(TorchFunctionMode):
             for node in added:
                 node.meta[USER_DETACH] = True
         # Outputs of random ops have no real value to read; nor where no tracer was at hand.
-        random = graph is None or any(
-            torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
-            for node in added)
+        random = graph is None or any(is_random_op(node.target) for node in added)
         self._shadow_outputs(func, args, kwargs, out, random)
         return out
 
@@ -152,9 +150,13 @@ class TracingHooks(TorchFunctionMode):
             self._alive.append(traced)
 
 
+def is_random_op(target: Any) -> bool:
+    """Whether a graph node's target is an op that draws random numbers."""
+    return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
+
+
 def graph_draws_random(graph: fx.Graph) -> bool:
-    return any(torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
-               for node in graph.nodes)
+    return any(is_random_op(node.target) for node in graph.nodes)
 
 
 @dataclasses.dataclass

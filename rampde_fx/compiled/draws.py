@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..capture import is_random_op
 from ..passes.precision import fetch_attr
 
 aten = torch.ops.aten
@@ -37,10 +38,6 @@ _LAYOUT_ONLY = {aten.rand_like, aten.randn_like, aten.randint_like, aten.bernoul
                 aten.randn, aten.randint, aten.randperm, aten.normal}
 # Their overloads whose first tensor gives values: bernoulli(p), normal(mean, std).
 _FIRST_READ = {aten.bernoulli.default, aten.normal.Tensor_float, aten.normal.Tensor_Tensor}
-
-
-def _is_random(op: Any) -> bool:
-    return torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
 
 
 def _reads_values(op: torch._ops.OpOverload, args: Sequence[Any],
@@ -60,7 +57,7 @@ def undrawable_op(module: torch.fx.GraphModule) -> str | None:
     """The name of the first random op of ``module``'s graph whose draws depend on values the
     graph computes; None where there is none."""
     for node in module.graph.nodes:
-        if node.op == "call_function" and _is_random(node.target):
+        if node.op == "call_function" and is_random_op(node.target):
             args, kwargs = torch.fx.node.map_arg(  # constants (a generator) as themselves
                 (node.args, node.kwargs),
                 lambda arg: fetch_attr(module, arg.target) if arg.op == "get_attr" else arg)
@@ -113,7 +110,7 @@ class _Recording(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if _is_random(func):
+        if is_random_op(func):
             if _reads_values(func, args, kwargs):
                 raise RuntimeError(f"rampde_fx: the random op {func.name()} draws numbers that "
                                    "depend on values the step computes, so the step cannot run "
@@ -142,7 +139,7 @@ class _Reading(TorchDispatchMode):
         self.values = values
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        if not _is_random(func):
+        if not is_random_op(func):
             return func(*args, **(kwargs or {}))
         value = next(self.values)
         if func._schema.is_mutable:  # bernoulli_, normal_: fill the tensor given
