@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import rampde_fx
 from models import rel_err
 from rampde_fx import runtime
+from rampde_fx.adjoint import sweep
 from rampde_fx.passes.cpu import cpu_addmm, cpu_mm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
@@ -87,6 +88,66 @@ def test_kernel_steps_against_float64(dtype, bound, interp):
     want = reference(func, y0, t, "rk4", options)
     for g, w in zip(got, want):
         assert rel_err(g, w) < bound
+
+
+def solve_and_state_grads(solve, func, y0, t):
+    """The solution, and the gradients of a weighted sum of it for y0 and the parameters (the
+    times want none)."""
+    y0 = y0.clone().requires_grad_()
+    out = solve(func, y0, t)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    return [out, *torch.autograd.grad((out * weights).sum(), [y0, *func.parameters()])]
+
+
+@pytest.mark.usefixtures("cheap_steps")
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 2e-6), (torch.bfloat16, 4 * 2.0 ** -8),
+                                          (torch.float16, 4 * 2.0 ** -11)])
+@pytest.mark.parametrize("under_compile", [False, True])
+def test_outputs_inside_steps_run_the_backward_kernel(monkeypatch, dtype, bound, under_compile):
+    """Outputs between grid points, linearly interpolated, whose times want no gradient: their
+    cotangents reach the steps' backward kernels (no step is recomputed under autograd), and
+    the outputs and gradients are within a few unit roundoffs of float64."""
+    torch.manual_seed(0)
+    func = Tiny()
+    y0, t = torch.randn(16, 2), torch.tensor([0.0, 0.35, 0.5, 0.77, 1.0])
+    options = {"step_size": 0.1}
+    solve = compiled_solve(dtype, "rk4", options) if under_compile else \
+        eager_solve(dtype, "rk4", options)
+    monkeypatch.setattr(sweep, "_recomputed_step", None)  # a call would fail
+    got = solve_and_state_grads(solve, func, y0, t)
+    func64 = Tiny().double()
+    func64.load_state_dict(func.state_dict())
+    want = solve_and_state_grads(lambda f, y, tt: torchdiffeq.odeint(
+        f, y, tt, method="rk4", options=options), func64, y0.double(), t.double())
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < bound
+
+
+@pytest.mark.usefixtures("cheap_steps")
+@pytest.mark.parametrize("method, checkpoint", [("dopri5", "steps"), ("bosh3", "steps"),
+                                                ("tsit5", "steps"),
+                                                ("dopri5", rampde_fx.Budget(2))])
+def test_dense_outputs_inside_adaptive_steps_run_the_backward_kernel(monkeypatch, method,
+                                                                     checkpoint):
+    """Adaptive steps with outputs inside them (the dense output reads every stage): the
+    outputs' cotangents reach the backward kernels as the stages' cotangents; in float32 the
+    gradients equal the op-by-op discrete adjoint's to roundoff, where the forward takes the
+    same steps (under a budget too, which recomputes steps from the states it keeps)."""
+    torch.manual_seed(0)
+    func = Tiny()
+    y0, t = torch.randn(16, 2), torch.linspace(0, 1.5, 7)
+    found = {}
+    for compile_steps in (False, True):
+        if compile_steps:
+            monkeypatch.setattr(sweep, "_recomputed_step", None)  # a call would fail
+        with rampde_fx.collect_stats() as solves:
+            found[compile_steps] = solve_and_state_grads(lambda f, y, tt: rampde_fx.odeint(
+                f, y, tt, method=method, rtol=1e-6, atol=1e-7, dtype=torch.float32,
+                compile_steps=compile_steps, checkpoint=checkpoint), func, y0, t)
+        found[compile_steps, "steps"] = (solves[0].steps, solves[0].rejected_steps)
+    assert found[True, "steps"] == found[False, "steps"]
+    for g, w in zip(found[True], found[False]):
+        assert rel_err(g, w) < 1e-5
 
 
 @pytest.mark.parametrize("under_compile", [True, False])

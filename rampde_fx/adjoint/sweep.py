@@ -3,8 +3,9 @@
 Walk the accepted steps backwards; for step ``n`` take its start, in the low dtype, from the
 checkpoints (``engine.checkpoints.step_starts``: its own checkpoint, or under a budget the
 state re-run from the nearest kept one), recompute the step (and the outputs interpolated
-inside it) under autograd, or by the stepper's executor (a compiled backward kernel), and take
-one vector-Jacobian product of that step map with the current adjoint and the outputs'
+inside it) under autograd, or by the stepper's executor (a compiled backward kernel, given the
+cotangents that the outputs inside the step give its ends and stages), and take one
+vector-Jacobian product of that step map with the current adjoint and the outputs'
 cotangents. The adjoint, the parameter
 gradients and the time gradients are accumulated in float32 (the state's dtype). With a float32
 velocity the checkpoints are exact and so is the gradient of the discrete solve.
@@ -85,9 +86,12 @@ def _sweep(plan: SolvePlan, grid: torch.Tensor, times: torch.Tensor,
            wants: Wants, scaler: AdjointScaler | None) -> list[torch.Tensor | None]:
     """One backward pass over all steps; returns the gradients of the Function's inputs.
 
-    A step runs as one backward kernel where the stepper has an executor, every wanted
-    tensor is one the kernel reads as an input, and the step's outputs (if any) are at its end
-    (their cotangents then add to the adjoint); otherwise it is recomputed under autograd."""
+    A step runs as one backward kernel where the stepper has an executor and every wanted
+    tensor is one the kernel reads as an input: the cotangents of outputs at the step's end add
+    to the adjoint, and those of outputs inside it reach the kernel through the interpolation's
+    (linear) vector-Jacobian product (see :func:`_interpolation_cotangents`), where it does not
+    evaluate the velocity and the times want no gradient; otherwise the step is recomputed
+    under autograd."""
     n = plan.n_components
     stepper = plan.stepper
     adjoint = [torch.zeros(g.shape[1:], dtype=d, device=g.device)
@@ -106,13 +110,21 @@ def _sweep(plan: SolvePlan, grid: torch.Tensor, times: torch.Tensor,
 
     for step, start in step_starts(plan, checkpoints, grid, times):
         indices = plan.outputs_per_step[step]
-        fused = kernel_tensors is not None and all(
-            plan.time_values[j] == plan.grid_values[step + 1] for j in indices) and not (
-            indices and wants.times)
+        inside = [j for j in indices if plan.time_values[j] != plan.grid_values[step + 1]]
+        fused = kernel_tensors is not None and not (indices and wants.times) and not (
+            inside and (wants.grid or stepper.interp == "cubic"))
+        # Only a step with outputs inside it gives the kernel its stages' cotangents: where
+        # they are zero, a first-same-as-last step need not recompute its last stage.
+        start_cotangent = stage_cotangents = None
         if fused:  # outputs at the step's end are its new state
             cotangents = list(adjoint)
             for j in indices:
-                cotangents = [a + g[j] for a, g in zip(cotangents, solution_grads)]
+                if j not in inside:
+                    cotangents = [a + g[j] for a, g in zip(cotangents, solution_grads)]
+            if inside:
+                start_cotangent, end_cotangent, stage_cotangents = _interpolation_cotangents(
+                    plan, step, grid, times, inside, solution_grads)
+                cotangents = [a + g for a, g in zip(cotangents, end_cotangent)]
         else:
             cotangents = list(adjoint) + [solution_grads[c][j] for j in indices for c in range(n)]
         if stepper.multistep:
@@ -121,8 +133,8 @@ def _sweep(plan: SolvePlan, grid: torch.Tensor, times: torch.Tensor,
         for attempt in range(MAX_FIRST_STEP_RETRIES + 1):
             scale = scaler.scale_for(cotangents) if scaler is not None else None
             if fused:
-                results, largest = _kernel_step(plan, step, grid, start, cotangents, scale,
-                                                kernel_tensors, wants,
+                results, largest = _kernel_step(plan, step, grid, start, cotangents,
+                                                stage_cotangents, scale, kernel_tensors, wants,
                                                 None if scaler else list(tensor_grads.values()))
             else:
                 results, largest = _recomputed_step(plan, step, grid, times, start, cotangents,
@@ -137,6 +149,8 @@ def _sweep(plan: SolvePlan, grid: torch.Tensor, times: torch.Tensor,
             scaler.assume_more_gain()
             plan.stats.scale_retries += 1
         adjoint = [a.detach() for a in results[:n]]
+        if start_cotangent is not None:
+            adjoint = [a + g for a, g in zip(adjoint, start_cotangent)]
         if carried:
             sums_grads = [torch.zeros_like(c) if g is None else g
                           for g, c in zip(results[-carried:], start.state[n:])]
@@ -181,17 +195,50 @@ def _executor_positions(stepper: Stepper, velocity_tensors: Sequence[torch.Tenso
     return None if None in positions else positions
 
 
+def _interpolation_cotangents(plan: SolvePlan, step: int, grid: torch.Tensor,
+                              times: torch.Tensor, inside: list[int],
+                              solution_grads: Sequence[torch.Tensor]
+                              ) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                         list[torch.Tensor] | None]:
+    """The cotangents that the outputs ``inside`` step ``step`` give its start, its end and
+    its stages (None where the interpolation reads no stages): the vector-Jacobian product of
+    the stepper's interpolation, linear in those for fixed times, so taken at zeros of their
+    shapes and dtypes (the same product as at the step's own values)."""
+    stepper = plan.stepper
+    n = plan.n_components
+    like = [g[0] for g in solution_grads[:n]]
+    with torch.enable_grad():
+        def zeros() -> tuple[torch.Tensor, ...]:
+            return tuple(torch.zeros(x.shape, dtype=d, device=x.device, requires_grad=True)
+                         for x, d in zip(like, plan.state_dtypes))
+        y0, y1 = zeros(), zeros()
+        stages = [zeros() for _ in range(stepper.tableau.stages)] \
+            if stepper.interpolation_reads_stages(inside) else []
+        outputs = stepper.interpolate(grid[step].detach(), grid[step + 1].detach(), y0, y1,
+                                      stages, [(times[j].detach(), plan.time_values[j])
+                                               for j in inside],
+                                      plan.grid_values[step], plan.grid_values[step + 1])
+        inputs = [*y0, *y1, *(c for k in stages for c in k)]
+        found = vector_jacobian_product([c for value in outputs for c in value], inputs,
+                                        [solution_grads[c][j] for j in inside for c in range(n)],
+                                        None)
+    found = [torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs)]
+    return found[:n], found[n:2 * n], found[2 * n:] if stages else None
+
+
 def _kernel_step(plan: SolvePlan, step: int, grid: torch.Tensor, start: StepStart,
-                 cotangents: list[torch.Tensor], scale: torch.Tensor | None,
-                 positions: list[int], wants: Wants,
+                 cotangents: list[torch.Tensor], stage_cotangents: list[torch.Tensor] | None,
+                 scale: torch.Tensor | None, positions: list[int], wants: Wants,
                  accumulators: list[torch.Tensor] | None
                  ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
-    """A step by the stepper's executor; the results are unscaled, and the tensors' gradients
-    are None where the executor added them to ``accumulators``."""
+    """A step by the stepper's executor (``stage_cotangents``: those of the step's stages, or
+    None); the results are unscaled, and the tensors' gradients are None where the executor
+    added them to ``accumulators``."""
     with replaying(plan, start.context, grid.device):
         adjoint, grads, extra = plan.stepper.executor.backward_step(
             grid[step], grid[step + 1], start.state, plan.state_dtypes,
-            cotangents, scale, plan.start_nudge(step), positions, accumulators, wants.grid)
+            cotangents, stage_cotangents, scale, plan.start_nudge(step), positions,
+            accumulators, wants.grid)
     plan.stepper.evaluations += plan.stepper.tableau.stages
     largest = extra[-1:] if scale is not None else []
     return [*adjoint, *(grads or [None] * len(positions)),

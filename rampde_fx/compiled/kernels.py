@@ -7,10 +7,11 @@ low-precision checkpoint, recomputes the step, takes the vector-Jacobian product
 adjoint (times the fp16 scale, where there is one) and accumulates the parameter gradients in
 float32 into buffers it is given:
 
-    (t0, t1, offset, *checkpoint, *cotangent, [scale], *indices, *lifted, *accumulators)
-        -> (*adjoint, [grad t0, grad t1], [largest scaled result])
+    (t0, t1, offset, *checkpoint, *cotangent, [*stage cotangents], [scale], *indices,
+     *lifted, *accumulators) -> (*adjoint, [grad t0, grad t1], [largest scaled result])
 
 (``offset``: the first stage's nudge, an input so that one kernel serves every nudge;
+``stage cotangents``: those that outputs interpolated inside the step give its stages;
 ``indices``: the bank indices of a velocity with graphs per time, see below.)
 
 Both are traced to aten graphs with ``make_fx`` (through ``torch.autograd.grad``, so the
@@ -191,11 +192,14 @@ class StepKernels:
 
     def backward_step(self, t0: torch.Tensor, t1: torch.Tensor, checkpoint: Sequence[torch.Tensor],
                       state_dtypes: Sequence[torch.dtype], cotangent: Sequence[torch.Tensor],
+                      stage_cotangents: Sequence[torch.Tensor] | None,
                       scale: torch.Tensor | None, start_nudge: Nudge | None, wanted: list[int],
                       accumulators: list[torch.Tensor] | None, times: bool
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """One step of the discrete adjoint.
 
+        ``cotangent``: the step's end's; ``stage_cotangents``: those of its stages (every
+        component of each stage in turn), or None for none.
         ``wanted``: positions, among the lifted tensors, of those whose gradients are wanted;
         ``accumulators`` (float32, one per wanted tensor) receive them in place, or, where None,
         the gradients are returned. ``times``: also the gradients for ``t0`` and ``t1``.
@@ -213,15 +217,17 @@ class StepKernels:
         # (nudged) and the first one (not) share the kernel.
         offset = nudge_offset(t0.detach().to(promoted_time_dtype(state_dtypes)),
                               self.stepper.start_nudge if start_nudge is None else start_nudge)
-        key = (tuple(wanted), accumulate, times, scale is not None, tuple(state_dtypes),
-               signature)
+        staged = stage_cotangents is not None
+        key = (tuple(wanted), accumulate, times, staged, scale is not None,
+               tuple(state_dtypes), signature)
         if key not in self._backward:
             self._backward[key] = _Kernel(_backward_function(
                 self.stepper, n, len(lifted), state_dtypes, wanted, accumulate, times,
-                scale is not None, graphs, len(indices)),
+                staged, scale is not None, graphs, len(indices)),
                 draws=self.stepper.velocity.draws_random)
         with torch.no_grad():
             out = self._backward[key](t0, t1, offset, *checkpoint, *cotangent,
+                                      *(stage_cotangents or []),
                                       *([] if scale is None else [scale]), *indices, *lifted,
                                       *(accumulators or []))
         adjoint, rest = list(out[:n]), list(out[n:])
@@ -244,13 +250,19 @@ def _stepper_reading(stepper: Stepper, tensors: Sequence[torch.Tensor],
 
 def _backward_function(stepper: Stepper, n: int, n_lifted: int,
                        state_dtypes: Sequence[torch.dtype], wanted: list[int], accumulate: bool,
-                       times: bool, scaled: bool, graphs: Sequence[torch.fx.GraphModule],
+                       times: bool, staged: bool, scaled: bool,
+                       graphs: Sequence[torch.fx.GraphModule],
                        n_indices: int) -> Callable[..., Any]:
     """The backward kernel's function (see :meth:`StepKernels.backward_step`), of
     ``stepper``'s twin only: a kernel must not keep the tensors of the solve that made it.
-    ``offset``: the first stage's nudge (see ``engine.step.nudge_offset``)."""
+    ``offset``: the first stage's nudge (see ``engine.step.nudge_offset``); ``staged``: the
+    stages' cotangents follow the end's."""
+    n_stages = n * stepper.tableau.stages if staged else 0
+
     def backward(t0, t1, offset, *flat):  # type: ignore[no-untyped-def]
-        checkpoint, cotangent, rest = flat[:n], flat[n:2 * n], list(flat[2 * n:])
+        checkpoint, cotangent, rest = flat[:n], list(flat[n:2 * n]), list(flat[2 * n:])
+        cotangent += rest[:n_stages]
+        rest = rest[n_stages:]
         scale = rest.pop(0) if scaled else None
         bank_indices, rest = rest[:n_indices], rest[n_indices:]
         tensors, accumulators = rest[:n_lifted], rest[n_lifted:]
@@ -261,10 +273,11 @@ def _backward_function(stepper: Stepper, n: int, n_lifted: int,
             for i in wanted:
                 leaves[i] = tensors[i].detach().requires_grad_()
             ends = [t.detach().requires_grad_(times) for t in (t0, t1)]
-            y1, _ = _stepper_reading(stepper, leaves, graphs, bank_indices).step(*ends, y, None,
-                                                                                 offset)
+            y1, stages = _stepper_reading(stepper, leaves, graphs, bank_indices).step(
+                *ends, y, None, offset)
+            produced = [*y1, *((c for k in stages for c in k) if staged else ())]
             inputs = [*y, *(leaves[i] for i in wanted), *(ends if times else [])]
-            found = vector_jacobian_product(y1, inputs, cotangent, scale)
+            found = vector_jacobian_product(produced, inputs, cotangent, scale)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs)]
         largest = []
         if scale is not None:

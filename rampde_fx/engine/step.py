@@ -42,8 +42,9 @@ class StepExecutor(Protocol):
 
     def backward_step(self, t0: torch.Tensor, t1: torch.Tensor,
                       checkpoint: Sequence[torch.Tensor], state_dtypes: Sequence[torch.dtype],
-                      cotangent: Sequence[torch.Tensor], scale: torch.Tensor | None,
-                      start_nudge: Nudge | None, wanted: list[int],
+                      cotangent: Sequence[torch.Tensor],
+                      stage_cotangents: Sequence[torch.Tensor] | None,
+                      scale: torch.Tensor | None, start_nudge: Nudge | None, wanted: list[int],
                       accumulators: list[torch.Tensor] | None, times: bool
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]: ...
 
