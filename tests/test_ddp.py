@@ -109,6 +109,9 @@ def one_process(run: nn.Module, model: nn.Module, whole_batch: bool,
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    # The ranks and the test's own process share the machine: one thread each, since OpenMP
+    # threads beyond the cores spin and slow every process many times over.
+    torch.set_num_threads(1)
     # bf16 dopri5 at float32 tolerances, as the test itself filters
     warnings.filterwarnings("ignore", category=rampde_fx.ToleranceWarning)
     # A bounded wait: a collective that cannot complete fails the test instead of hanging it.
@@ -145,16 +148,22 @@ def test_ddp_gradients_are_one_process_gradients(tmp_path):
     workers = mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)),
                        nprocs=WORLD, join=False)
     expected = {}
-    for name, (make, options, separable) in CASES.items():
-        model = make()
-        for dtype in DTYPES:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside the ranks (see _worker)
+    try:
+        for name, (make, options, separable) in CASES.items():
+            model = make()
+            for dtype in DTYPES:
+                model.zero_grad()
+                expected[name, dtype] = one_process(
+                    rampde_fx.convert(model, dtype=dtype, **options), model, separable)
             model.zero_grad()
-            expected[name, dtype] = one_process(rampde_fx.convert(model, dtype=dtype, **options),
-                                                model, separable)
-        model.zero_grad()
-        expected[name, "torchdiffeq"] = one_process(model, model, separable)
-        reference = float64_reference(model)
-        expected[name, "float64"] = one_process(reference, reference, separable, torch.float64)
+            expected[name, "torchdiffeq"] = one_process(model, model, separable)
+            reference = float64_reference(model)
+            expected[name, "float64"] = one_process(reference, reference, separable,
+                                                    torch.float64)
+    finally:
+        torch.set_num_threads(threads)
     deadline = time.monotonic() + 300
     while not workers.join(timeout=5):  # raises if a worker failed
         if time.monotonic() > deadline:
