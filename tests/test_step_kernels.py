@@ -150,6 +150,44 @@ def test_dense_outputs_inside_adaptive_steps_run_the_backward_kernel(monkeypatch
         assert rel_err(g, w) < 1e-5
 
 
+@pytest.mark.usefixtures("cheap_steps")
+@settings(max_examples=10, deadline=None)
+@given(inside=st.lists(st.integers(1, 99), min_size=1, max_size=4, unique=True),
+       method=st.sampled_from(["euler", "midpoint", "rk4", "dopri5", "bosh3"]),
+       steps=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_outputs_anywhere_inside_steps_through_kernels(inside, method, steps, seed):
+    """Generated output times between 0 and 1 (hundredths, on grids of 1 to 7 steps, or
+    inside adaptive steps), whose steps run the backward kernel (none is recomputed under
+    autograd): in float32, outputs and gradients equal float64 torchdiffeq's on fixed grids;
+    on adaptive steps, the gradients equal those of the same kernel solve whose output times
+    want gradients too, which recomputes such steps under autograd (the same forward, so
+    the same steps)."""
+    torch.manual_seed(seed)
+    func = Tiny()
+    y0 = torch.randn(4, 2)
+    t = torch.tensor([0.0, *sorted(k / 100 for k in inside), 1.0])
+    adaptive = method in ("dopri5", "bosh3")
+    settings_ = {"rtol": 1e-6, "atol": 1e-7} if adaptive else {"options": {"step_size": 1 / steps}}
+
+    def solve(f, y, tt):
+        return rampde_fx.odeint(f, y, tt, method=method, **settings_, dtype=torch.float32,
+                                compile_steps=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "_recomputed_step", None)  # a call would fail
+        got = solve_and_state_grads(solve, func, y0, t)
+    if adaptive:
+        out, y0_grad, _, *parameter_grads = solve_and_grads(solve, func, y0, t)
+        want, bound = [out, y0_grad, *parameter_grads], 1e-5
+    else:
+        func64 = Tiny().double()
+        func64.load_state_dict(func.state_dict())
+        want = solve_and_state_grads(lambda f, y, tt: torchdiffeq.odeint(
+            f, y, tt, method=method, **settings_), func64, y0.double(), t.double())
+        bound = 5e-6
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < bound
+
+
 @pytest.mark.parametrize("under_compile", [True, False])
 def test_backward_runs_no_autograd_engine_per_step(monkeypatch, under_compile):
     """After the first call has traced its kernels, a training step on a fixed grid, compiled
