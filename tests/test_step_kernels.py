@@ -42,20 +42,22 @@ class Tiny(torch.nn.Module):
         return self.net(y * (1 + 0.5 * t))
 
 
-def solve_and_grads(solve, func, y0, t):
-    """The solution, and the gradients of a weighted sum of it for y0, t and the parameters."""
-    y0, t = y0.clone().requires_grad_(), t.clone().requires_grad_()
+def solve_and_grads(solve, func, y0, t, time_grads=True):
+    """The solution, and the gradients of a weighted sum of it for y0, t (unless not
+    ``time_grads``: then the times want none) and the parameters."""
+    y0, t = y0.clone().requires_grad_(), t.clone().requires_grad_(time_grads)
     out = solve(func, y0, t)
     weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    return [out, *torch.autograd.grad((out * weights).sum(), [y0, t, *func.parameters()])]
+    inputs = [y0, t] if time_grads else [y0]
+    return [out, *torch.autograd.grad((out * weights).sum(), [*inputs, *func.parameters()])]
 
 
-def reference(func, y0, t, method, options):
+def reference(func, y0, t, method, options, time_grads=True):
     func64 = Tiny().double()
     func64.load_state_dict(func.state_dict())
     return solve_and_grads(lambda f, y, tt: torchdiffeq.odeint(f, y, tt, method=method,
                                                                options=options),
-                           func64, y0.double(), t.double())
+                           func64, y0.double(), t.double(), time_grads)
 
 
 def compiled_solve(dtype, method, options):
@@ -90,15 +92,6 @@ def test_kernel_steps_against_float64(dtype, bound, interp):
         assert rel_err(g, w) < bound
 
 
-def solve_and_state_grads(solve, func, y0, t):
-    """The solution, and the gradients of a weighted sum of it for y0 and the parameters (the
-    times want none)."""
-    y0 = y0.clone().requires_grad_()
-    out = solve(func, y0, t)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    return [out, *torch.autograd.grad((out * weights).sum(), [y0, *func.parameters()])]
-
-
 @pytest.mark.usefixtures("cheap_steps")
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 2e-6), (torch.bfloat16, 4 * 2.0 ** -8),
                                           (torch.float16, 4 * 2.0 ** -11)])
@@ -114,13 +107,26 @@ def test_outputs_inside_steps_run_the_backward_kernel(monkeypatch, dtype, bound,
     solve = compiled_solve(dtype, "rk4", options) if under_compile else \
         eager_solve(dtype, "rk4", options)
     monkeypatch.setattr(sweep, "_recomputed_step", None)  # a call would fail
-    got = solve_and_state_grads(solve, func, y0, t)
-    func64 = Tiny().double()
-    func64.load_state_dict(func.state_dict())
-    want = solve_and_state_grads(lambda f, y, tt: torchdiffeq.odeint(
-        f, y, tt, method="rk4", options=options), func64, y0.double(), t.double())
+    got = solve_and_grads(solve, func, y0, t, time_grads=False)
+    want = reference(func, y0, t, "rk4", options, time_grads=False)
     for g, w in zip(got, want):
         assert rel_err(g, w) < bound
+
+
+@pytest.mark.usefixtures("cheap_steps")
+def test_cubic_outputs_inside_steps_recompute_them_under_autograd():
+    """Cubic interpolation evaluates the velocity at the step's end, so it is not linear in the
+    step's values: steps with such outputs inside them recompute under autograd, and the
+    gradients (the times want none) are within float32 roundoff of float64 torchdiffeq's."""
+    torch.manual_seed(0)
+    func = Tiny()
+    y0, t = torch.randn(16, 2), torch.tensor([0.0, 0.35, 0.5, 0.77, 1.0])
+    options = {"step_size": 0.1, "interp": "cubic"}
+    got = solve_and_grads(eager_solve(torch.float32, "rk4", options), func, y0, t,
+                          time_grads=False)
+    want = reference(func, y0, t, "rk4", options, time_grads=False)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 2e-6
 
 
 @pytest.mark.usefixtures("cheap_steps")
@@ -141,9 +147,10 @@ def test_dense_outputs_inside_adaptive_steps_run_the_backward_kernel(monkeypatch
         if compile_steps:
             monkeypatch.setattr(sweep, "_recomputed_step", None)  # a call would fail
         with rampde_fx.collect_stats() as solves:
-            found[compile_steps] = solve_and_state_grads(lambda f, y, tt: rampde_fx.odeint(
+            found[compile_steps] = solve_and_grads(lambda f, y, tt: rampde_fx.odeint(
                 f, y, tt, method=method, rtol=1e-6, atol=1e-7, dtype=torch.float32,
-                compile_steps=compile_steps, checkpoint=checkpoint), func, y0, t)
+                compile_steps=compile_steps, checkpoint=checkpoint), func, y0, t,
+                time_grads=False)
         found[compile_steps, "steps"] = (solves[0].steps, solves[0].rejected_steps)
     assert found[True, "steps"] == found[False, "steps"]
     for g, w in zip(found[True], found[False]):
@@ -174,15 +181,12 @@ def test_outputs_anywhere_inside_steps_through_kernels(inside, method, steps, se
                                 compile_steps=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sweep, "_recomputed_step", None)  # a call would fail
-        got = solve_and_state_grads(solve, func, y0, t)
+        got = solve_and_grads(solve, func, y0, t, time_grads=False)
     if adaptive:
         out, y0_grad, _, *parameter_grads = solve_and_grads(solve, func, y0, t)
         want, bound = [out, y0_grad, *parameter_grads], 1e-5
     else:
-        func64 = Tiny().double()
-        func64.load_state_dict(func.state_dict())
-        want = solve_and_state_grads(lambda f, y, tt: torchdiffeq.odeint(
-            f, y, tt, method=method, **settings_), func64, y0.double(), t.double())
+        want = reference(func, y0, t, method, settings_["options"], time_grads=False)
         bound = 5e-6
     for g, w in zip(got, want):
         assert rel_err(g, w) < bound

@@ -112,7 +112,7 @@ def _sweep(plan: SolvePlan, grid: torch.Tensor, times: torch.Tensor,
         indices = plan.outputs_per_step[step]
         inside = [j for j in indices if plan.time_values[j] != plan.grid_values[step + 1]]
         fused = kernel_tensors is not None and not (indices and wants.times) and not (
-            inside and (wants.grid or stepper.interp == "cubic"))
+            inside and (wants.grid or not stepper.interpolation_is_linear))
         # Only a step with outputs inside it gives the kernel its stages' cotangents: where
         # they are zero, a first-same-as-last step need not recompute its last stage.
         start_cotangent = stage_cotangents = None
@@ -202,8 +202,9 @@ def _interpolation_cotangents(plan: SolvePlan, step: int, grid: torch.Tensor,
                                          list[torch.Tensor] | None]:
     """The cotangents that the outputs ``inside`` step ``step`` give its start, its end and
     its stages (None where the interpolation reads no stages): the vector-Jacobian product of
-    the stepper's interpolation, linear in those for fixed times, so taken at zeros of their
-    shapes and dtypes (the same product as at the step's own values)."""
+    the stepper's interpolation, linear in those for fixed times
+    (``Stepper.interpolation_is_linear``), so taken at zeros of their shapes and dtypes (the
+    same product as at the step's own values)."""
     stepper = plan.stepper
     n = plan.n_components
     like = [g[0] for g in solution_grads[:n]]

@@ -188,6 +188,12 @@ class Stepper:
         self.evaluations += self.tableau.stages - (first is not None)
         return result
 
+    @property
+    def interpolation_is_linear(self) -> bool:
+        """Whether :meth:`interpolate` is linear in the step's start, end and stages for fixed
+        times ('cubic' evaluates the velocity at the step's end)."""
+        return self.interp != "cubic"
+
     def interpolation_reads_stages(self, outputs: Sequence[object]) -> bool:
         """Whether :meth:`interpolate` reads the step's stages for these outputs (see
         :meth:`interpolant`)."""
