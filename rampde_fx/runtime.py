@@ -34,6 +34,8 @@ What lives here, and for how long:
   for the process (shown once each).
 - ``per_thread().collectors``: the lists of :func:`rampde_fx.collect_stats` blocks open in a
   thread.
+- ``per_thread().evaluation_hooks``: what runs before each velocity evaluation of a step in a
+  thread (``capture.rng.before_each_evaluation``), pushed and popped around the step.
 
 Debug accessors for tests and investigations are in :mod:`rampde_fx.tools.debug`.
 """
@@ -95,13 +97,15 @@ class _PerThread(threading.local):
         # whether the stack exists would be recompiled after the first call.
         self.handlers: list[Any] = []
         self.collectors: list[list[Any]] = []
+        self.evaluation_hooks: list[Callable[[], None]] = []
 
 
 _THREAD = _PerThread()
 
 
 def per_thread() -> _PerThread:
-    """This thread's interception stack (``handlers``) and stats collectors."""
+    """This thread's interception stack (``handlers``), stats collectors and evaluation
+    hooks."""
     return _THREAD
 
 

@@ -41,8 +41,9 @@ naming them.
 Recomputation in the backward pass must reproduce the forward: buffers that the velocity mutates
 (BatchNorm running statistics, counters kept in buffers) are mutated by forward evaluations
 only (:meth:`GraphVelocity.recomputing` gives the graph copies), and :attr:`draws_random` tells
-the solver to replay the RNG state of each step (``rng``), with the states of the generators
-the velocity draws from by name (:attr:`GraphVelocity.generators`).
+the solver to replay the RNG state of each step (``rng``; and of an adaptive step's first
+stage, evaluated by the step before), with the states of the generators the velocity draws
+from by name (:attr:`GraphVelocity.generators`).
 
 Modules: ``slots`` (a velocity's owner, its kind, the tensors it reads and what its Python
 reaches), ``side_effects`` (what its Python changes, undone), ``trace`` (``make_fx`` tracing,
@@ -51,11 +52,13 @@ kept and replayed), ``velocity`` (the captured :class:`GraphVelocity` and the ea
 and ``cache`` (:func:`capture_velocity`).
 """
 from .cache import capture_velocity
-from .rng import RngState, replayed_rng, rng_state
+from .rng import (RngState, before_each_evaluation, evaluation_starts, replayed_rng,
+                  rng_state)
 from .slots import describe, lifted_slots, owner_module, velocity_kind, velocity_owner
 from .trace import State, is_random_op
 from .velocity import EagerVelocity, GraphVelocity, Velocity, transformed_graph
 
-__all__ = ["EagerVelocity", "GraphVelocity", "RngState", "State", "Velocity", "capture_velocity",
-           "describe", "is_random_op", "lifted_slots", "owner_module", "replayed_rng", "rng_state",
+__all__ = ["EagerVelocity", "GraphVelocity", "RngState", "State", "Velocity",
+           "before_each_evaluation", "capture_velocity", "describe", "evaluation_starts",
+           "is_random_op", "lifted_slots", "owner_module", "replayed_rng", "rng_state",
            "transformed_graph", "velocity_kind", "velocity_owner"]

@@ -8,7 +8,10 @@ solve run op by op. So a kernel does not draw: each random op its step runs (dro
 (:meth:`DrawPlan.draw`) with the same ops, on blank tensors of the same layout, in the order
 the step runs them. Under the generator state the forward step drew from (which the backward
 pass replays) the backward kernel is given the forward kernel's numbers, and an eager solve's
-numbers are those of its op-by-op steps.
+numbers are those of its op-by-op steps. The plan knows which calls each velocity evaluation
+makes, and marks where each evaluation's draws start as the engine marks an evaluation
+(``capture.evaluation_starts``): an adaptive step's recomputation draws its first stage's
+numbers from another generator state than the rest.
 
 That needs draws that do not depend on the values the step computes: an op whose only tensor
 input is the one it takes its layout from, or fills in place (``rand_like``, ``bernoulli_``
@@ -26,7 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..capture import is_random_op
+from ..capture import before_each_evaluation, evaluation_starts, is_random_op
 from ..passes.precision import fetch_attr
 
 aten = torch.ops.aten
@@ -81,20 +84,29 @@ class _Blank:
 @dataclasses.dataclass(frozen=True)
 class DrawPlan:
     """The random ops a kernel's step runs, in order, with their arguments (tensors as
-    :class:`_Blank`), and the layouts of their results."""
+    :class:`_Blank`), the layouts of their results, and for each velocity evaluation of the
+    step, in order, the index of its first call (its calls run up to the next one's)."""
     calls: tuple[tuple[torch._ops.OpOverload, Any, Any], ...] = ()
     results: tuple[_Blank, ...] = ()
+    first_calls: tuple[int, ...] = ()
 
     def examples(self) -> list[torch.Tensor]:
         """Tensors laid out as the draws (not drawn: for tracing)."""
         return [result.make() for result in self.results]
 
     def draw(self) -> list[torch.Tensor]:
-        """The numbers the step would draw now, from the generators as they are."""
+        """The numbers the step would draw now, from the generators as they are, with the
+        start of each evaluation's draws marked."""
         drawn = []
-        for op, args, kwargs in self.calls:
+        starts = list(self.first_calls)
+        for i, (op, args, kwargs) in enumerate(self.calls):
+            while starts and starts[0] == i:
+                evaluation_starts()
+                starts.pop(0)
             args, kwargs = pytree.tree_map_only(_Blank, _Blank.make, (args, kwargs))
             drawn.append(op(*args, **kwargs))
+        for _ in starts:  # evaluations that draw nothing, after the last draw
+            evaluation_starts()
         return drawn
 
 
@@ -125,12 +137,15 @@ class _Recording(TorchDispatchMode):
 
 
 def draw_plan(function: Callable[..., Any], inputs: Sequence[torch.Tensor]) -> DrawPlan:
-    """The random ops ``function`` runs on inputs like ``inputs`` (run on fake copies)."""
+    """The random ops ``function`` runs on inputs like ``inputs`` (run on fake copies), and
+    where each of its velocity evaluations starts among them."""
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [fake_mode.from_tensor(x) for x in inputs]
-    with fake_mode, _Recording() as recording:
+    first_calls: list[int] = []
+    with fake_mode, _Recording() as recording, \
+            before_each_evaluation(lambda i: first_calls.append(len(recording.calls))):
         function(*fakes)
-    return DrawPlan(tuple(recording.calls), tuple(recording.results))
+    return DrawPlan(tuple(recording.calls), tuple(recording.results), tuple(first_calls))
 
 
 class _Reading(TorchDispatchMode):

@@ -9,12 +9,12 @@ step's start, last step first, in the checkpoint dtypes, with what the step foun
 kept states (:func:`rerun_step`, as the forward took them: the same kernels, generator states
 and buffer values) and rounds each start as ``'steps'`` would have kept it, so the backward
 pass computes the same gradients. (In an adaptive solve a re-run step evaluates its first stage
-anew where the forward reused the previous step's last one: the same value, except for a
-velocity that reads buffers it changes in place.) A multistep method's step also reads
-earlier steps' derivatives: a budget keeps them with each state, and a re-run step continues
-from them (see :meth:`~rampde_fx.engine.step.Stepper.resume`). A complex component is kept as
-the pair of its real and imaginary parts in the low dtype (:func:`stored`), and the backward
-pass gets it back as a complex tensor (:func:`restored`).
+anew where the forward reused the previous step's last one: the same value, with the same
+draws, except for a velocity that reads buffers it changes in place.) A multistep method's
+step also reads earlier steps' derivatives: a budget keeps them with each state, and a re-run
+step continues from them (see :meth:`~rampde_fx.engine.step.Stepper.resume`). A complex
+component is kept as the pair of its real and imaginary parts in the low dtype
+(:func:`stored`), and the backward pass gets it back as a complex tensor (:func:`restored`).
 
 Between the forward and the backward pass a budget keeps at most ``n`` states; while the
 backward pass of a fixed grid runs, the states it recomputes (at most ``n - 1`` at a time) come
@@ -234,10 +234,10 @@ def replaying(plan: SolvePlan, context: StepContext, device: torch.device
               ) -> Iterator[Callable[[], StepContext]]:
     """Evaluations of a re-run forward step that find what the forward step found
     (``context``): the buffers at its values (copies: the forward's buffers are left as they
-    are), the generators at its state. Yields a function that, called at the step's end inside
-    the block, gives what the step leaves for the next one."""
+    are), the generators at its state (its first stage's at theirs). Yields a function that,
+    called at the step's end inside the block, gives what the step leaves for the next one."""
     with plan.stepper.velocity.recomputing(context.buffers) as copies, \
-            replayed_rng(context.rng, device):
+            replayed_rng(context.rng, device, context.first_rng):
         yield lambda: StepContext(
             None if context.rng is None else rng_state(device, context.rng.generators),
             None if context.buffers is None else {name: copies[name] for name in context.buffers})

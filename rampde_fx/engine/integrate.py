@@ -7,19 +7,19 @@ low dtype, or those a budget keeps; taken before the step, since a multistep met
 checkpoint reads the history the step extends), writes the outputs the step reaches
 (interpolated inside it) and records the step for the backward pass: its times, its outputs,
 its first stage's nudge and, for the steps whose start is kept, what it found: the values of
-the buffers its evaluations change in place, and the generator state it drew from where the
-velocity draws random numbers on a fixed grid (adaptive steps are not replayed: a warning says
-so; their buffer values are recorded for every step, since rejected attempts change them
-too).
+the buffers its evaluations change in place, and where the velocity draws random numbers the
+generator state it drew from, in an adaptive solve also the one its first stage drew from
+(evaluated at the solve's start, or by the step before). An adaptive solve records every
+step's, since rejected attempts draw numbers and change buffers too.
 """
 from __future__ import annotations
 
-import warnings
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 
-from ..capture import State, rng_state
+from ..capture import RngState, State, before_each_evaluation, rng_state
 from .checkpoints import checkpoint_store
 from .plan import SolvePlan, StepContext
 
@@ -27,7 +27,8 @@ from .plan import SolvePlan, StepContext
 class ContextRecorder:
     """Records what accepted steps found besides their states (:class:`StepContext`): the generator
     state each drew from (``generators``, those the velocity draws from by name, included), where
-    the velocity draws random numbers on a fixed grid, and the values of the buffers that its
+    the velocity ``draws`` random numbers, with the one its first stage drew from where another
+    evaluation gave it (:meth:`first_stage_evaluation`), and the values of the buffers that its
     evaluations change in place (a power iteration's vectors; found by their version counters on the
     first attempt), for the steps the caller wants."""
 
@@ -36,7 +37,28 @@ class ContextRecorder:
         self._buffers, self._device, self._draws = buffers, device, draws
         self._generators = generators
         self._changed: list[str] | None = None if buffers else []  # None: not yet known
+        self._first: RngState | None = None  # the next step's first stage's
+        self._found_first: RngState | None = None  # in the block of first_stage_evaluation
         self.contexts: dict[int, StepContext] = {}
+
+    @contextlib.contextmanager
+    def first_stage_evaluation(self, evaluation: int) -> Iterator[None]:
+        """A block whose velocity evaluation ``evaluation`` (from 0), where it makes that many,
+        gives the next step's first stage: records the generator state it draws from, which an
+        accepted step's :meth:`next_step` makes the next step's (a later block's replaces it)."""
+        if not self._draws:
+            yield
+            return
+
+        def before(i: int) -> None:
+            if i == evaluation:
+                self._found_first = rng_state(self._device, self._generators)
+        with before_each_evaluation(before):
+            yield
+
+    def next_step(self) -> None:
+        """The step was accepted: the first stage found since is the next step's."""
+        self._first, self._found_first = self._found_first, None
 
     def before_attempt(self, wanted: bool) -> None:
         """Before an attempt at a step whose context is ``wanted`` (the first attempt's
@@ -59,7 +81,8 @@ class ContextRecorder:
         if accepted and wanted and (self._draws or self._changed):
             rng, buffers = self._pending.rng, self._pending.buffers
             self.contexts[step] = StepContext(
-                rng, {name: buffers[name] for name in self._changed} if self._changed else None)
+                rng, {name: buffers[name] for name in self._changed} if self._changed else None,
+                self._first)
 
 
 def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tensor,
@@ -75,20 +98,20 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
     for out, c in zip(solution, y0):
         out[0] = c
     velocity = stepper.velocity
-    replay = keep_checkpoints and velocity.draws_random
-    if replay and controller.adaptive and velocity.fallback_reason is None:
-        warnings.warn("rampde_fx: the velocity draws random numbers (dropout?) and the "
-                      f"method {stats.method!r} is adaptive: its backward pass "
-                      "recomputes the steps with new draws, so gradients do not match the "
-                      "forward's; use a fixed-grid method, or eval() mode.", RuntimeWarning,
-                      stacklevel=5)
     checkpoints = checkpoint_store(plan, y0) if keep_checkpoints else None
     mutable = velocity.mutable_tensors() if keep_checkpoints else {}
-    draws = replay and not controller.adaptive
+    draws = keep_checkpoints and velocity.draws_random
     recorder = ContextRecorder(mutable, grid.device, draws, velocity.generators) \
         if mutable or draws else None
+    # Where an adaptive step's first stage is evaluated: at the start, as the step before's
+    # last stage (first-same-as-last methods), or after it (then replacing the last stage's).
+    first_stage = recorder.first_stage_evaluation if recorder is not None and \
+        controller.adaptive else lambda evaluation: contextlib.nullcontext()
     grid_values, outputs_per_step, start_nudges = [time_values[0]], [], []
-    controller.start(stepper, stats, y0, grid, times, time_values)
+    with first_stage(0):
+        controller.start(stepper, stats, y0, grid, times, time_values)
+    if recorder is not None:
+        recorder.next_step()
     stepper.restart()
     y = y0
     while (attempt := controller.attempt(y)) is not None:
@@ -97,9 +120,10 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
         if recorder is not None:
             recorder.before_attempt(wanted)
         start = checkpoints.start_of(y) if checkpoints is not None else None
-        y1, stages = stepper.take_step(
-            attempt.t0, attempt.t1, y, attempt.first,
-            attempt.start_nudge if attempt.first is None else None, attempt.stages_read)
+        with first_stage(stepper.tableau.stages - (attempt.first is not None) - 1):
+            y1, stages = stepper.take_step(
+                attempt.t0, attempt.t1, y, attempt.first,
+                attempt.start_nudge if attempt.first is None else None, attempt.stages_read)
         accepted = controller.judge(attempt, y, y1, stages)
         if recorder is not None:
             recorder.after_attempt(step, accepted, wanted)
@@ -107,7 +131,10 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
             continue
         if checkpoints is not None:
             checkpoints.append(step, start)
-        indices = controller.accept(attempt, y1, stages)
+        with first_stage(0):
+            indices = controller.accept(attempt, y1, stages)
+        if recorder is not None:
+            recorder.next_step()
         outputs = stepper.interpolate(attempt.t0, attempt.t1, y, y1, stages,
                                       [(times[j], time_values[j]) for j in indices],
                                       attempt.t0_value, attempt.t1_value)

@@ -42,14 +42,18 @@ class StepContext:
     """What a forward step found besides its state, for its recomputation.
 
     Attributes:
-        rng: the generator state it drew from, where the velocity draws random numbers on a
-            fixed grid (adaptive steps are not replayed); else None.
+        rng: the generator state it drew from, where the velocity draws random numbers; else
+            None.
         buffers: the values of the buffers that its evaluations change in place, by name;
             None where none does.
+        first_rng: in an adaptive solve, the generator state its first stage drew from: the
+            solve's start, or the step before evaluated it (as its last stage, or after it);
+            else None.
     """
 
     rng: RngState | None = None
     buffers: dict[str, torch.Tensor] | None = None
+    first_rng: RngState | None = None
 
 
 @dataclasses.dataclass
