@@ -33,7 +33,8 @@ class Budget:
     spaced accepted steps (halving them whenever ``n`` are kept) and recomputes between them
     by the same schedule. See :mod:`rampde_fx.engine.schedule` for the counts, and
     :mod:`rampde_fx.engine.checkpoints` for what else is kept (generator states and buffer
-    values, with the kept states).
+    values: with the kept states on a fixed grid, for every accepted step in an adaptive
+    solve).
 
     Attributes:
         states: ``n``, the largest number of states kept, at least 1 (the initial state is one

@@ -34,8 +34,9 @@ What lives here, and for how long:
   for the process (shown once each).
 - ``per_thread().collectors``: the lists of :func:`rampde_fx.collect_stats` blocks open in a
   thread.
-- ``per_thread().evaluation_hooks``: what runs before each velocity evaluation of a step in a
-  thread (``capture.rng.before_each_evaluation``), pushed and popped around the step.
+- ``per_thread().evaluation_hooks``: what runs as each velocity evaluation of a solve starts in
+  a thread (``capture.rng.before_each_evaluation``), pushed and popped around the parts of the
+  forward loop and of a step's recomputation that act between evaluations.
 
 Debug accessors for tests and investigations are in :mod:`rampde_fx.tools.debug`.
 """

@@ -590,6 +590,7 @@ def test_graphs_differing_in_more_than_the_bank_index_keep_their_kernels():
     func = ScaledWeightBank()
     y0, t = torch.randn(16, 2), torch.tensor([0.0, 0.33, 1.0])
     options = {"step_size": 0.125}
+    runtime.STEP_KERNELS.clear()  # only this velocity's kernels below
     got = solve_and_grads(eager_solve(torch.float32, "rk4", options), func, y0, t)
     (kernels,) = [k for per_velocity in runtime.STEP_KERNELS.values()
                   for k in per_velocity.values() if k.stepper.velocity.time_indexed]

@@ -349,7 +349,8 @@ ADAPTIVE = {"rtol": 1e-2, "atol": 1e-2, "options": {"first_step": 0.05}}
 
 
 @pytest.mark.usefixtures("cheap_steps")
-@pytest.mark.parametrize("method", ["dopri5", "bosh3", "dopri8", "adaptive_heun", "fehlberg2"])
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "tsit5", "dopri8", "adaptive_heun",
+                                    "fehlberg2"])
 @pytest.mark.parametrize("compile_steps", [False, True])
 @pytest.mark.parametrize("checkpoint", ["steps", rampde_fx.Budget(2)])
 def test_draws_in_adaptive_solves_are_replayed(method, compile_steps, checkpoint):
@@ -357,9 +358,10 @@ def test_draws_in_adaptive_solves_are_replayed(method, compile_steps, checkpoint
     after it), or at the solve's start: its recomputation draws from that evaluation's
     generator state, its other stages from the step's own. Float32 gradients then equal those
     of autograd through the same forward (checkpoint='stages'), whose outputs are
-    torchdiffeq's from the same seed where it takes the same steps (first same as last,
-    dopri8; adaptive_heun and fehlberg2 evaluate the first stage where torchdiffeq reuses
-    another). Drawing the first stage anew left the gradients 3e-2 to 9e-2 off."""
+    torchdiffeq's from the same seed where it has the method and takes the same steps (first
+    same as last, dopri8; adaptive_heun and fehlberg2 evaluate the first stage where
+    torchdiffeq reuses another). Drawing the first stage anew left the gradients 3e-2 to 9e-2
+    off."""
     torch.manual_seed(0)
     func, y0 = DroppedNoisy(), torch.randn(5, 3)
     options = dict(method=method, **ADAPTIVE)
@@ -372,7 +374,7 @@ def test_draws_in_adaptive_solves_are_replayed(method, compile_steps, checkpoint
     assert solves[0].steps >= 3
     for g, w in zip(got, want):  # kernels sum in another order: a bias gradient 3e-6 off
         assert rel_err(g, w) < 1e-5
-    if method not in ("adaptive_heun", "fehlberg2"):
+    if method in ("dopri5", "bosh3", "dopri8"):
         torch.manual_seed(7)
         original = torchdiffeq.odeint(func, y0, T, **options)
         assert rel_err(got[0], original) < 2e-6
@@ -393,6 +395,80 @@ def test_draws_of_the_first_step_are_replayed_past_the_initial_step_probe(compil
                            checkpoint="stages", **options)
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_a_solve_inside_the_velocity_leaves_the_replay_of_its_solve_alone(method):
+    """A velocity that solves an ODE of its own (it runs eagerly): the inner solve's
+    evaluations are not the outer step's, whose first stage and other stages still draw what
+    the forward drew. Counted as the outer's, they left the gradients 0.2 off."""
+
+    class SolvesInside(DroppedNoisy):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(3, 3)
+
+        def forward(self, t, y):
+            z = rampde_fx.odeint(lambda s, x: torch.tanh(self.inner(x)), y,
+                                 torch.tensor([0.0, 0.1]), method="euler",
+                                 options={"step_size": 0.05}, dtype=torch.float32)[-1]
+            return super().forward(t, z)
+
+    torch.manual_seed(0)
+    func, y0 = SolvesInside(), torch.randn(5, 3)
+    options = {**STEPS, "method": method, **(ADAPTIVE if method == "dopri5" else {})}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rampde_fx.CaptureWarning)
+        got = solve_and_grads(rampde_fx.odeint, func, y0, T, seed=7, dtype=torch.float32,
+                              **options)
+        want = solve_and_grads(rampde_fx.odeint, func, y0, T, seed=7, dtype=torch.float32,
+                               checkpoint="stages", **options)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+@pytest.mark.parametrize("checkpoint", ["steps", rampde_fx.Budget(2)])
+def test_a_velocity_that_starts_drawing_during_the_solve_is_replayed(method, checkpoint):
+    """Weights chosen by the time's value (a graph per time), noise only after t = 0.5: the
+    graph that draws is captured during the solve, whose steps before it must have kept their
+    generator states all the same. Before, the backward pass drew anew (1e-2 off)."""
+
+    class NoisyLater(DroppedNoisy):  # a class per test: its graphs are captured here
+        def forward(self, t, y):
+            out = self.net(y)
+            return out + 1e-3 * torch.randn_like(y) if t.item() > 0.5 else out
+
+    torch.manual_seed(0)
+    func, y0 = NoisyLater(0.0), torch.randn(5, 3)
+    options = {**STEPS, "method": method, **(ADAPTIVE if method == "dopri5" else {})}
+    got = solve_and_grads(rampde_fx.odeint, func, y0, T, seed=7, dtype=torch.float32,
+                          checkpoint=checkpoint, **options)
+    func.__class__ = type("NoisyLaterAgain", (NoisyLater,), {})  # captured anew
+    want = solve_and_grads(rampde_fx.odeint, func, y0, T, seed=7, dtype=torch.float32,
+                           checkpoint="stages", **options)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_a_velocity_with_graphs_per_time_that_never_draws_keeps_no_generator_states(
+        monkeypatch):
+    """The solve takes each step's generator state in case a graph captured during the solve
+    draws (see above), and keeps none where none drew."""
+    from rampde_fx.engine import integrate
+
+    kept = []
+    found = integrate.ContextRecorder.found
+    monkeypatch.setattr(integrate.ContextRecorder, "found",
+                        lambda self: kept.append(found(self)) or kept[-1])
+
+    class ScaledLater(Dropped):
+        def forward(self, t, y):
+            return self.net(y) * (2.0 if t.item() > 0.5 else 1.0)
+
+    func = ScaledLater().eval()
+    solve_and_grads(rampde_fx.odeint, func, torch.randn(5, 3), T, dtype=torch.float32)
+    assert kept == [{}]
 
 
 @pytest.mark.usefixtures("cheap_steps")

@@ -52,13 +52,14 @@ kept and replayed), ``velocity`` (the captured :class:`GraphVelocity` and the ea
 and ``cache`` (:func:`capture_velocity`).
 """
 from .cache import capture_velocity
-from .rng import (RngState, before_each_evaluation, evaluation_starts, replayed_rng,
-                  rng_state)
+from .rng import (RngState, before_each_evaluation, evaluating, evaluation_starts,
+                  replayed_rng, rng_state)
 from .slots import describe, lifted_slots, owner_module, velocity_kind, velocity_owner
 from .trace import State, is_random_op
 from .velocity import EagerVelocity, GraphVelocity, Velocity, transformed_graph
 
 __all__ = ["EagerVelocity", "GraphVelocity", "RngState", "State", "Velocity",
-           "before_each_evaluation", "capture_velocity", "describe", "evaluation_starts",
+           "before_each_evaluation", "capture_velocity", "describe", "evaluating",
+           "evaluation_starts",
            "is_random_op", "lifted_slots", "owner_module", "replayed_rng", "rng_state",
            "transformed_graph", "velocity_kind", "velocity_owner"]

@@ -2,11 +2,11 @@
 
 A step's evaluations draw in turn from the generators, so the state before the step gives its
 draws, but for an adaptive step's first stage: the step before evaluated it (its last stage,
-or after it), so it drew from an earlier state. The engine marks the start of every velocity
-evaluation (:func:`evaluation_starts`), and a compiled step the start of each evaluation's
-draws, so that a block can act between them (:func:`before_each_evaluation`): record the state
-the next step's first stage draws from in the forward, set it for the first evaluation only in
-the recomputation (:func:`replayed_rng`).
+or after it), so it drew from an earlier state. The engine runs every velocity evaluation in
+:func:`evaluating`, and a compiled step marks the start of each evaluation's draws
+(:func:`evaluation_starts`), so that a block can act between them
+(:func:`before_each_evaluation`): record the state the next step's first stage draws from in
+the forward, set it for the first evaluation only in the recomputation (:func:`replayed_rng`).
 """
 from __future__ import annotations
 
@@ -65,6 +65,24 @@ def evaluation_starts() -> None:
     hooks = runtime.per_thread().evaluation_hooks
     if hooks:
         hooks[-1]()
+
+
+@contextlib.contextmanager
+def evaluating() -> Iterator[None]:
+    """A velocity evaluation of the engine: marks its start (:func:`evaluation_starts`), and
+    hides the evaluations of a solve made inside it (a velocity that solves an ODE of its own)
+    from the hooks of the solve it belongs to."""
+    hooks = runtime.per_thread().evaluation_hooks
+    if not hooks:
+        yield
+        return
+    hooks[-1]()
+    with before_each_evaluation(_ignore):
+        yield
+
+
+def _ignore(evaluation: int) -> None:
+    pass
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ step's start, last step first, in the checkpoint dtypes, with what the step foun
 kept states (:func:`rerun_step`, as the forward took them: the same kernels, generator states
 and buffer values) and rounds each start as ``'steps'`` would have kept it, so the backward
 pass computes the same gradients. (In an adaptive solve a re-run step evaluates its first stage
-anew where the forward reused the previous step's last one: the same value, with the same
-draws, except for a velocity that reads buffers it changes in place.) A multistep method's
+anew where the forward's came from the step before: the same value, with the same draws,
+except for a velocity that reads buffers it changes in place.) A multistep method's
 step also reads earlier steps' derivatives: a budget keeps them with each state, and a re-run
 step continues from them (see :meth:`~rampde_fx.engine.step.Stepper.resume`). A complex
 component is kept as the pair of its real and imaginary parts in the low dtype

@@ -15,31 +15,34 @@ step's, since rejected attempts draw numbers and change buffers too.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import dataclasses
+from typing import Iterator
 
 import torch
 
-from ..capture import RngState, State, before_each_evaluation, rng_state
+from ..capture import RngState, State, Velocity, before_each_evaluation, rng_state
 from .checkpoints import checkpoint_store
 from .plan import SolvePlan, StepContext
 
 
 class ContextRecorder:
     """Records what accepted steps found besides their states (:class:`StepContext`): the generator
-    state each drew from (``generators``, those the velocity draws from by name, included), where
-    the velocity ``draws`` random numbers, with the one its first stage drew from where another
-    evaluation gave it (:meth:`first_stage_evaluation`), and the values of the buffers that its
-    evaluations change in place (a power iteration's vectors; found by their version counters on the
-    first attempt), for the steps the caller wants."""
+    state each drew from (those the velocity draws from by name included), where the velocity
+    draws random numbers, with the one its first stage drew from where another evaluation gave
+    it (:meth:`first_stage_evaluation`), and the values of the buffers that its evaluations change
+    in place (a power iteration's vectors; found by their version counters on the first attempt),
+    for the steps the caller wants. Generator states are taken where the velocity ``may_draw``
+    (one with graphs per time may capture one that draws during the solve), and kept where it
+    drew (:meth:`found`)."""
 
     def __init__(self, buffers: dict[str, torch.Tensor], device: torch.device,
-                 draws: bool, generators: Sequence[torch.Generator] = ()) -> None:
-        self._buffers, self._device, self._draws = buffers, device, draws
-        self._generators = generators
+                 velocity: Velocity, may_draw: bool) -> None:
+        self._buffers, self._device, self._draws = buffers, device, may_draw
+        self._velocity = velocity
         self._changed: list[str] | None = None if buffers else []  # None: not yet known
         self._first: RngState | None = None  # the next step's first stage's
         self._found_first: RngState | None = None  # in the block of first_stage_evaluation
-        self.contexts: dict[int, StepContext] = {}
+        self._contexts: dict[int, StepContext] = {}
 
     @contextlib.contextmanager
     def first_stage_evaluation(self, evaluation: int) -> Iterator[None]:
@@ -52,7 +55,7 @@ class ContextRecorder:
 
         def before(i: int) -> None:
             if i == evaluation:
-                self._found_first = rng_state(self._device, self._generators)
+                self._found_first = rng_state(self._device, self._velocity.generators)
         with before_each_evaluation(before):
             yield
 
@@ -68,7 +71,7 @@ class ContextRecorder:
             names = list(self._buffers)
         else:
             names = self._changed if wanted else []
-        self._pending = StepContext(rng_state(self._device, self._generators)
+        self._pending = StepContext(rng_state(self._device, self._velocity.generators)
                                     if self._draws and wanted else None,
                                     {name: self._buffers[name].clone() for name in names})
 
@@ -80,9 +83,17 @@ class ContextRecorder:
                              if x._version != self._versions[name]]
         if accepted and wanted and (self._draws or self._changed):
             rng, buffers = self._pending.rng, self._pending.buffers
-            self.contexts[step] = StepContext(
+            self._contexts[step] = StepContext(
                 rng, {name: buffers[name] for name in self._changed} if self._changed else None,
                 self._first)
+
+    def found(self) -> dict[int, StepContext]:
+        """The recorded contexts, by step; without generator states where the velocity drew
+        no numbers."""
+        if not self._draws or self._velocity.draws_random:
+            return self._contexts
+        return {step: dataclasses.replace(context, rng=None, first_rng=None)
+                for step, context in self._contexts.items() if context.buffers is not None}
 
 
 def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tensor,
@@ -100,9 +111,9 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
     velocity = stepper.velocity
     checkpoints = checkpoint_store(plan, y0) if keep_checkpoints else None
     mutable = velocity.mutable_tensors() if keep_checkpoints else {}
-    draws = keep_checkpoints and velocity.draws_random
-    recorder = ContextRecorder(mutable, grid.device, draws, velocity.generators) \
-        if mutable or draws else None
+    may_draw = keep_checkpoints and (velocity.draws_random or velocity.time_indexed)
+    recorder = ContextRecorder(mutable, grid.device, velocity, may_draw) \
+        if mutable or may_draw else None
     # Where an adaptive step's first stage is evaluated: at the start, as the step before's
     # last stage (first-same-as-last methods), or after it (then replacing the last stage's).
     first_stage = recorder.first_stage_evaluation if recorder is not None and \
@@ -147,7 +158,7 @@ def integrate(plan: SolvePlan, y0: State, grid: torch.Tensor, times: torch.Tenso
         y = y1
     kept, segments = checkpoints.result() if checkpoints is not None else ([], None)
     plan.record_steps(grid_values, outputs_per_step, start_nudges,
-                      {} if recorder is None else recorder.contexts, segments)
+                      {} if recorder is None else recorder.found(), segments)
     stats.steps = plan.steps
     stats.nfe_forward = stepper.evaluations
     velocity.advance_counters(stepper.evaluations)

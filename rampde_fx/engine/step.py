@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
-from ..capture import State, evaluation_starts
+from ..capture import State, evaluating
 from .interpolation import (dense_output_coefficients, evaluate_polynomial, interpolate_cubic,
                             interpolate_linear)
 from .tableaus import ButcherTableau
@@ -118,8 +118,8 @@ class Stepper:
                    velocity: Callable[[torch.Tensor, State], State] | None = None) -> State:
         """The velocity (``velocity`` where given) at internal time ``tau``, upcast to each
         component's dtype."""
-        evaluation_starts()
-        k = (velocity or self.velocity)(velocity_time(tau, y, nudge, self.time_sign), y)
+        with evaluating():
+            k = (velocity or self.velocity)(velocity_time(tau, y, nudge, self.time_sign), y)
         if self.time_sign < 0:
             return tuple(-k_c.to(y_c.dtype) for k_c, y_c in zip(k, y))
         return tuple(k_c.to(y_c.dtype) for k_c, y_c in zip(k, y))
