@@ -402,8 +402,8 @@ class CaptureCleanup(TestCase):
 class CpuTanh(TestCase):
     def test_graph_pass_replaces_every_tanh(self):
         """``use_cpu_tanh`` retargets every aten.tanh node; the graph's values are within
-        2e-6 relative of torch.tanh in float32 (plus torch.tanh's own ulp) around the switch
-        at 1/16, far out, at 0 (signed) and at +-inf, where they are exact."""
+        2e-6 relative of torch.tanh in float32 (plus torch.tanh's own ulp) near 0, far out
+        (beyond the saturation at 9), at 0 (signed) and at +-inf, where they are exact."""
         def fn(x):
             return torch.tanh(x), torch.sigmoid(x), torch.tanh(2 * x)
 

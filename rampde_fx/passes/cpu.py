@@ -12,20 +12,39 @@ from torch import Tensor
 from .. import runtime
 
 
+# tanh(x) = x P(x**2) / Q(x**2) for |x| <= 9 (beyond, tanh rounds to +-1 in float32): the
+# coefficients of P and Q (lowest power first) minimise the relative error in least squares on
+# 6000 Chebyshev points of [0, 9] (iteratively reweighted by 1/Q). Evaluated in float32, the
+# quotient is within 3.4e-7 of tanh, relative and absolute (2 million points of [-12, 12],
+# and down to 1e-30).
+_TANH_NUMERATOR = (0.9999999925844746, 0.13385019856835062, 0.003500200324291781,
+                   2.067963296403699e-05, 1.344235514956769e-08)
+_TANH_DENOMINATOR = (1.0, 0.4671834103468682, 0.025894870866547032, 0.00032929472900161585,
+                     7.814576766672048e-07)
+_TANH_SATURATES = 9.0
+
+
+def _polynomial(coefficients: tuple[float, ...], x: Tensor) -> Tensor:
+    """``sum_i coefficients[i] * x**i`` by Horner's rule."""
+    value = coefficients[-1] * x + coefficients[-2]
+    for c in reversed(coefficients[:-2]):
+        value = value * x + c
+    return value
+
+
 class _TanhForCPUKernels(torch.autograd.Function):
-    """``tanh`` from ``exp``, which inductor vectorises on CPU (its own ``tanh`` runs at scalar
-    speed there, 2x slower), computed in float32: the odd Taylor polynomial below 1/16, where
-    the exponential form would cancel, ``2 / (1 + exp(-2x)) - 1`` above; relative error below
-    2e-6, invisible after rounding to a 16-bit dtype. The backward is ``tanh``'s own,
-    ``(1 - y**2) g`` from the rounded output, as in eager."""
+    """``tanh`` as a rational function (see ``_TANH_NUMERATOR``) computed in float32: products,
+    sums and one division, which inductor vectorises on CPU (its own ``tanh`` runs at scalar
+    speed there, and an ``exp`` form takes 1.5x as long); relative error below 1e-6, invisible
+    after rounding to a 16-bit dtype. The backward is ``tanh``'s own, ``(1 - y**2) g`` from
+    the rounded output, as in eager."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = x.float().clamp(-_TANH_SATURATES, _TANH_SATURATES)
         square = x32 * x32
-        near_zero = x32 * (1 + square * (-1 / 3 + square * (2 / 15)))
-        far = 2 / (1 + torch.exp(-2 * x32)) - 1
-        y = torch.where(x32.abs() < 0.0625, near_zero, far).to(x.dtype)
+        y = (x32 * _polynomial(_TANH_NUMERATOR, square)
+             / _polynomial(_TANH_DENOMINATOR, square)).to(x.dtype)
         ctx.save_for_backward(y)
         return y
 
