@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from typing import Callable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 
@@ -67,18 +67,15 @@ def evaluation_starts() -> None:
         hooks[-1]()
 
 
-@contextlib.contextmanager
-def evaluating() -> Iterator[None]:
-    """A velocity evaluation of the engine: marks its start (:func:`evaluation_starts`), and
-    hides the evaluations of a solve made inside it (a velocity that solves an ODE of its own)
-    from the hooks of the solve it belongs to."""
+def evaluating() -> ContextManager[None]:
+    """A block for a velocity evaluation of the engine: marks its start
+    (:func:`evaluation_starts`), and hides the evaluations of a solve made inside it (a
+    velocity that solves an ODE of its own) from the hooks of the solve it belongs to."""
     hooks = runtime.per_thread().evaluation_hooks
-    if not hooks:
-        yield
-        return
+    if not hooks:  # the common case, cheaply
+        return contextlib.nullcontext()
     hooks[-1]()
-    with before_each_evaluation(_ignore):
-        yield
+    return before_each_evaluation(_ignore)
 
 
 def _ignore(evaluation: int) -> None:
