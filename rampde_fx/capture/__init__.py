@@ -53,13 +53,13 @@ and ``cache`` (:func:`capture_velocity`).
 """
 from .cache import capture_velocity
 from .rng import (RngState, before_each_evaluation, evaluating, evaluation_starts,
-                  replayed_rng, rng_state)
+                  hidden_evaluations, replayed_rng, rng_state)
 from .slots import describe, lifted_slots, owner_module, velocity_kind, velocity_owner
 from .trace import State, is_random_op
 from .velocity import EagerVelocity, GraphVelocity, Velocity, transformed_graph
 
 __all__ = ["EagerVelocity", "GraphVelocity", "RngState", "State", "Velocity",
            "before_each_evaluation", "capture_velocity", "describe", "evaluating",
-           "evaluation_starts",
-           "is_random_op", "lifted_slots", "owner_module", "replayed_rng", "rng_state",
-           "transformed_graph", "velocity_kind", "velocity_owner"]
+           "evaluation_starts", "hidden_evaluations", "is_random_op", "lifted_slots",
+           "owner_module", "replayed_rng", "rng_state", "transformed_graph", "velocity_kind",
+           "velocity_owner"]

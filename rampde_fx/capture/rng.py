@@ -75,6 +75,12 @@ def evaluating() -> ContextManager[None]:
     if not hooks:  # the common case, cheaply
         return contextlib.nullcontext()
     hooks[-1]()
+    return hidden_evaluations()
+
+
+def hidden_evaluations() -> ContextManager[None]:
+    """A block whose evaluations reach no hook of the blocks around it (a solve nested in an
+    evaluation, the tracing of a compiled step)."""
     return before_each_evaluation(_ignore)
 
 

@@ -50,7 +50,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .. import runtime
 from ..adjoint.scaling import largest_magnitude
 from ..adjoint.vjp import vector_jacobian_product
-from ..capture import GraphVelocity, State, before_each_evaluation, transformed_graph
+from ..capture import GraphVelocity, State, hidden_evaluations, transformed_graph
 from ..engine.step import Nudge, Stepper, nudge_offset, promoted_time_dtype
 from ..passes.precision import fetch_attr
 from ..passes.cpu import CPU_PRODUCTS, cpu_kernel_transform
@@ -81,7 +81,7 @@ class _Kernel:
         if entry is None:
             plan = draw_plan(self.function, inputs) if self.draws else DrawPlan()
             examples = [*plan.examples(), *inputs]
-            with before_each_evaluation(lambda i: None):  # tracing, not evaluating
+            with hidden_evaluations():  # tracing, not evaluating
                 graph = make_fx(reading_draws(self.function, len(plan.results)),
                                 decomposition_table=CPU_PRODUCTS, tracing_mode="fake",
                                 _allow_non_fake_inputs=True)(*examples)
