@@ -136,16 +136,18 @@ def test_cubic_outputs_inside_steps_recompute_them_under_autograd():
 def test_dense_outputs_inside_adaptive_steps_run_the_backward_kernel(monkeypatch, method,
                                                                      checkpoint):
     """Adaptive steps with outputs inside them (the dense output reads every stage): the
-    outputs' cotangents reach the backward kernels as the stages' cotangents; in float32 the
-    gradients equal the op-by-op discrete adjoint's to roundoff, where the forward takes the
-    same steps (under a budget too, which recomputes steps from the states it keeps)."""
+    outputs' cotangents reach the backward kernels as the stages' cotangents, and the steps
+    without outputs run the same kernel given zeros (one kernel); in float32 the gradients
+    equal the op-by-op discrete adjoint's to roundoff, where the forward takes the same steps
+    (under a budget too, which recomputes steps from the states it keeps)."""
     torch.manual_seed(0)
     func = Tiny()
-    y0, t = torch.randn(16, 2), torch.linspace(0, 1.5, 7)
+    y0, t = torch.randn(16, 2), torch.tensor([0.0, 0.3, 0.35, 0.9, 1.5])
     found = {}
     for compile_steps in (False, True):
         if compile_steps:
             monkeypatch.setattr(sweep, "_recomputed_step", None)  # a call would fail
+            runtime.STEP_KERNELS.clear()  # only this solve's kernels below
         with rampde_fx.collect_stats() as solves:
             found[compile_steps] = solve_and_grads(lambda f, y, tt: rampde_fx.odeint(
                 f, y, tt, method=method, rtol=1e-6, atol=1e-7, dtype=torch.float32,
@@ -153,6 +155,12 @@ def test_dense_outputs_inside_adaptive_steps_run_the_backward_kernel(monkeypatch
                 time_grads=False)
         found[compile_steps, "steps"] = (solves[0].steps, solves[0].rejected_steps)
     assert found[True, "steps"] == found[False, "steps"]
+    # More steps than outputs inside them: some steps have none.
+    assert found[True, "steps"][0] > len(t) - 1
+    (kernels,) = [k for per_velocity in runtime.STEP_KERNELS.values()
+                  for k in per_velocity.values()]
+    assert len(kernels._backward) == 1
+    runtime.STEP_KERNELS.clear()
     for g, w in zip(found[True], found[False]):
         assert rel_err(g, w) < 1e-5
 

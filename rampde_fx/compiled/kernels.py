@@ -130,6 +130,9 @@ class StepKernels:
                                     list[int]]] = dataclasses.field(default_factory=dict)
     # The bank indices of a step's graphs as tensors on the solve's device, by graph ids.
     _index_tensors: dict[Any, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
+    # Per backward kernel given stage cotangents, their shapes, strides and dtypes: the steps
+    # without interpolated outputs run that kernel too, given zeros (see backward_step).
+    _stage_layouts: dict[Any, list[tuple[Any, ...]]] = dataclasses.field(default_factory=dict)
 
     def _graphs_of_step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, known: int,
                         start_nudge: Nudge | None, dtypes: Sequence[torch.dtype] | None = None
@@ -221,6 +224,16 @@ class StepKernels:
         staged = stage_cotangents is not None
         key = (tuple(wanted), accumulate, times, staged, scale is not None,
                tuple(state_dtypes), signature)
+        with_stages = (*key[:3], True, *key[4:])
+        if staged:
+            self._stage_layouts.setdefault(key, [(c.shape, c.stride(), c.dtype, c.device)
+                                                 for c in stage_cotangents])
+        elif key not in self._backward and with_stages in self._stage_layouts:
+            # A step without outputs inside runs the kernel of the steps with them, given zero
+            # stage cotangents: a few more additions per step instead of another compilation
+            # (as long as the first, seconds to a minute).
+            key, stage_cotangents = with_stages, _zeros(self._stage_layouts[with_stages])
+            staged = True
         if key not in self._backward:
             self._backward[key] = _Kernel(_backward_function(
                 self.stepper, n, len(lifted), state_dtypes, wanted, accumulate, times,
@@ -234,6 +247,17 @@ class StepKernels:
         adjoint, rest = list(out[:n]), list(out[n:])
         grads = [] if accumulate else rest[:len(wanted)]
         return adjoint, grads, rest[len(grads):]
+
+
+def _zeros(layouts: Sequence[tuple[Any, ...]]) -> list[torch.Tensor]:
+    """Zero tensors of the given shapes, strides, dtypes and devices; one per distinct layout,
+    repeated."""
+    made: dict[tuple[Any, ...], torch.Tensor] = {}
+    for layout in layouts:
+        if layout not in made:
+            shape, stride, dtype, device = layout
+            made[layout] = torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
+    return [made[layout] for layout in layouts]
 
 
 def _stepper_reading(stepper: Stepper, tensors: Sequence[torch.Tensor],
