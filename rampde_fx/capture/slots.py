@@ -122,24 +122,28 @@ def lifted_slots(func: Any) -> dict[str, Slot]:
     slots: dict[str, Slot] = {}
     seen: set[int] = set()
 
-    def add(name: str, value: Any, slot: Slot) -> None:
+    def add(name: str, value: Any, holder: Any, kind: str, key: Any) -> None:
         if isinstance(value, torch.Tensor) and id(value) not in seen:
             seen.add(id(value))
-            slots[name] = slot
+            slots[name] = Slot(holder, kind, key)
 
     for root_prefix, root in module_roots(func):
         for prefix, module in root.named_modules(prefix=root_prefix):
+            holder = weakref.ref(module)
             for kind in ("_parameters", "_buffers", "__dict__"):
                 table = vars(module) if kind == "__dict__" else getattr(module, kind)
                 for key, value in table.items():
-                    add(f"{prefix}.{key}".lstrip("."), value, Slot(weakref.ref(module), kind, key))
+                    # Every attribute of every module, every solve: names and slots are made
+                    # for the tensors only.
+                    if isinstance(value, torch.Tensor):
+                        add(f"{prefix}.{key}".lstrip("."), value, holder, kind, key)
     for name, cell in closure_of(func).items():
         value = cell_value(cell)
-        add(name, value, Slot(cell, "cell", None))
+        add(name, value, cell, "cell", None)
         items = value.items() if isinstance(value, dict) else \
             enumerate(value) if isinstance(value, list) else ()
         for key, item in items:
-            add(f"{name}[{key!r}]", item, Slot(value, "item", key))
+            add(f"{name}[{key!r}]", item, value, "item", key)
     return slots
 
 
