@@ -1,17 +1,17 @@
 """One compiled region per step and direction, for solves inside ``rampde_fx::solve``.
 
 The forward kernel is the RK step: ``(t0, t1, *y, [*first], *indices, *lifted) -> (*y1,
-*stages)``. The backward
-kernel is a whole step of the discrete adjoint: it rebuilds the step's start from its
-low-precision checkpoint, recomputes the step, takes the vector-Jacobian product with the
-adjoint (times the fp16 scale, where there is one) and accumulates the parameter gradients in
-float32 into buffers it is given:
+*stages)``. The backward kernel is a whole step of the discrete adjoint: it rebuilds the step's
+start from its low-precision checkpoint, recomputes the step, takes the vector-Jacobian product
+with the adjoint (times the fp16 scale, where there is one) and accumulates the parameter
+gradients in float32 into buffers it is given:
 
     (t0, t1, offset, *checkpoint, *cotangent, [*stage cotangents], [scale], *indices,
      *lifted, *accumulators) -> (*adjoint, [grad t0, grad t1], [largest scaled result])
 
 (``offset``: the first stage's nudge, an input so that one kernel serves every nudge;
-``stage cotangents``: those that outputs interpolated inside the step give its stages;
+``stage cotangents``: those that outputs interpolated inside the step give its stages, zeros
+for a step without such outputs once a kernel with them exists, so that one kernel serves both;
 ``indices``: the bank indices of a velocity with graphs per time, see below.)
 
 Both are traced to aten graphs with ``make_fx`` (through ``torch.autograd.grad``, so the
