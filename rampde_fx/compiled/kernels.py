@@ -130,8 +130,8 @@ class StepKernels:
                                     list[int]]] = dataclasses.field(default_factory=dict)
     # The bank indices of a step's graphs as tensors on the solve's device, by graph ids.
     _index_tensors: dict[Any, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
-    # Per backward kernel given stage cotangents, their shapes, strides and dtypes: the steps
-    # without interpolated outputs run that kernel too, given zeros (see backward_step).
+    # Per backward kernel given stage cotangents, their shapes, strides, dtypes and devices:
+    # the steps without interpolated outputs run that kernel too, given zeros (backward_step).
     _stage_layouts: dict[Any, list[tuple[Any, ...]]] = dataclasses.field(default_factory=dict)
 
     def _graphs_of_step(self, t0: torch.Tensor, t1: torch.Tensor, y: State, known: int,
@@ -222,16 +222,16 @@ class StepKernels:
         offset = nudge_offset(t0.detach().to(promoted_time_dtype(state_dtypes)),
                               self.stepper.start_nudge if start_nudge is None else start_nudge)
         staged = stage_cotangents is not None
-        key = (tuple(wanted), accumulate, times, staged, scale is not None,
-               tuple(state_dtypes), signature)
-        with_stages = (*key[:3], True, *key[4:])
+        variant = (tuple(wanted), accumulate, times, scale is not None, tuple(state_dtypes),
+                   signature)
+        key, with_stages = (staged, *variant), (True, *variant)
         if staged:
             self._stage_layouts.setdefault(key, [(c.shape, c.stride(), c.dtype, c.device)
                                                  for c in stage_cotangents])
         elif key not in self._backward and with_stages in self._stage_layouts:
             # A step without outputs inside runs the kernel of the steps with them, given zero
             # stage cotangents: a few more additions per step instead of another compilation
-            # (as long as the first, seconds to a minute).
+            # (seconds to a minute each).
             key, stage_cotangents = with_stages, _zeros(self._stage_layouts[with_stages])
             staged = True
         if key not in self._backward:
