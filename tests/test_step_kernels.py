@@ -139,7 +139,8 @@ def test_dense_outputs_inside_adaptive_steps_run_the_backward_kernel(monkeypatch
     outputs' cotangents reach the backward kernels as the stages' cotangents, and the steps
     without outputs run the same kernel given zeros (one kernel); in float32 the gradients
     equal the op-by-op discrete adjoint's to roundoff, where the forward takes the same steps
-    (under a budget too, which recomputes steps from the states it keeps)."""
+    (under a budget too, which recomputes steps from the states it keeps); in float64 they equal
+    autograd's through the very same steps (checkpoint='stages')."""
     torch.manual_seed(0)
     func = Tiny()
     y0, t = torch.randn(16, 2), torch.tensor([0.0, 0.3, 0.35, 0.9, 1.5])
@@ -163,6 +164,19 @@ def test_dense_outputs_inside_adaptive_steps_run_the_backward_kernel(monkeypatch
     runtime.STEP_KERNELS.clear()
     for g, w in zip(found[True], found[False]):
         assert rel_err(g, w) < 1e-5
+    # In float64 the kernel solve equals autograd through the very same steps.
+    func64, y64, t64 = copy.deepcopy(func).double(), y0.double(), t.double()
+    got64, want64 = (solve_and_grads(lambda f, y, tt: rampde_fx.odeint(
+        f, y, tt, method=method, rtol=1e-6, atol=1e-7, dtype=torch.float64, **settings),
+        func64, y64, t64, time_grads=False)
+        for settings in ({"compile_steps": True, "checkpoint": checkpoint},
+                         {"checkpoint": "stages"}))
+    (kernels,) = [k for per_velocity in runtime.STEP_KERNELS.values()
+                  for k in per_velocity.values()]
+    assert len(kernels._backward) == 1
+    runtime.STEP_KERNELS.clear()
+    for g, w in zip(got64, want64):
+        assert rel_err(g, w) < 1e-12
 
 
 @pytest.mark.usefixtures("cheap_steps")
