@@ -62,10 +62,16 @@ class Settings:
             into the step kernels as broadcast products summed in float32, which inductor fuses
             with their neighbours (a library call costs more than the arithmetic there); 0
             keeps every product a library call.
+        widened_matmul: on CPU, 16-bit matrix products of at most this many multiply-adds
+            (and of at least 16 inner terms and 32 columns) run in the step kernels as float32
+            library products of their operands widened, exactly, to float32: a 16-bit library
+            product costs about 15 microseconds more per call there, and accumulates in
+            float32 too. 0 keeps every 16-bit product a 16-bit library call.
     """
 
     kernel_backend: str | Callable[..., Any] = "inductor"
     small_matmul: int = 4096
+    widened_matmul: int = 2**19
 
 
 settings = Settings()

@@ -129,8 +129,8 @@ def test_inductor_compiles_velocity_and_its_vjp_in_bfloat16():
     model = rampde_fx.convert(MLPODE())
     x = torch.randn(6, 3)
     # Caches would hand back kernels compiled by an earlier run without lowering anything.
-    # small_matmul=0: every product a library call.
-    with runtime.patch(kernel_backend=recorder, small_matmul=0), \
+    # small_matmul=0, widened_matmul=0: every product a library call in its own dtype.
+    with runtime.patch(kernel_backend=recorder, small_matmul=0, widened_matmul=0), \
             torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         got = outputs_and_grads(torch.compile(model, fullgraph=True), x)

@@ -598,10 +598,52 @@ class StepKernelPasses(TestCase):
         self.assertIs(cpu_addmm(*meta), NotImplemented)
         self.assertIs(cpu_mm(*meta[1:]), NotImplemented)
 
+    def test_small_16bit_products_become_widened_float32_products(self):
+        """A 16-bit mm or addmm of at most settings.widened_matmul multiply-adds (at least 16
+        inner terms, 32 columns) is a float32 library mm of its operands widened to float32,
+        rounded once: exactly the float32 product of the 16-bit values, within the 16-bit
+        dtype's rounding of the float64 product plus float32 summation error."""
+        torch.manual_seed(0)
+        for dtype, unit in [(torch.bfloat16, BF16_UNIT), (torch.float16, 2.0 ** -11)]:
+            a, b, bias = (x.to(dtype) for x in (torch.randn(64, 64), torch.randn(64, 128),
+                                                torch.randn(128)))
+            for fn, args in [(torch.mm, (a, b)), (torch.addmm, (bias, a, b))]:
+                gm = make_fx(fn, decomposition_table=CPU_PRODUCTS)(*args)
+                self.assertEqual(calls(gm, aten.addmm.default), [])
+                (mm,) = calls(gm, aten.mm.default)
+                self.assertEqual([dtype_of(n) for n in (*mm.args, mm)], [torch.float32] * 3)
+                got = gm(*args)
+                self.assertEqual(got.dtype, dtype)
+                wide = a.float() @ b.float() + (bias.float() if fn is torch.addmm else 0)
+                self.assertTrue(torch.equal(got, wide.to(dtype)))
+                exact = a.double() @ b.double() + (bias.double() if fn is torch.addmm else 0)
+                magnitude = a.double().abs() @ b.double().abs()
+                bound = unit * exact.abs() + 2.0 ** -18 * magnitude
+                self.assertTrue(((got.double() - exact).abs() <= bound).all())
+
+    def test_widened_products_up_to_the_threshold(self):
+        """Exactly settings.widened_matmul multiply-adds are widened; one more column, fewer
+        than 16 inner terms or 32 columns, float32 operands or widened_matmul=0 keep the
+        product as it is (a library call in its own dtype)."""
+        def product_dtype(a, b):
+            gm = make_fx(torch.mm, decomposition_table=CPU_PRODUCTS)(a, b)
+            (mm,) = calls(gm, aten.mm.default)
+            return dtype_of(mm)
+
+        limit = runtime.settings.widened_matmul
+        self.assertEqual(limit, 2**19)
+        low = functools.partial(torch.randn, dtype=torch.bfloat16)
+        self.assertEqual(product_dtype(low(128, 64), low(64, 64)), torch.float32)
+        for a, b in [(low(128, 64), low(64, 65)), (low(4096, 8), low(8, 64)),
+                     (low(256, 64), low(64, 16)), (torch.randn(64, 64), torch.randn(64, 64))]:
+            self.assertEqual(product_dtype(a, b), a.dtype)
+        with runtime.patch(widened_matmul=0):
+            self.assertEqual(product_dtype(low(64, 64), low(64, 64)), torch.bfloat16)
+
     def test_large_16bit_addmm_adds_its_bias_in_float32(self):
-        """Above the threshold a bfloat16 addmm becomes a bfloat16 library mm whose result
+        """Above both thresholds a bfloat16 addmm becomes a bfloat16 library mm whose result
         and bias are added in float32, then rounded; a float32 one stays an addmm."""
-        a, b, bias = torch.randn(32, 64), torch.randn(64, 32), torch.randn(32)
+        a, b, bias = torch.randn(64, 128), torch.randn(128, 128), torch.randn(128)
         low = [x.bfloat16() for x in (bias, a, b)]
         gm = make_fx(torch.addmm, decomposition_table=CPU_PRODUCTS)(*low)
         self.assertEqual(calls(gm, aten.addmm.default), [])

@@ -269,17 +269,52 @@ def test_small_products_round_once(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_larger_16bit_products_add_their_bias_in_float32(dtype):
-    """Above SMALL_MATMUL a 16-bit addmm is a library mm with the bias added in float32 by its
-    reader: the product is rounded once more than addmm rounds it, so within 1.5x of addmm's
-    error against float64."""
+    """Above the small and widened thresholds a 16-bit addmm is a library mm with the bias
+    added in float32 by its reader: the product is rounded once more than addmm rounds it, so
+    within 1.5x of addmm's error against float64."""
     torch.manual_seed(0)
-    a, b, bias = torch.randn(64, 128), torch.randn(128, 64), 10 * torch.randn(64)
+    a, b, bias = torch.randn(64, 128), torch.randn(128, 128), 10 * torch.randn(128)
     exact = torch.addmm(bias.double(), a.double(), b.double())
     low = [x.to(dtype) for x in (bias, a, b)]
     split = cpu_addmm(*low)
     assert split.dtype == dtype
     assert rel_err(split, exact) <= 1.5 * rel_err(torch.addmm(*low), exact)
 
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.bfloat16, 4 * 2.0 ** -8),
+                                          (torch.float16, 4 * 2.0 ** -11)])
+def test_widened_products_in_the_kernels_against_float64(dtype, bound):
+    """A 32-64-64-32 tanh MLP at batch 128: every product of its kernel steps, forward and
+    backward, is small enough to run as a float32 product of widened 16-bit operands; the
+    outputs and the gradients for y0, the output times and the parameters are within a few
+    unit roundoffs of float64."""
+    torch.manual_seed(0)
+    func = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
+                               torch.nn.Tanh(), torch.nn.Linear(64, 32))
+    velocity = lambda t, y: func(y)  # noqa: E731
+    y0, t = torch.randn(128, 32), torch.tensor([0.0, 0.5, 1.0])
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def recording(graph, inputs):
+        graphs.append(graph)
+        return aot_eager(graph, inputs)
+
+    with runtime.patch(kernel_backend=recording), rampde_fx.collect_stats() as solves:
+        got = solve_and_grads(lambda f, y, tt: rampde_fx.odeint(
+            velocity, y, tt, method="rk4", options={"step_size": 0.25}, dtype=dtype,
+            compile_steps=True), func, y0, t)
+    assert solves[0].step_kernels == "compiled" and graphs
+    products = [node for graph in graphs for node in graph.graph.nodes
+                if node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)]
+    assert len(products) > 6 and {node.meta["val"].dtype for node in products} == {torch.float32}
+    func64 = copy.deepcopy(func).double()
+    want = solve_and_grads(lambda f, y, tt: torchdiffeq.odeint(
+        lambda tt_, y_: func64(y_), y, tt, method="rk4", options={"step_size": 0.25}),
+        func64, y0.double(), t.double())
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < bound
 
 
 @pytest.mark.usefixtures("cheap_steps")

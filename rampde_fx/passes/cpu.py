@@ -1,6 +1,7 @@
 """CPU-specific lowering of the step kernels' graphs: a tanh and instance normalisations that
-inductor vectorises, and matrix products traced as fused arithmetic (small) or with the bias
-added by the reading kernel (16-bit)."""
+inductor vectorises, and matrix products traced as fused arithmetic (small), as float32
+products of widened 16-bit operands (small 16-bit ones), or with the bias added by the reading
+kernel (16-bit)."""
 from __future__ import annotations
 
 import operator
@@ -165,30 +166,49 @@ def cpu_kernel_transform(dtype: torch.dtype, device: torch.device,
 def _small_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """``a @ b`` accumulated in float32 (or wider), or None where a library call is due."""
     multiply_adds = a.shape[0] * a.shape[1] * b.shape[1]
-    if a.device.type != "cpu" or multiply_adds > runtime.settings.small_matmul:
+    if multiply_adds > runtime.settings.small_matmul:
         return None
     wide = torch.promote_types(a.dtype, torch.float32)
     return (a.unsqueeze(2).to(wide) * b.unsqueeze(0).to(wide)).sum(1)
 
 
+def _widened_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """A 16-bit ``a @ b`` as a float32 library product of the operands widened to float32
+    (exactly: every 16-bit value is a float32 one), where it is small enough that the 16-bit
+    library call's own cost outweighs the float32 arithmetic (see
+    ``runtime.Settings.widened_matmul``); else None. Both accumulate in float32."""
+    (m, k), n = a.shape, b.shape[1]
+    if a.dtype.itemsize != 2 or k < 16 or n < 32 or \
+            m * k * n > runtime.settings.widened_matmul:
+        return None
+    return torch.mm(a.float(), b.float())
+
+
 def cpu_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | Any:
+    if a.device.type != "cpu":
+        return NotImplemented
     product = _small_product(a, b)
+    if product is None:
+        product = _widened_product(a, b)
     return NotImplemented if product is None else product.to(a.dtype)
 
 
 def cpu_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any = 1,
                alpha: Any = 1) -> torch.Tensor | Any:
-    """A small product as fused arithmetic; a larger 16-bit one as a library ``mm`` whose bias
-    is added by the kernel that reads the product (CPU ``addmm`` first copies the broadcast
-    bias into its output, a pass over memory as long as a 16-bit product's own). The sum is
-    written in float32, so that inductor does not match it back into an ``addmm``. The product
-    is rounded before the bias is added: a float16 product beyond 65504 is inf even where the
-    biased sum would fit."""
+    """A small product as fused arithmetic, a small 16-bit one as a float32 product of its
+    widened operands: either with the bias added in float32, rounded once. A larger 16-bit
+    one is a library ``mm`` whose bias the kernel that reads the product adds (CPU ``addmm``
+    first copies the broadcast bias into its output, a pass over memory as long as a 16-bit
+    product's own). That sum is written in float32, so that inductor does not match it back
+    into an ``addmm``, and its product is rounded before the bias is added: a float16 product
+    beyond 65504 is inf even where the biased sum would fit."""
     # Decide before computing: what a decomposition computes is traced, even when it then
     # hands the op back.
     if beta != 1 or alpha != 1 or a.device.type != "cpu":
         return NotImplemented
     product = _small_product(a, b)
+    if product is None:
+        product = _widened_product(a, b)
     if product is not None:
         return (product + bias.to(product.dtype)).to(a.dtype)
     if a.dtype.itemsize == 2:
