@@ -160,7 +160,10 @@ def test_benchmark_inference_and_odernn(tmp_path):
     assert len(rows) == 5 and not any("skipped" in row for row in rows.values())
     ours, compiled = rows["rampde_fx bf16 convert"], rows["rampde_fx bf16 convert compiled"]
     assert ours["grad_err"] < min(BF16_GRAD_BOUND, rows["torchdiffeq autocast bf16"]["grad_err"])
-    assert compiled["grad_err"] == pytest.approx(ours["grad_err"], rel=0.5)
+    # Both bf16 solves: the compiled kernels keep fused intermediates (the results of small
+    # products widened to float32 included) in float32, so they round less often than eager,
+    # and a bf16 solve is nowhere near float32's roundoff.
+    assert ours["grad_err"] / 10 < compiled["grad_err"] < 1.5 * ours["grad_err"]
     assert 0 < ours["saved_MiB"] < rows["torchdiffeq fp32"]["saved_MiB"]
     assert compiled["first_call_s"] > ours["first_call_s"] > 0
     assert rows["rampde_fx bf16 convert compile_steps"]["grad_err"] == pytest.approx(
