@@ -163,33 +163,28 @@ def cpu_kernel_transform(dtype: torch.dtype, device: torch.device,
     return None
 
 
-def _small_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """``a @ b`` accumulated in float32 (or wider), or None where a library call is due."""
-    multiply_adds = a.shape[0] * a.shape[1] * b.shape[1]
-    if multiply_adds > runtime.settings.small_matmul:
-        return None
-    wide = torch.promote_types(a.dtype, torch.float32)
-    return (a.unsqueeze(2).to(wide) * b.unsqueeze(0).to(wide)).sum(1)
-
-
-def _widened_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """A 16-bit ``a @ b`` as a float32 library product of the operands widened to float32
-    (exactly: every 16-bit value is a float32 one), where it is small enough that the 16-bit
-    library call's own cost outweighs the float32 arithmetic (see
-    ``runtime.Settings.widened_matmul``); else None. Both accumulate in float32."""
+def _float32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``a @ b`` computed in float32 (or wider), or None where a library call in the operands'
+    dtype is due: a product of at most ``settings.small_matmul`` multiply-adds as fused
+    arithmetic; a 16-bit one of at most ``settings.widened_matmul`` (and at least 16 inner
+    terms and 32 columns) as a float32 library product of its operands widened to float32
+    (exactly: every 16-bit value is a float32 one), where the 16-bit library call's own cost
+    outweighs the float32 arithmetic. A 16-bit library product accumulates in float32 too."""
     (m, k), n = a.shape, b.shape[1]
-    if a.dtype.itemsize != 2 or k < 16 or n < 32 or \
-            m * k * n > runtime.settings.widened_matmul:
-        return None
-    return torch.mm(a.float(), b.float())
+    multiply_adds = m * k * n
+    if multiply_adds <= runtime.settings.small_matmul:
+        wide = torch.promote_types(a.dtype, torch.float32)
+        return (a.unsqueeze(2).to(wide) * b.unsqueeze(0).to(wide)).sum(1)
+    if a.dtype.itemsize == 2 and k >= 16 and n >= 32 and \
+            multiply_adds <= runtime.settings.widened_matmul:
+        return torch.mm(a.float(), b.float())
+    return None
 
 
 def cpu_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | Any:
     if a.device.type != "cpu":
         return NotImplemented
-    product = _small_product(a, b)
-    if product is None:
-        product = _widened_product(a, b)
+    product = _float32_product(a, b)
     return NotImplemented if product is None else product.to(a.dtype)
 
 
@@ -206,9 +201,7 @@ def cpu_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any
     # hands the op back.
     if beta != 1 or alpha != 1 or a.device.type != "cpu":
         return NotImplemented
-    product = _small_product(a, b)
-    if product is None:
-        product = _widened_product(a, b)
+    product = _float32_product(a, b)
     if product is not None:
         return (product + bias.to(product.dtype)).to(a.dtype)
     if a.dtype.itemsize == 2:
